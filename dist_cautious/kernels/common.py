@@ -1,0 +1,54 @@
+"""What every backend shares: per-call hyperparameters and the cautious factor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class UpdateHyper:
+    """Scalars of one update pass (one param group, one step value)."""
+
+    lr: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int
+    beta1: float
+    maximize: bool = False
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1 - self.beta1**self.step)
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return math.sqrt(1 - self.beta2**self.step)
+
+
+def compute_dtype(state: Tensor) -> torch.dtype:
+    """float32 arithmetic, or float64 when the state itself is float64."""
+    return torch.float64 if state.dtype == torch.float64 else torch.float32
+
+
+def cautious_factor(counts: Tensor, numels: Tensor, formula: str, clamp: float) -> Tensor:
+    """Per-tensor factor ``alpha`` from exact int64 counts, on the counts' device (no sync).
+
+    ``formula="clamp"``: ``N / max(nnz, clamp * N)`` (timm and the reference repository);
+    ``formula="paper"``: ``N / (nnz + 1)`` (the paper's original listing).
+    Empty tensors get 1. The division is done in float64 so that the factor is the
+    correctly rounded value of the exact integer ratio for any tensor size.
+    """
+    n = numels.to(torch.float64)
+    c = counts.to(torch.float64)
+    if formula == "clamp":
+        alpha = n / torch.maximum(c, clamp * n)
+    elif formula == "paper":
+        alpha = n / (c + 1)
+    else:  # validated by the optimizer; kept for direct callers
+        raise ValueError(f"unknown cautious formula {formula!r}; use 'clamp' or 'paper'")
+    return torch.where(n > 0, alpha, torch.ones_like(alpha)).to(torch.float32)

@@ -1,0 +1,160 @@
+"""Pieces: what the optimizer actually steps, whatever the sharding.
+
+The optimizer never reasons about FSDP or ZeRO. For every parameter it asks a
+:class:`ParamLayout` for
+
+* ``reserve(param, table)``: the count slots this parameter owns in the step's
+  :class:`SlotTable` (one per original tensor that is split across ranks). Called for
+  **every** parameter of every group on every rank, in the same order, whether or not the
+  parameter has a gradient here: this is what makes every rank build count vectors of
+  the same length with the same meaning, so the all-reduce that follows cannot hang or
+  mix up tensors.
+* ``pieces(...)``: the local parts (views) of param / grad / exp_avg / exp_avg_sq, each
+  tagged with the numel of the *original* tensor and its slot.
+
+Layouts here: plain tensors and DDP (one whole piece, no slot) and DTensors (FSDP2,
+HSDP, TP: the local shard, one slot in the group of mesh dims that shard it). The
+DeepSpeed adapter adds a layout for ZeRO flat partitions (many pieces per flat tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:  # torch >= 2.5 public path
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch 2.4
+    from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Process groups over which a count is summed (the mesh dims that shard a tensor).
+
+    Several groups mean a tensor sharded over several mesh dims (FSDP + TP): summing over
+    each in turn sums over their product. Replicated dims (HSDP's replicate dim, DDP) are
+    never listed: their ranks hold copies, and counting them would count elements twice.
+    """
+
+    groups: tuple[dist.ProcessGroup, ...]
+
+    def describe(self) -> str:
+        sizes = [dist.get_world_size(g) for g in self.groups]
+        return f"Reduction(group sizes {sizes})"
+
+
+@dataclass
+class SlotTable:
+    """Count slots of one step, per reduction, in an order every rank agrees on."""
+
+    sizes: dict[Reduction, int] = field(default_factory=dict)
+    numels: dict[Reduction, list[int]] = field(default_factory=dict)
+    group_index: dict[Reduction, list[int]] = field(default_factory=dict)
+    current_group: int = 0
+
+    def reserve(self, reduction: Reduction, numel: int) -> int:
+        """Reserve one slot for an original tensor of ``numel`` elements; return its index."""
+        i = self.sizes.get(reduction, 0)
+        self.sizes[reduction] = i + 1
+        self.numels.setdefault(reduction, []).append(numel)
+        self.group_index.setdefault(reduction, []).append(self.current_group)
+        return i
+
+
+@dataclass
+class Piece:
+    """The local part of one original tensor, as the kernels see it."""
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    numel: int  # elements of the original (global) tensor
+    reduction: Reduction | None = None  # None: the piece is the whole tensor
+    slot: int = -1
+
+
+class ParamLayout(Protocol):
+    def reserve(self, param: Tensor, table: SlotTable) -> object: ...
+
+    def pieces(
+        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
+    ) -> list[Piece]: ...
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_reduction(t: DTensor) -> Reduction | None:
+    """The mesh dims whose placement shards ``t`` (Shard and strided Shard), as groups."""
+    mesh = t.device_mesh
+    dims = [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard)]
+    for i, pl in enumerate(t.placements):
+        if pl.is_partial():
+            raise ValueError(
+                f"parameter DTensor has a Partial placement on mesh dim {i} ({t.placements}); "
+                "CAdamW needs parameters and gradients with Shard/Replicate placements "
+                "(reduce the gradient first, e.g. with FSDP2 or DDP)"
+            )
+    if not dims:
+        return None
+    return Reduction(tuple(mesh.get_group(i) for i in dims))
+
+
+class TensorLayout:
+    """Plain tensors (single process, DDP) and DTensors (FSDP2, HSDP, TP)."""
+
+    def reserve(self, param: Tensor, table: SlotTable) -> object:
+        if isinstance(param, DTensor):
+            red = shard_reduction(param)
+            if red is not None:
+                return (red, table.reserve(red, param.numel()))
+        return None
+
+    def pieces(
+        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
+    ) -> list[Piece]:
+        if isinstance(param, DTensor):
+            if not isinstance(grad, DTensor):
+                raise TypeError(
+                    "parameter is a DTensor but its .grad is a plain tensor; FSDP2/TP should "
+                    "produce DTensor gradients (was the gradient replaced by hand?)"
+                )
+            if grad.placements != param.placements or grad.device_mesh != param.device_mesh:
+                raise ValueError(
+                    f"gradient placements {grad.placements} differ from the parameter's "
+                    f"{param.placements}; redistribute the gradient to the parameter's layout"
+                )
+            red, slot = token if token is not None else (None, -1)  # type: ignore[misc]
+            return [
+                Piece(
+                    _local(param),
+                    _local(grad),
+                    _local(exp_avg),
+                    _local(exp_avg_sq),
+                    numel=param.numel(),
+                    reduction=red,
+                    slot=slot,
+                )
+            ]
+        if isinstance(grad, DTensor):
+            raise TypeError("gradient is a DTensor but the parameter is a plain tensor")
+        return [Piece(param, grad, exp_avg, exp_avg_sq, numel=param.numel())]
+
+
+DEFAULT_LAYOUT = TensorLayout()
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def zeros_state(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero moment buffer shaped (and for DTensors, placed) like ``param``."""
+    return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
