@@ -203,23 +203,22 @@ class CAdamW(Optimizer):
             )
         return DEFAULT_LAYOUT
 
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: Tensor, value: Tensor, param_id: int, param_groups: Any, key: Any = None
-    ) -> Tensor:
-        # torch casts loaded moments to the parameter's dtype; keep float32 moments of
-        # low-precision parameters in float32 (the state_dtype policy is applied at step).
-        if key == "step":
-            return value
-        if (
-            key in ("exp_avg", "exp_avg_sq")
-            and param.dtype in (torch.float16, torch.bfloat16)
-            and value.dtype in (torch.float32, torch.float64)
-        ):
-            return value.to(device=param.device)
-        if param.is_floating_point():
-            return value.to(dtype=param.dtype, device=param.device)
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict`` (AdamW state dicts load too), except
+        that float32 moments of float16/bfloat16 parameters stay float32: torch would cast
+        them to the parameter's dtype and lose the precision the optimizer keeps them in."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        current = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, current):
+            st = saved_state.get(pid)
+            if not st or p.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                v = st.get(key)
+                if torch.is_tensor(v) and v.dtype in (torch.float32, torch.float64):
+                    self.state[p][key] = v.to(device=p.device, dtype=self._state_dtype_for(p))
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         if self.state_dtype is not None:
