@@ -25,7 +25,9 @@ def grad_stream(shapes, steps, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
-        out.append([(torch.randn(s, generator=g) + 0.3 * torch.randn(()).item()).to(dtype) for s in shapes])
+        out.append(
+            [(torch.randn(s, generator=g) + 0.3 * torch.randn(()).item()).to(dtype) for s in shapes]
+        )
     return out
 
 
@@ -175,7 +177,10 @@ def test_param_groups_maximize_and_kept_fraction_per_group():
     params = make_params(shapes=shapes)
     oracle = Float64CAdamW(params, lr=1e-2, weight_decays=[0.2, 0.0], maximize=True)
     opt = CAdamW(
-        [{"params": [params[0]], "weight_decay": 0.2}, {"params": [params[1]], "weight_decay": 0.0}],
+        [
+            {"params": [params[0]], "weight_decay": 0.2},
+            {"params": [params[1]], "weight_decay": 0.0},
+        ],
         lr=1e-2,
         maximize=True,
     )
@@ -349,15 +354,19 @@ def test_loading_adamw_state_of_bf16_params_keeps_fp32_moments():
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        (ValueError, TypeError), match=match.replace("(", r"\(").replace(")", r"\)")
+    ):
         CAdamW([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
 def test_bad_group_hyperparameter_raises():
     with pytest.raises(ValueError, match="param group 1: invalid weight_decay=-1"):
         CAdamW(
-            [{"params": [torch.zeros(2, requires_grad=True)]},
-             {"params": [torch.zeros(2, requires_grad=True)], "weight_decay": -1}]
+            [
+                {"params": [torch.zeros(2, requires_grad=True)]},
+                {"params": [torch.zeros(2, requires_grad=True)], "weight_decay": -1},
+            ]
         )
 
 
