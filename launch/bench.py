@@ -1,0 +1,925 @@
+#!/usr/bin/env python
+"""Train a LLaMA-style decoder with CAdamW under FSDP2 / HSDP / DDP / DeepSpeed ZeRO and
+report what the optimizer costs.
+
+Start it directly, and it launches its own workers through torch's elastic launcher::
+
+    python launch/bench.py                       # the README's main job (tiny, fsdp2, 2 ranks)
+    python launch/bench.py --nproc 4 --engine deepspeed --zero-stage 3 --scale both
+
+or under torchrun (one node or many; it takes the launcher's ranks)::
+
+    torchrun --nproc-per-node 8 launch/bench.py --preset 1b --engine fsdp2 --scale both
+
+Each mode of ``--scale`` (``global``, ``shard``, ``allgather`` baseline; ``both`` = global
+and shard, ``all`` = all three) trains a fresh model from the same seed on the same data,
+in the same process group, so the table at the end compares them side by side.
+``--check-against ddp`` then repeats the modes under DDP and checks that the parameters
+match (``global`` must match to 1e-6 relative in fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+try:  # an installed dist_cautious wins; a checkout works without installing
+    import dist_cautious  # noqa: F401
+except ImportError:
+    sys.path.insert(1, str(ROOT))
+
+ENGINES = ("fsdp2", "hsdp", "ddp", "deepspeed")
+MODES = ("global", "shard", "allgather")
+SCALE_ALIASES = {"both": ("global", "shard"), "all": MODES}
+LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_scales(text: str) -> list[str]:
+    modes: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        for m in SCALE_ALIASES.get(part, (part,)):
+            if m not in MODES:
+                raise argparse.ArgumentTypeError(
+                    f"unknown --scale {part!r}; use global, shard, allgather, both "
+                    "(= global,shard), all, or a comma list such as global,allgather"
+                )
+            if m not in modes:
+                modes.append(m)
+    return modes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from model import PRESETS
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset", default="tiny", choices=sorted(PRESETS), help="model size (default tiny)"
+    )
+    p.add_argument(
+        "--engine", default="fsdp2", choices=ENGINES, help="data-parallel engine (default fsdp2)"
+    )
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        default=2,
+        choices=(0, 1, 2, 3),
+        help="DeepSpeed ZeRO stage (default 2)",
+    )
+    p.add_argument(
+        "--scale",
+        type=parse_scales,
+        default=["global", "shard"],
+        help="modes to run, one after the other: global | shard | allgather | both | all | a comma list "
+        "(default both)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: one GPU per rank when there are enough, else CPU (default auto)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="started directly: launch this many local workers (default 2); not used under torchrun",
+    )
+    p.add_argument("--steps", type=int, default=300, help="training steps per mode (default 300)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps left out of the timing statistics (default: 10%% of --steps, at least 2)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch", type=int, default=None, help="micro-batch per rank (default: the preset's)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="sequence length (default: the preset's)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 3e-3 tiny, 1e-3 else)"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    p.add_argument(
+        "--backend", default="auto", help="CAdamW kernel backend (auto, foreach, triton, reference)"
+    )
+    p.add_argument(
+        "--amp",
+        default="none",
+        choices=("none", "bf16"),
+        help="autocast the forward pass (parameters and optimizer stay fp32)",
+    )
+    p.add_argument(
+        "--hsdp-shard",
+        type=int,
+        default=None,
+        help="HSDP: ranks per shard group (default: ranks per node, else world/2)",
+    )
+    p.add_argument(
+        "--check-against",
+        default=None,
+        choices=ENGINES,
+        help="after the run, repeat the same modes under this engine and compare parameters",
+    )
+    p.add_argument(
+        "--check-tol",
+        type=float,
+        default=1e-6,
+        help="relative tolerance of --check-against for the global mode (default 1e-6)",
+    )
+    p.add_argument(
+        "--json", dest="json_out", default=None, help="write results (rank 0) to this JSON file"
+    )
+    p.add_argument(
+        "--save-params",
+        default=None,
+        help="save the final full parameters of every mode (rank 0, torch.save) to this file",
+    )
+    p.add_argument(
+        "--log-every", type=int, default=None, help="progress lines when not on a terminal"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def under_launcher() -> bool:
+    return any(k in os.environ for k in LAUNCHER_ENV)
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` workers of this script on this node through torch's elastic launcher
+    (what ``torchrun --standalone --nproc-per-node N`` does)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise SystemExit(f"--nproc {nproc}: need at least 1 worker")
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        role="bench",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # torchrun --standalone: a free port on this host
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(str(Path(__file__).resolve()), *argv)
+    except ChildFailedError as e:
+        print(f"bench.py: a worker failed:\n{e.format_msg()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- worker set-up
+
+
+class Ctx:
+    """What every mode of one invocation shares."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.args = args
+        self.rank = int(os.environ["RANK"])
+        self.world = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if args.device == "cuda" and ngpu < self.local_world:
+            raise SystemExit(
+                f"--device cuda needs one GPU per rank: {self.local_world} ranks on this node but "
+                f"{ngpu} GPUs visible; use --nproc {ngpu} (or torchrun --nproc-per-node {ngpu}) "
+                "or --device cpu"
+            )
+        use_cuda = args.device == "cuda" or (args.device == "auto" and ngpu >= self.local_world > 0)
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+            backend = "nccl"
+        else:
+            self.device = torch.device("cpu")
+            backend = "gloo"
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: don't pick a GPU
+        kwargs: dict[str, Any] = {}
+        if use_cuda:
+            kwargs["device_id"] = self.device
+        dist.init_process_group(backend, **kwargs)
+        self.backend = backend
+        self.cuda = use_cuda
+
+
+def sync(ctx: Ctx) -> None:
+    if ctx.cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def hsdp_shape(ctx: Ctx) -> tuple[int, int]:
+    shard = ctx.args.hsdp_shard
+    if shard is None:
+        if 1 < ctx.local_world < ctx.world and ctx.world % ctx.local_world == 0:
+            shard = ctx.local_world
+        elif ctx.world >= 4 and ctx.world % 2 == 0:
+            shard = ctx.world // 2
+        else:
+            raise SystemExit(
+                f"--engine hsdp needs a 2-D mesh (replicate x shard); world size {ctx.world} has "
+                "none by default: run on >= 4 ranks or several nodes, or pass --hsdp-shard"
+            )
+    if shard < 1 or ctx.world % shard:
+        raise SystemExit(f"--hsdp-shard {shard} must divide the world size {ctx.world}")
+    return ctx.world // shard, shard
+
+
+def baseline_class() -> Any:
+    """The full-tensor all-gather baseline (what the reference repository does for DTensors)."""
+    try:
+        from dist_cautious import baselines
+    except ImportError as e:
+        raise SystemExit(
+            f"--scale allgather needs dist_cautious.baselines, which cannot be imported ({e})"
+        ) from None
+    for name in ("AllGatherCAdamW", "AllGatherBaseline", "GatherCAdamW"):
+        cls = getattr(baselines, name, None)
+        if cls is not None:
+            return cls
+    raise SystemExit("dist_cautious.baselines defines no all-gather baseline optimizer class")
+
+
+def make_optimizer(ctx: Ctx, groups: list[dict], mode: str, lr: float) -> Any:
+    from dist_cautious import CAdamW
+
+    a = ctx.args
+    kw = dict(lr=lr, betas=tuple(a.betas), eps=1e-8)
+    if mode == "allgather":
+        return baseline_class()(groups, **kw)
+    return CAdamW(groups, scale=mode, backend=a.backend, **kw)
+
+
+class Run:
+    """One engine + optimizer on a fresh model; the training step and parameter access."""
+
+    def __init__(self, ctx: Ctx, engine: str, mode: str, cfg: Any, lr: float) -> None:
+        import torch
+        from model import build_model, param_groups
+
+        self.ctx, self.engine, self.mode = ctx, engine, mode
+        a = ctx.args
+        model = build_model(cfg, a.seed, "cpu")
+        self.ds_engine = None
+        if engine == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = model.to(ctx.device)
+            if mode == "allgather":
+                raise SystemExit(
+                    "--scale allgather is the all-gather baseline for sharded (DTensor) parameters; "
+                    "under --engine ddp the tensors are already whole: use fsdp2 or hsdp"
+                )
+            self.opt = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
+            self.module = model
+            self.wrapped = DDP(model, device_ids=[ctx.device.index] if ctx.cuda else None)
+        elif engine in ("fsdp2", "hsdp"):
+            from torch.distributed.device_mesh import init_device_mesh
+
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # torch < 2.6
+                from torch.distributed._composable.fsdp import fully_shard  # type: ignore
+            if engine == "fsdp2":
+                mesh = init_device_mesh(ctx.device.type, (ctx.world,), mesh_dim_names=("shard",))
+            else:
+                mesh = init_device_mesh(
+                    ctx.device.type, hsdp_shape(ctx), mesh_dim_names=("replicate", "shard")
+                )
+            model = model.to(ctx.device)
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            self.opt = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
+            self.module = self.wrapped = model
+        elif engine == "deepspeed":
+            if mode == "allgather":
+                raise SystemExit(
+                    "--scale allgather is the all-gather baseline for DTensor (FSDP2/HSDP) parameters; "
+                    "for DeepSpeed use --scale global or shard"
+                )
+            try:
+                from dist_cautious import deepspeed as dc_ds
+            except ImportError as e:
+                raise SystemExit(
+                    f"--engine deepspeed needs dist_cautious.deepspeed and deepspeed ({e})"
+                ) from None
+            model = model.to(ctx.device)
+            client = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
+            conf = dc_ds.config(
+                {
+                    "train_micro_batch_size_per_gpu": self.micro_batch(cfg),
+                    "gradient_accumulation_steps": 1,
+                    "train_batch_size": self.micro_batch(cfg) * ctx.world,
+                    "zero_optimization": {"stage": a.zero_stage},
+                    "steps_per_print": 10**9,
+                    "wall_clock_breakdown": False,
+                }
+            )
+            engine_obj, *_ = dc_ds.initialize(model=model, optimizer=client, config=conf)
+            self.ds_engine = engine_obj
+            self.opt = client
+            self.module = engine_obj.module
+            self.wrapped = engine_obj
+        else:  # argparse keeps this out
+            raise SystemExit(f"unknown engine {engine!r}")
+        self.autocast = (
+            torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+            if a.amp == "bf16"
+            else nullcontext()
+        )
+
+    def micro_batch(self, cfg: Any) -> int:
+        return self.ctx.args.batch or cfg.batch
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def train_step(self, tokens: Any) -> Any:
+        from model import lm_loss
+
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with self.autocast:
+            logits = self.wrapped(inputs)
+        loss = lm_loss(logits, targets)
+        if self.ds_engine is not None:
+            self.ds_engine.backward(loss)
+            self.ds_engine.step()
+        else:
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sharded_tensors(self) -> int:
+        """Parameters whose count must be summed over ranks (what ``global`` reduces)."""
+        from dist_cautious.layout import is_dtensor
+
+        if self.engine in ("fsdp2", "hsdp"):
+            n = 0
+            for p in self.module.parameters():
+                if is_dtensor(p) and any(pl.is_shard() for pl in p.placements):
+                    n += 1
+            return n
+        if self.engine == "deepspeed" and self.ctx.args.zero_stage >= 1:
+            return sum(1 for _ in self.module.parameters())  # every tensor lives in a partition
+        return 0
+
+    def state_bytes(self) -> int:
+        from dist_cautious.layout import is_dtensor
+
+        total = 0
+        for st in self.opt.state.values():
+            for v in st.values():
+                if hasattr(v, "numel") and v.numel() > 1:
+                    t = v.to_local() if is_dtensor(v) else v
+                    total += t.numel() * t.element_size()
+        return total
+
+    def full_params(self) -> dict[str, Any] | None:
+        """Every parameter, whole, fp32 on CPU, on rank 0 (None elsewhere). Collective."""
+        import torch
+
+        from dist_cautious.layout import is_dtensor
+
+        out: dict[str, Any] = {}
+        keep = self.ctx.rank == 0
+        if self.engine == "deepspeed" and self.ctx.args.zero_stage == 3:
+            import deepspeed
+
+            params = list(self.module.named_parameters())
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                for name, p in params:
+                    if keep:
+                        out[name] = p.detach().float().cpu().clone()
+            return out if keep else None
+        for name, p in self.module.named_parameters():
+            t = p.full_tensor() if is_dtensor(p) else p
+            if keep:
+                out[name] = t.detach().to(torch.float32).cpu().clone()
+        return out if keep else None
+
+    def close(self) -> None:
+        if self.ds_engine is not None and hasattr(self.ds_engine, "destroy"):
+            try:
+                self.ds_engine.destroy()
+            except Exception:  # best effort: older DeepSpeed versions
+                pass
+        self.ds_engine = self.wrapped = self.module = self.opt = None  # type: ignore[assignment]
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """rich (or tqdm) bar on rank 0 when on a terminal; a few plain lines otherwise."""
+
+    def __init__(self, ctx: Ctx, total: int, label: str) -> None:
+        self.on = ctx.rank == 0 and not ctx.args.no_progress
+        self.total, self.label = total, label
+        self.every = ctx.args.log_every or max(1, total // 5)
+        self.bar: Any = None
+        self.kind = "lines"
+        if not self.on or not sys.stdout.isatty():
+            return
+        try:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  kept {task.fields[kept]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, loss="-", kept="-")
+            self.kind = "rich"
+        except ImportError:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=label)
+                self.kind = "tqdm"
+            except ImportError:
+                pass
+
+    def wants_values(self, step: int) -> bool:
+        return self.on and (self.kind != "lines" or (step + 1) % self.every == 0 or step == 0)
+
+    def update(self, step: int, loss: float | None, kept: float | None) -> None:
+        if not self.on:
+            return
+        ls = f"{loss:.4f}" if loss is not None else "-"
+        ks = f"{kept:.3f}" if kept is not None else "-"
+        if self.kind == "rich":
+            kw = {}
+            if loss is not None:
+                kw = {"loss": ls, "kept": ks}
+            self.bar.update(self.task, advance=1, **kw)
+        elif self.kind == "tqdm":
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=ls, kept=ks)
+        elif loss is not None:
+            print(f"[{self.label}] step {step + 1}/{self.total}  loss {ls}  kept {ks}", flush=True)
+
+    def close(self) -> None:
+        if self.kind == "rich":
+            self.bar.stop()
+        elif self.kind == "tqdm":
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- one mode
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 10% of the steps, then cosine decay to 10% of the peak."""
+    warm = max(1, total // 10)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def peak_memory(ctx: Ctx) -> tuple[int, str]:
+    import torch
+
+    if ctx.cuda:
+        return int(torch.cuda.max_memory_allocated(ctx.device)), "cuda max allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+
+
+def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dict, dict | None]:
+    import torch
+    import torch.distributed as dist
+    from meter import CommMeter
+
+    a = ctx.args
+    peak_lr = a.lr if a.lr is not None else (3e-3 if a.preset == "tiny" else 1e-3)
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    run = Run(ctx, engine, mode, cfg, peak_lr)
+    b = run.micro_batch(cfg)
+    rows = b * ctx.world
+    warm = a.warmup_steps if a.warmup_steps is not None else max(2, a.steps // 10)
+    warm = min(warm, max(0, a.steps - 1))
+
+    meter = CommMeter(ctx.cuda)
+    opt_time = [0.0]
+    orig_step = run.opt.step
+
+    def timed_step(*args: Any, **kwargs: Any) -> Any:
+        sync(ctx)
+        t0 = time.perf_counter()
+        meter.active = True
+        try:
+            return orig_step(*args, **kwargs)
+        finally:
+            meter.active = False
+            sync(ctx)
+            opt_time[0] += time.perf_counter() - t0
+
+    run.opt.step = timed_step  # DeepSpeed's ZeRO wrapper calls this instance attribute too
+
+    per_step: dict[str, list[float]] = {
+        k: [] for k in ("opt", "comm", "compute", "step", "calls", "bytes")
+    }
+    losses = []
+    label = f"{engine}/{mode}"
+    bar = Progress(ctx, a.steps, label)
+    dist.barrier()
+    t_start = None
+    with meter:
+        for step in range(a.steps):
+            if step == warm:
+                sync(ctx)
+                dist.barrier()
+                t_start = time.perf_counter()
+            tokens = lang.batch(step, rows)[ctx.rank * b : (ctx.rank + 1) * b].to(ctx.device)
+            run.set_lr(lr_at(step, a.steps, peak_lr))
+            meter.reset()
+            opt_time[0] = 0.0
+            t0 = time.perf_counter()
+            loss = run.train_step(tokens)
+            sync(ctx)
+            dt = time.perf_counter() - t0
+            losses.append(loss)
+            if step >= warm:
+                per_step["opt"].append(opt_time[0])
+                per_step["comm"].append(meter.seconds)
+                per_step["compute"].append(opt_time[0] - meter.seconds)
+                per_step["step"].append(dt)
+                per_step["calls"].append(meter.calls)
+                per_step["bytes"].append(meter.bytes)
+            if bar.wants_values(step):
+                kf = getattr(run.opt, "kept_fraction", None)
+                bar.update(step, float(loss), kf)
+            else:
+                bar.update(step, None, None)
+        sync(ctx)
+        t_end = time.perf_counter()
+    bar.close()
+    run.opt.step = orig_step
+
+    # --- reduce statistics over ranks (outside the timed region)
+    dev = ctx.device
+    n = len(per_step["opt"])
+    loss_vec = torch.stack([x.float() for x in losses]).to(dev)
+    dist.all_reduce(loss_vec)
+    loss_vec /= ctx.world
+    timing = torch.tensor(
+        [per_step[k] for k in ("opt", "comm", "compute", "step")], dtype=torch.float64, device=dev
+    ).reshape(4, n)
+    dist.all_reduce(timing, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
+    stats = opt_mask_stats(run.opt, dev)
+    if stats is not None:
+        dist.all_reduce(stats)  # ratio: replicas scale both counts alike
+    mem, mem_kind = peak_memory(ctx)
+    sb = run.state_bytes()
+    ints = torch.tensor([mem, sb], dtype=torch.float64, device=dev)
+    dist.all_reduce(ints, op=dist.ReduceOp.MAX)
+    wall = torch.tensor([t_end - (t_start or t_end)], dtype=torch.float64, device=dev)
+    dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    params = run.full_params()
+    sharded = run.sharded_tensors()
+    run.close()
+    dist.barrier()
+
+    def med(row: int) -> float:
+        return statistics.median(timing[row].tolist()) * 1e3 if n else float("nan")
+
+    tokens_per_step = rows * cfg.seq_len
+    losses_l = loss_vec.tolist()
+    tail = losses_l[-max(1, len(losses_l) // 10) :]
+    calls = per_step["calls"]
+    result = {
+        "engine": engine,
+        "zero_stage": a.zero_stage if engine == "deepspeed" else None,
+        "mode": mode,
+        "world": ctx.world,
+        "steps": a.steps,
+        "timed_steps": n,
+        "final_loss": losses_l[-1],
+        "final_loss_avg_last_10pct": sum(tail) / len(tail),
+        "first_loss": losses_l[0],
+        "loss_curve": losses_l,
+        "tokens_per_s": tokens_per_step * n / float(wall.item())
+        if n and wall.item() > 0
+        else float("nan"),
+        "step_ms": med(3),
+        "opt_step_ms": med(0),
+        "opt_comm_ms": med(1),
+        "opt_compute_ms": med(2),
+        "collectives_per_step": (sum(calls) / n) if n else float("nan"),
+        "bytes_per_step": (sum(per_step["bytes"]) / n) if n else float("nan"),
+        "collectives_by_op": dict(meter.by_op),
+        "sharded_tensors": sharded,
+        "peak_memory_bytes": int(ints[0].item()),
+        "peak_memory_kind": mem_kind,
+        "optimizer_state_bytes_per_rank": int(ints[1].item()),
+        "kept_fraction": (
+            float(stats[0] / stats[1]) if stats is not None and stats[1] > 0 else None
+        ),
+        "param_checksum": checksum(params) if params is not None else None,
+    }
+    return result, params
+
+
+def opt_mask_stats(opt: Any, dev: Any) -> Any:
+    import torch
+
+    ms = getattr(opt, "mask_stats", None)
+    if ms is not None:
+        return torch.stack(
+            [ms["kept"].sum().to(torch.float64), ms["elements"].sum().to(torch.float64)]
+        ).to(dev)
+    kf = getattr(opt, "kept_fraction", None)
+    if kf is None:
+        return None
+    return torch.tensor([kf, 1.0], dtype=torch.float64, device=dev)
+
+
+def checksum(params: dict[str, Any]) -> dict[str, float]:
+    s = sum(float(t.double().sum()) for t in params.values())
+    s2 = sum(float(t.double().pow(2).sum()) for t in params.values())
+    return {"sum": s, "sum_sq": s2, "tensors": len(params)}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, str]:
+    """max over tensors of ||a - b||_inf / ||b||_inf."""
+    if a.keys() != b.keys():
+        raise RuntimeError(f"parameter names differ: {sorted(set(a) ^ set(b))}")
+    worst, where = 0.0, ""
+    for k in a:
+        ref = b[k].double()
+        d = float((a[k].double() - ref).abs().max()) if ref.numel() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 1.0
+        r = d / max(scale, 1e-30)
+        if r > worst:
+            worst, where = r, k
+    return worst, where
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_bytes(x: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(x) < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return str(x)
+
+
+def print_table(results: list[dict], header: str) -> None:
+    cols = [
+        (
+            "engine/mode",
+            lambda r: (
+                f"{r['engine']}{'-z' + str(r['zero_stage']) if r['zero_stage'] is not None else ''}/{r['mode']}"
+            ),
+        ),
+        ("final loss", lambda r: f"{r['final_loss']:.4f}"),
+        ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+        ("step ms", lambda r: f"{r['step_ms']:.2f}"),
+        ("opt step ms", lambda r: f"{r['opt_step_ms']:.3f}"),
+        ("compute ms", lambda r: f"{r['opt_compute_ms']:.3f}"),
+        ("comm ms", lambda r: f"{r['opt_comm_ms']:.3f}"),
+        ("coll/step", lambda r: f"{r['collectives_per_step']:g}"),
+        ("bytes/step", lambda r: fmt_bytes(r["bytes_per_step"])),
+        ("peak mem", lambda r: fmt_bytes(r["peak_memory_bytes"])),
+        ("opt state/rank", lambda r: fmt_bytes(r["optimizer_state_bytes_per_rank"])),
+        ("kept", lambda r: "-" if r["kept_fraction"] is None else f"{r['kept_fraction']:.3f}"),
+    ]
+    rows = [[f(r) for _, f in cols] for r in results]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=header)
+        for name, _ in cols:
+            t.add_column(name, justify="left" if name == "engine/mode" else "right")
+        for row in rows:
+            t.add_row(*row)
+        Console(width=max(160, len(header))).print(t)
+    except ImportError:
+        widths = [max(len(c[0]), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        print(header)
+        print("  ".join(c[0].rjust(w) for c, w in zip(cols, widths)))
+        for r in rows:
+            print("  ".join(x.rjust(w) for x, w in zip(r, widths)))
+
+
+def footnotes(results: list[dict]) -> list[str]:
+    lines = []
+    by = {(r["engine"], r["mode"]): r for r in results}
+    for (eng, mode), r in by.items():
+        if mode != "global":
+            continue
+        s = by.get((eng, "shard"))
+        if s:
+            lines.append(
+                f"{eng}: optimizer step global/shard = {r['opt_step_ms'] / s['opt_step_ms']:.3f}x "
+                f"({r['opt_step_ms']:.3f} vs {s['opt_step_ms']:.3f} ms; global spends "
+                f"{r['opt_comm_ms']:.3f} ms in {r['collectives_per_step']:g} collective(s) of "
+                f"{fmt_bytes(r['bytes_per_step'])} per step, for {r['sharded_tensors']} sharded tensors)"
+            )
+        g = by.get((eng, "allgather"))
+        if g:
+            lines.append(
+                f"{eng}: all-gather baseline / global = {g['opt_step_ms'] / r['opt_step_ms']:.2f}x "
+                f"({g['opt_step_ms']:.3f} vs {r['opt_step_ms']:.3f} ms; baseline moves "
+                f"{fmt_bytes(g['bytes_per_step'])} per step)"
+            )
+    if results:
+        r0 = results[0]
+        lines.append(
+            f"times: medians over {r0['timed_steps']} timed steps (after warm-up), slowest rank per step; "
+            f"comm = time inside collectives during optimizer.step() (includes waiting for other ranks); "
+            f"peak mem = {r0['peak_memory_kind']}, max over ranks"
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    from model import MarkovLanguage, count_params, preset
+
+    ctx = Ctx(args)
+    torch.manual_seed(args.seed)
+    cfg = preset(args.preset)
+    if args.seq_len:
+        cfg = replace(cfg, seq_len=args.seq_len)
+    if args.batch:
+        cfg = replace(cfg, batch=args.batch)
+    lang = MarkovLanguage(cfg.vocab, cfg.seq_len, args.seed)
+    if ctx.rank == 0:
+        nparams, ntensors = count_params(cfg)
+        print(
+            f"bench: preset {args.preset} (hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, "
+            f"{nparams / 1e6:.2f}M params in {ntensors} tensors), engine {args.engine}"
+            + (f" ZeRO-{args.zero_stage}" if args.engine == "deepspeed" else "")
+            + f", modes {','.join(args.scale)}, world {ctx.world} ({ctx.backend} on "
+            f"{'cuda' if ctx.cuda else 'cpu'}), {args.steps} steps x {cfg.batch * ctx.world} seqs x "
+            f"{cfg.seq_len} tokens; data: Markov chain, entropy floor {lang.entropy:.3f} nats",
+            flush=True,
+        )
+
+    results, params = [], {}
+    for mode in args.scale:
+        r, p = run_mode(ctx, args.engine, mode, cfg, lang)
+        results.append(r)
+        params[(args.engine, mode)] = p
+    check = None
+    if args.check_against:
+        ref_results = []
+        check = {"against": args.check_against, "tolerance_global": args.check_tol, "modes": {}}
+        for mode in args.scale:
+            if mode == "allgather" and args.check_against in ("ddp", "deepspeed"):
+                continue
+            r, p = run_mode(ctx, args.check_against, mode, cfg, lang)
+            ref_results.append(r)
+            if ctx.rank == 0:
+                rel, where = compare(params[(args.engine, mode)], p)
+                check["modes"][mode] = {"max_rel_diff": rel, "worst_tensor": where}
+        results += ref_results
+
+    status = 0
+    if ctx.rank == 0:
+        hdr = f"{args.preset} | {args.engine}" + (
+            f" ZeRO-{args.zero_stage}" if args.engine == "deepspeed" else ""
+        )
+        hdr += f" | world {ctx.world} | {'cuda' if ctx.cuda else 'cpu'}/{ctx.backend} | {args.steps} steps"
+        print_table(results, hdr)
+        for line in footnotes(results):
+            print(line)
+        if check is not None:
+            for mode, c in check["modes"].items():
+                ok = c["max_rel_diff"] <= args.check_tol
+                tag = "PASS" if ok else ("FAIL" if mode != "shard" else "differs")
+                print(
+                    f"check {args.engine}/{mode} vs {args.check_against}/{mode}: max relative "
+                    f"parameter difference {c['max_rel_diff']:.3e} (tensor {c['worst_tensor'] or '-'}) "
+                    f"[{tag}{f', tolerance {args.check_tol:.0e}' if mode != 'shard' else ''}]"
+                )
+                c["pass"] = ok
+                if mode != "shard" and not ok:
+                    status = 1
+        if args.json_out:
+            out = {
+                "preset": args.preset,
+                "config": {k: v for k, v in vars(cfg).items()},
+                "args": {k: v for k, v in vars(args).items()},
+                "world": ctx.world,
+                "device": "cuda" if ctx.cuda else "cpu",
+                "device_name": torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu",
+                "backend": ctx.backend,
+                "torch": torch.__version__,
+                "host": socket.gethostname(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "data_entropy_floor": lang.entropy,
+                "results": results,
+                "check": check,
+            }
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps(out, indent=1))
+        if args.save_params:
+            torch.save({f"{e}/{m}": p for (e, m), p in params.items()}, args.save_params)
+    st = torch.tensor([status], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(st, 0)
+    dist.barrier()
+    dist.destroy_process_group()
+    return int(st.item())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if under_launcher():
+        if args.nproc is not None and args.nproc != int(
+            os.environ.get("LOCAL_WORLD_SIZE", args.nproc)
+        ):
+            raise SystemExit(
+                f"--nproc {args.nproc} is for starting bench.py directly; under torchrun the "
+                f"launcher sets the workers (here {os.environ.get('LOCAL_WORLD_SIZE')} per node)"
+            )
+        return worker(args)
+    return launch(args.nproc if args.nproc is not None else 2, strip_nproc(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

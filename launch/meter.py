@@ -1,0 +1,193 @@
+"""Counting and timing the collectives an optimizer step issues.
+
+:class:`CommMeter` wraps torch's collective entry points — the c10d API
+(``torch.distributed.all_reduce``, ``all_gather_into_tensor``, ...) and the functional
+collectives DTensor uses (``torch.distributed._functional_collectives``) — for as long as
+it is installed. While :attr:`CommMeter.active` is set (launch/bench.py sets it only inside
+``optimizer.step()``) every call is counted, its payload bytes added, and it is timed to
+completion: the wrapper waits for an async call right away (``work.wait()`` or the
+functional collective's wait), with a device synchronisation before and after on CUDA, so
+``seconds`` is the wall time spent inside collectives, including any wait for slower ranks.
+Outside the step (forward, backward, FSDP's own all-gathers) the wrappers only forward.
+
+Payload bytes of one call: the size of its result buffer on this rank (the reduced tensor
+of an all-reduce, the full output of an all-gather, the local shard of a reduce-scatter).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+C10D_OPS = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather_coalesced",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+)
+FUNCOL_OPS = (
+    "broadcast",
+    "all_reduce",
+    "all_gather_single",
+    "reduce_scatter_single",
+    "all_gather_tensor",
+    "reduce_scatter_tensor",
+    "all_reduce_coalesced",
+    "all_gather_single_coalesced",
+    "reduce_scatter_single_coalesced",
+    "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor_coalesced",
+    "all_to_all_single",
+)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        out: list[torch.Tensor] = []
+        for y in x:
+            out.extend(_tensors(y))
+        return out
+    return []
+
+
+def _nbytes(ts: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class CommMeter:
+    """Counts, sizes and times collectives while :attr:`active` is true."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.active = False
+        self.calls = 0
+        self.bytes = 0
+        self.seconds = 0.0
+        self.by_op: Counter[str] = Counter()
+        self._depth = 0
+        self._saved: list[tuple[Any, str, Callable]] = []
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.bytes = 0
+        self.seconds = 0.0
+        self.by_op.clear()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _wrap_c10d(self, name: str, fn: Callable) -> Callable:
+        meter = self
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not meter.active or meter._depth:
+                return fn(*args, **kwargs)
+            meter._depth += 1
+            try:
+                meter._sync()
+                t0 = time.perf_counter()
+                work = fn(*args, **kwargs)
+                if work is not None and hasattr(work, "wait"):
+                    work.wait()
+                meter._sync()
+                meter.seconds += time.perf_counter() - t0
+            finally:
+                meter._depth -= 1
+            ts = _tensors(list(args) + list(kwargs.values()))
+            if name == "all_gather":
+                payload = _nbytes(ts[:-1])  # (tensor_list, tensor): the gathered list
+            elif name in ("all_gather_into_tensor", "_all_gather_base"):
+                payload = _nbytes(ts[:1])  # (output, input): the full output
+            elif name == "all_to_all":
+                payload = _nbytes(ts) // 2  # (outputs, inputs)
+            elif name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter"):
+                payload = _nbytes(ts[:1])
+            else:
+                payload = _nbytes(ts)
+            meter.calls += 1
+            meter.bytes += payload
+            meter.by_op[name] += 1
+            return work
+
+        return wrapper
+
+    def _wrap_funcol(self, name: str, fn: Callable) -> Callable:
+        meter = self
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not meter.active or meter._depth:
+                return fn(*args, **kwargs)
+            meter._depth += 1
+            try:
+                meter._sync()
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                for t in _tensors(out):
+                    if hasattr(t, "wait"):
+                        t.wait()  # AsyncCollectiveTensor: complete it now, keep the wrapper
+                    else:
+                        torch.ops._c10d_functional.wait_tensor(t)
+                meter._sync()
+                meter.seconds += time.perf_counter() - t0
+            finally:
+                meter._depth -= 1
+            meter.calls += 1
+            meter.bytes += _nbytes(_tensors(out))
+            meter.by_op["funcol." + name] += 1
+            return out
+
+        return wrapper
+
+    def install(self) -> CommMeter:
+        import torch.distributed._functional_collectives as funcol
+        import torch.distributed.distributed_c10d as c10d
+
+        for name in C10D_OPS:
+            fn = getattr(c10d, name, None)
+            if fn is None:
+                continue
+            w = self._wrap_c10d(name, fn)
+            for mod in (c10d, dist):
+                if getattr(mod, name, None) is fn:
+                    self._saved.append((mod, name, fn))
+                    setattr(mod, name, w)
+        for name in FUNCOL_OPS:
+            fn = getattr(funcol, name, None)
+            if fn is None:
+                continue
+            self._saved.append((funcol, name, fn))
+            setattr(funcol, name, self._wrap_funcol(name, fn))
+        return self
+
+    def uninstall(self) -> None:
+        for mod, name, fn in reversed(self._saved):
+            setattr(mod, name, fn)
+        self._saved.clear()
+
+    def __enter__(self) -> CommMeter:
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
