@@ -1,0 +1,485 @@
+"""Fused multi-tensor Triton kernels for the two passes of a C-AdamW step.
+
+One launch per pass covers every tensor of the call, whatever their number and sizes:
+
+* The host cuts each tensor into *chunks* of ``CHUNK = BLOCK * TILES`` elements and
+  writes a small int64 table: per chunk its tensor and chunk index and whether it is
+  *full* (``CHUNK`` elements from a 16-byte aligned start), per tensor its element
+  offset from a base pointer (one base per operand: params, grads, exp_avg,
+  exp_avg_sq) and its numel. Program ``i`` of the grid steps chunk ``i``.
+* Full chunks take an unmasked path whose addresses the compiler can prove 16-byte
+  aligned (the offset is rebuilt as ``(off // VEC) * VEC``), so every load and store is
+  a 128-bit vector access. The last, partial chunk of a tensor and tensors that are not
+  16-byte aligned (odd slices of a ZeRO flat partition) take a masked scalar path.
+* The count pass accumulates ``m_new * g > 0`` per chunk in int32 registers and adds
+  the chunk's total into an int64 ``counts[tensor]`` with one atomic: exact integers,
+  independent of scheduling order.
+
+Bytes per fp32 parameter: pass 1 reads g, m and writes m (12 B); pass 2 reads p, g, m, v
+and writes p, v (24 B); 36 B in all, the minimum for an exact two-pass C-AdamW.
+bf16/fp16 parameters with fp32 state: 10 + 18 = 28 B.
+
+Tables depend only on the tensors' addresses, sizes and dtypes. They are cached on the
+device keyed by those, and rebuilt (uploaded from pinned memory with
+``non_blocking=True``) only when they change, so a step does no blocking host-to-device
+copy and no host synchronisation: counts and factors stay on the device.
+
+Arithmetic follows :mod:`.reference` operation by operation in float32 (bf16/fp16 are
+converted to float32 inside the kernels: the Triton interpreter computes natively in
+bf16 wrongly); square root and divisions are correctly rounded (``sqrt_rn``/``div_rn``).
+Float64 state, non-contiguous tensors and mixed devices are handed to the
+:mod:`.foreach` backend (same math); the first such call warns.
+
+On CPU tensors the kernels only run under the Triton interpreter (``TRITON_INTERPRET=1``
+set before Triton is imported), which the test suite uses.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import foreach as _foreach
+from .common import UpdateHyper
+
+__all__ = ["count_pass", "update_pass", "configure", "config", "INTERPRETED"]
+
+
+def _interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - very old Triton
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return isinstance(_count_kernel, InterpretedFunction)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["nc", "n"])
+def _count_kernel(
+    G,
+    M,
+    tab,
+    counts,
+    nc,
+    n,
+    w,
+    MAXIMIZE: tl.constexpr,
+    LERP_HI: tl.constexpr,
+    VG: tl.constexpr,
+    VM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    CHUNK: tl.constexpr = BLOCK * TILES
+    pid = tl.program_id(0)
+    t = tl.load(tab + pid)
+    c = tl.load(tab + nc + pid)
+    full = tl.load(tab + 2 * nc + pid)
+    og = tl.load(tab + 3 * nc + t) + c * CHUNK
+    om = tl.load(tab + 3 * nc + n + t) + c * CHUNK
+    rem = tl.load(tab + 3 * nc + 2 * n + t) - c * CHUNK
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    idx0 = tl.arange(0, BLOCK)
+    if full != 0:
+        # 16-byte aligned and CHUNK elements long: unmasked 128-bit accesses.
+        gp = G + (og // VG) * VG
+        mp = M + (om // VM) * VM
+        for i in range(TILES):
+            idx = i * BLOCK + idx0
+            g = tl.load(gp + idx, eviction_policy="evict_first").to(tl.float32)
+            m = tl.load(mp + idx, eviction_policy="evict_first").to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            if LERP_HI:
+                m_new = g - (g - m) * (1.0 - w)
+            else:
+                m_new = m + w * (g - m)
+            tl.store(mp + idx, _cast_out(m_new, M.dtype.element_ty, SOFT_BF16))
+            acc += (m_new * g > 0).to(tl.int32)
+    else:
+        for i in range(TILES):
+            idx = i * BLOCK + idx0
+            live = idx < rem
+            g = tl.load(G + og + idx, mask=live, other=0.0).to(tl.float32)
+            m = tl.load(M + om + idx, mask=live, other=0.0).to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            if LERP_HI:
+                m_new = g - (g - m) * (1.0 - w)
+            else:
+                m_new = m + w * (g - m)
+            tl.store(M + om + idx, _cast_out(m_new, M.dtype.element_ty, SOFT_BF16), mask=live)
+            acc += ((m_new * g > 0) & live).to(tl.int32)
+    total = tl.sum(acc, axis=0).to(tl.int64)
+    tl.atomic_add(counts + t, total, sem="relaxed")
+
+
+@triton.jit
+def _cast_out(x, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # fp32 -> storage dtype, round to nearest even. The interpreter truncates in its bf16
+    # conversion, so under it (SOFT_BF16) bf16 rounding is done on the bits.
+    if SOFT_BF16 and DT == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, MAXIMIZE, DECAY):
+    # Same order as reference.update_pass.
+    if MAXIMIZE:
+        g = -g
+    v_new = v * beta2 + omb2 * g * g
+    if DECAY:
+        p = p * decay
+    denom = tl.div_rn(tl.sqrt_rn(v_new), bc2) + eps
+    upd = tl.where(m * g > 0, m, 0.0) * alpha
+    p = p + neg_step * tl.div_rn(upd, denom)
+    return p, v_new
+
+
+@triton.jit(do_not_specialize=["nc", "n"])
+def _update_kernel(
+    P,
+    G,
+    M,
+    V,
+    tab,
+    alphas,
+    nc,
+    n,
+    beta2,
+    omb2,
+    decay,
+    neg_step,
+    bc2,
+    eps,
+    MAXIMIZE: tl.constexpr,
+    DECAY: tl.constexpr,
+    VP: tl.constexpr,
+    VG: tl.constexpr,
+    VM: tl.constexpr,
+    VV: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    CHUNK: tl.constexpr = BLOCK * TILES
+    pid = tl.program_id(0)
+    t = tl.load(tab + pid)
+    c = tl.load(tab + nc + pid)
+    full = tl.load(tab + 2 * nc + pid)
+    base = tab + 3 * nc
+    op = tl.load(base + t) + c * CHUNK
+    og = tl.load(base + n + t) + c * CHUNK
+    om = tl.load(base + 2 * n + t) + c * CHUNK
+    ov = tl.load(base + 3 * n + t) + c * CHUNK
+    rem = tl.load(base + 4 * n + t) - c * CHUNK
+    alpha = tl.load(alphas + t).to(tl.float32)
+    idx0 = tl.arange(0, BLOCK)
+    if full != 0:
+        pp = P + (op // VP) * VP
+        gp = G + (og // VG) * VG
+        mp = M + (om // VM) * VM
+        vp = V + (ov // VV) * VV
+        for i in range(TILES):
+            idx = i * BLOCK + idx0
+            g = tl.load(gp + idx, eviction_policy="evict_first").to(tl.float32)
+            m = tl.load(mp + idx, eviction_policy="evict_first").to(tl.float32)
+            v = tl.load(vp + idx, eviction_policy="evict_first").to(tl.float32)
+            p = tl.load(pp + idx, eviction_policy="evict_first").to(tl.float32)
+            p, v = _adam_math(
+                p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, MAXIMIZE, DECAY
+            )
+            tl.store(vp + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16))
+            tl.store(pp + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16))
+    else:
+        for i in range(TILES):
+            idx = i * BLOCK + idx0
+            live = idx < rem
+            g = tl.load(G + og + idx, mask=live, other=0.0).to(tl.float32)
+            m = tl.load(M + om + idx, mask=live, other=0.0).to(tl.float32)
+            v = tl.load(V + ov + idx, mask=live, other=0.0).to(tl.float32)
+            p = tl.load(P + op + idx, mask=live, other=0.0).to(tl.float32)
+            p, v = _adam_math(
+                p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, MAXIMIZE, DECAY
+            )
+            tl.store(V + ov + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16), mask=live)
+            tl.store(P + op + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16), mask=live)
+
+
+# --------------------------------------------------------------------------- configuration
+
+_DEFAULT = {"block": 1024, "tiles": 8, "num_warps": 4}
+_CONFIG = dict(_DEFAULT)
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+_CACHE_SIZE = 32
+_tables: OrderedDict[tuple, tuple[Tensor, int, Tensor]] = OrderedDict()
+_warned: set[str] = set()
+
+
+def config() -> dict[str, int]:
+    """The current launch configuration (``block``, ``tiles``, ``num_warps``)."""
+    return dict(_CONFIG)
+
+
+def configure(
+    block: int | None = None, tiles: int | None = None, num_warps: int | None = None
+) -> None:
+    """Change the launch configuration (tests use small blocks; benchmarks sweep).
+
+    ``block`` (power of two, >= 16): elements per tile; ``tiles``: tiles per program
+    (a chunk is ``block * tiles`` elements); ``num_warps``: warps per program.
+    Clears the table cache.
+    """
+    new = dict(_CONFIG)
+    for k, val in (("block", block), ("tiles", tiles), ("num_warps", num_warps)):
+        if val is not None:
+            new[k] = int(val)
+    b = new["block"]
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"block={b!r} must be a power of two >= 16")
+    if new["tiles"] < 1:
+        raise ValueError(f"tiles={new['tiles']!r} must be >= 1")
+    if new["num_warps"] not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps={new['num_warps']!r} must be a power of two <= 32")
+    _CONFIG.update(new)
+    _tables.clear()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _check_device(device: torch.device) -> None:
+    interp = INTERPRETED
+    if device.type == "cpu" and not interp:
+        raise RuntimeError(
+            "backend='triton' got CPU tensors, but Triton kernels run on CPU only under the "
+            "Triton interpreter: set TRITON_INTERPRET=1 before Triton is first imported (slow; "
+            "meant for tests), or use backend='foreach' (the default on CPU)"
+        )
+    if device.type != "cpu" and interp:
+        raise RuntimeError(
+            f"backend='triton' got {device.type} tensors while TRITON_INTERPRET=1 is set; the "
+            "interpreter only handles CPU tensors here. Unset TRITON_INTERPRET for GPU runs."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(
+            f"backend='triton' supports CUDA tensors (got {device.type}); use backend='foreach'"
+        )
+
+
+_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}  # elements per 16 bytes
+
+
+def _build_table(lists: list[list[Tensor]], numels: tuple[int, ...], device: torch.device):
+    """Host-side chunk/offset table for ``lists`` (operands x tensors); returns (table, nc, bases)."""
+    block, tiles = _CONFIG["block"], _CONFIG["tiles"]
+    chunk = block * tiles
+    n = len(numels)
+    bases: list[Tensor] = []
+    offs: list[list[int]] = []
+    aligned = [True] * n
+    for lst in lists:
+        esize = lst[0].element_size()
+        vec = 16 // esize
+        ptrs = [t.data_ptr() for t in lst]
+        # Base: an aligned, non-empty tensor of the list when there is one.
+        cand = [i for i in range(n) if numels[i] > 0]
+        al = [i for i in cand if ptrs[i] % 16 == 0]
+        bi = al[0] if al else (cand[0] if cand else 0)
+        bases.append(lst[bi])
+        b = ptrs[bi]
+        row = []
+        for i, q in enumerate(ptrs):
+            if numels[i] == 0:
+                row.append(0)
+                continue
+            d = q - b
+            if d % esize:
+                raise RuntimeError(
+                    f"tensor {i} of a triton call is not aligned to its element size "
+                    f"({esize} bytes); use backend='foreach' for such tensors"
+                )
+            e = d // esize
+            row.append(e)
+            if e % vec:
+                aligned[i] = False
+        offs.append(row)
+    nt = torch.tensor(numels, dtype=torch.int64)
+    nch = (nt + chunk - 1) // chunk
+    nc = int(nch.sum())
+    tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), nch)
+    first = torch.cumsum(nch, 0) - nch
+    cid = torch.arange(nc, dtype=torch.int64) - torch.repeat_interleave(first, nch)
+    al_t = torch.tensor(aligned, dtype=torch.bool)
+    full = (al_t[tid] & ((cid + 1) * chunk <= nt[tid])).to(torch.int64)
+    host = torch.cat([tid, cid, full, torch.tensor(offs, dtype=torch.int64).reshape(-1), nt])
+    if device.type == "cuda":
+        host = host.pin_memory()
+        table = torch.empty(host.shape, dtype=torch.int64, device=device)
+        table.copy_(host, non_blocking=True)  # no blocking host-to-device copy
+    else:
+        table = host
+    return table, nc, bases
+
+
+def _table(kind: str, lists: list[list[Tensor]], device: torch.device):
+    """Cached (table, nc, bases) for ``lists``, or None when the fused path cannot take them."""
+    first = lists[0]
+    dtypes = tuple(lst[0].dtype for lst in lists)
+    ptrs = tuple(tuple(t.data_ptr() for t in lst) for lst in lists)
+    numels = tuple(t.numel() for t in first)
+    key = (kind, device, dtypes, ptrs, numels, _CONFIG["block"], _CONFIG["tiles"])
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    for j, lst in enumerate(lists):
+        for i, t in enumerate(lst):
+            if t.dtype != dtypes[j] or t.device != device or t.numel() != numels[i]:
+                raise ValueError(
+                    f"triton backend: tensor {i} of operand {j} has dtype {t.dtype}, device "
+                    f"{t.device} and {t.numel()} elements; expected {dtypes[j]}, {device} and "
+                    f"{numels[i]} (all lists of one call share device and dtypes)"
+                )
+            if not t.is_contiguous():
+                return None
+    hit = _build_table(lists, numels, device)
+    _tables[key] = hit
+    if len(_tables) > _CACHE_SIZE:
+        _tables.popitem(last=False)
+    return hit
+
+
+def _usable(state_dtype: torch.dtype, other: tuple[torch.dtype, ...]) -> str | None:
+    if state_dtype == torch.float64 or any(d == torch.float64 for d in other):
+        return "float64 tensors"
+    if state_dtype not in _SUPPORTED or any(d not in _SUPPORTED for d in other):
+        return f"dtypes {(state_dtype, *other)}"
+    return None
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximize: bool) -> Tensor:
+    """``m <- lerp(m, g, 1 - beta1)`` in place; int64 counts of ``m_new * g > 0`` per tensor."""
+    if not exp_avgs:
+        return torch.zeros(0, dtype=torch.int64)
+    device = exp_avgs[0].device
+    _check_device(device)
+    why = _usable(exp_avgs[0].dtype, (grads[0].dtype,))
+    if why is not None:
+        _warn_once(why, f"triton backend: {why} are stepped by the foreach backend (same math)")
+        return _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+    if any(g.is_sparse for g in grads):
+        raise RuntimeError("triton backend: sparse gradients are not supported")
+    hit = _table("count", [grads, exp_avgs], device)
+    if hit is None:
+        _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
+        return _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+    if any(not g.is_contiguous() for g in grads):  # a new grad at an old address
+        _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
+        return _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+    table, nc, (gb, mb) = hit
+    n = len(exp_avgs)
+    counts = torch.zeros(n, dtype=torch.int64, device=device)
+    if nc == 0:
+        return counts
+    w = 1.0 - beta1
+    _count_kernel[(nc,)](
+        gb,
+        mb,
+        table,
+        counts,
+        nc,
+        n,
+        w,
+        MAXIMIZE=bool(maximize),
+        LERP_HI=not (w < 0.5),
+        VG=_VEC[gb.dtype],
+        VM=_VEC[mb.dtype],
+        BLOCK=_CONFIG["block"],
+        TILES=_CONFIG["tiles"],
+        SOFT_BF16=INTERPRETED,
+        num_warps=_CONFIG["num_warps"],
+    )
+    return counts
+
+
+def update_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    alphas: Tensor,
+    h: UpdateHyper,
+) -> None:
+    """Second moment, decoupled weight decay and the masked, rescaled step, in place."""
+    if not params:
+        return
+    device = params[0].device
+    _check_device(device)
+    why = _usable(exp_avgs[0].dtype, (params[0].dtype, grads[0].dtype, exp_avg_sqs[0].dtype))
+    if why is not None:
+        _warn_once(why, f"triton backend: {why} are stepped by the foreach backend (same math)")
+        return _foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
+    hit = _table("update", [params, grads, exp_avgs, exp_avg_sqs], device)
+    if hit is None or any(not g.is_contiguous() for g in grads):
+        _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
+        return _foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
+    table, nc, (pb, gb, mb, vb) = hit
+    if nc == 0:
+        return
+    n = len(params)
+    if alphas.dtype != torch.float32 or alphas.device != device or not alphas.is_contiguous():
+        alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
+    if alphas.numel() != n:
+        raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
+    _update_kernel[(nc,)](
+        pb,
+        gb,
+        mb,
+        vb,
+        table,
+        alphas,
+        nc,
+        n,
+        h.beta2,
+        1.0 - h.beta2,
+        1.0 - h.lr * h.weight_decay,
+        -h.step_size,
+        h.bias_correction2_sqrt,
+        h.eps,
+        MAXIMIZE=bool(h.maximize),
+        DECAY=h.weight_decay != 0,
+        VP=_VEC[pb.dtype],
+        VG=_VEC[gb.dtype],
+        VM=_VEC[mb.dtype],
+        VV=_VEC[vb.dtype],
+        BLOCK=_CONFIG["block"],
+        TILES=_CONFIG["tiles"],
+        SOFT_BF16=INTERPRETED,
+        num_warps=_CONFIG["num_warps"],
+    )
+
+
+INTERPRETED = _interpreted()
