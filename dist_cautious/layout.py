@@ -30,18 +30,39 @@ try:  # torch >= 2.5 public path
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - torch 2.4
     from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+try:  # FSDP2 on top of TP shards the TP-sharded dim again: a "strided" shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover - older torch
+    _StridedShard = Shard  # type: ignore[misc,assignment]
 
 
-@dataclass(frozen=True)
+def group_key(group: dist.ProcessGroup) -> object:
+    """A key naming a process group the same way on every call (its registered name)."""
+    name = getattr(group, "group_name", None)
+    return name if name else id(group)
+
+
+@dataclass(frozen=True, eq=False)
 class Reduction:
     """Process groups over which a count is summed (the mesh dims that shard a tensor).
 
     Several groups mean a tensor sharded over several mesh dims (FSDP + TP): summing over
-    each in turn sums over their product. Replicated dims (HSDP's replicate dim, DDP) are
-    never listed: their ranks hold copies, and counting them would count elements twice.
+    each in turn sums over their product (see :mod:`.reduce` for the order). Replicated dims
+    (HSDP's replicate dim, DDP) are never listed: their ranks hold copies, and counting them
+    would count elements twice. Two reductions are equal when they name the same groups
+    (by registered group name), so tensors on equal meshes share one count vector.
     """
 
     groups: tuple[dist.ProcessGroup, ...]
+
+    def key(self) -> tuple[object, ...]:
+        return tuple(group_key(g) for g in self.groups)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reduction) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
 
     def describe(self) -> str:
         sizes = [dist.get_world_size(g) for g in self.groups]
@@ -91,19 +112,43 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def shard_reduction(t: DTensor) -> Reduction | None:
-    """The mesh dims whose placement shards ``t`` (Shard and strided Shard), as groups."""
+def _shard_dims(t: DTensor) -> list[int]:
+    """Mesh dims (of size > 1) whose placement splits ``t``; checks every placement.
+
+    ``Shard`` and ``_StridedShard`` split the tensor (``_StridedShard`` is what FSDP2 puts on
+    a dim that TP already shards; in torch >= 2.9 it is *not* a ``Shard`` subclass, so it is
+    named here explicitly). ``Replicate`` dims hold copies. A mesh dim of size 1 splits
+    nothing, so it needs no reduction. Anything else is refused rather than guessed.
+    """
     mesh = t.device_mesh
-    dims = [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard)]
+    dims = []
     for i, pl in enumerate(t.placements):
-        if pl.is_partial():
+        if isinstance(pl, (Shard, _StridedShard)):
+            if mesh.size(i) > 1:
+                dims.append(i)
+        elif pl.is_replicate():
+            continue
+        elif pl.is_partial():
             raise ValueError(
-                f"parameter DTensor has a Partial placement on mesh dim {i} ({t.placements}); "
+                f"DTensor with a Partial placement on mesh dim {i} ({t.placements}); "
                 "CAdamW needs parameters and gradients with Shard/Replicate placements "
                 "(reduce the gradient first, e.g. with FSDP2 or DDP)"
             )
+        else:
+            raise ValueError(
+                f"unsupported DTensor placement {pl!r} on mesh dim {i} ({t.placements}); "
+                "CAdamW knows Shard, _StridedShard and Replicate. Redistribute the parameter "
+                "to those placements or keep it in another optimizer."
+            )
+    return dims
+
+
+def shard_reduction(t: DTensor) -> Reduction | None:
+    """The process groups of the mesh dims that split ``t`` (in mesh-dim order), or None."""
+    dims = _shard_dims(t)
     if not dims:
         return None
+    mesh = t.device_mesh
     return Reduction(tuple(mesh.get_group(i) for i in dims))
 
 
@@ -131,6 +176,8 @@ class TensorLayout:
                     f"gradient placements {grad.placements} differ from the parameter's "
                     f"{param.placements}; redistribute the gradient to the parameter's layout"
                 )
+            if token is None:  # scale="shard" reserves nothing: still refuse bad placements
+                _shard_dims(param)
             red, slot = token if token is not None else (None, -1)  # type: ignore[misc]
             return [
                 Piece(

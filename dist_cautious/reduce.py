@@ -1,17 +1,45 @@
-"""Summing mask counts over shards: one batched all-reduce per reduction group per step.
+"""Summing mask counts over shards: one batched all-reduce per process group per step.
 
 Every rank builds, for each :class:`~dist_cautious.layout.Reduction` in the step's
 :class:`~dist_cautious.layout.SlotTable`, one int64 vector ``[counts | elements]`` of
 ``2 * slots`` entries: ``counts[s]`` is the number of kept elements of original tensor
 ``s`` in this rank's pieces, ``elements[s]`` the number of its elements this rank stepped
 (used only for the kept-fraction statistic). Pieces add into their slot; slots this rank
-has no piece for stay 0.
+has no piece for (no gradient here, empty local shard) stay 0. The factor's ``N`` is the
+original tensor's numel, known on every rank from the DTensor's global shape, so it is not
+communicated.
 
-Why this cannot hang: the table is built by walking *every* parameter of every group in
-order on every rank (:meth:`CAdamW._plan`), independent of which gradients exist or
-how large the local shards are, so all ranks issue the same all-reduces, on the same
-groups, in the same order, with vectors of the same length. Nothing here depends on
-data, and nothing is skipped when a rank has nothing to add.
+Schedule (:func:`plan_schedule`): the vectors of all reductions that contain a given process
+group are concatenated and summed with **one** all-reduce on that group. A tensor sharded
+over several mesh dims (FSDP + TP: ``Reduction((dp, tp))``) is summed over each of its groups
+in turn, which sums over their product; the groups are visited in one fixed order (first
+appearance in the table), and a group's all-reduce goes in the earliest *round* after the
+rounds of the groups that precede it in some reduction. Every all-reduce of a round is
+started (``async_op=True``) before any is waited on. So a step issues exactly one
+all-reduce per distinct shard group (FSDP2: 1; HSDP: 1, on the shard dim; FSDP + TP: 2, in
+two rounds), and none for whole tensors (plain, DDP, replicated DTensors) or with
+``scale="shard"``.
+
+Why in turn rather than over a flattened dp x tp group: flattening needs a new process
+group, and creating one is itself a collective over the whole world that every rank must
+enter in the same order; doing that lazily inside ``step()`` would hang a job where only
+some ranks hold such tensors (pipeline stages), and doing it eagerly would need a mesh the
+optimizer is not given. The extra round costs one latency of a tiny message.
+
+Why this cannot hang: the table, the schedule and every vector length come from
+*metadata* only: the order of ``param_groups``, each DTensor's mesh, placements and global
+shape. :meth:`CAdamW.step` reserves the slots of **every** parameter on every rank, before
+looking at gradients, and nothing here depends on a gradient's presence, on the size (or
+emptiness) of a local shard or on data. Every rank of a group therefore issues the same
+all-reduces on that group, in the same order, with vectors of the same length. This holds as
+long as all ranks call ``step()`` together with the same parameters in the same order and
+the same ``scale`` (the SPMD contract FSDP2 already imposes). An exception raised on one
+rank only before the all-reduce (say a sparse or wrongly placed gradient) leaves the others
+waiting in it until the process group's timeout, as with any collective.
+
+No host synchronisation on CUDA: counts stay on the device, index tensors are cached on
+the device (:func:`device_index`), NCCL's ``work.wait()`` only orders streams, and nothing
+calls ``.item()``. (A gloo group given CUDA counts copies them to the host, which syncs.)
 
 Counts are exact integers, so the sum does not depend on the reduction order and the
 factor computed from it is bitwise identical on every rank.
@@ -25,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import Piece, Reduction, SlotTable
+from .layout import Piece, Reduction, SlotTable, group_key
 
 _INDEX_CACHE: dict[tuple, Tensor] = {}
 
@@ -44,7 +72,10 @@ def device_index(values: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def _all_reduce(vec: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, object]:
-    """Start a SUM all-reduce of ``vec`` on ``group``, on a device that group's backend takes."""
+    """Start a SUM all-reduce of ``vec`` on ``group``, on a device that group's backend takes.
+
+    ``dist.all_reduce`` is looked up on the module at call time (tests count calls by
+    patching it)."""
     backend = str(dist.get_backend(group))
     on_cuda = vec.device.type == "cuda"
     if on_cuda and "nccl" not in backend and "gloo" in backend:
@@ -55,6 +86,46 @@ def _all_reduce(vec: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, object]:
         buf = vec
     work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return buf, work
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One all-reduce of a step: the concatenated vectors of ``reductions`` over ``group``."""
+
+    round: int
+    group: dist.ProcessGroup
+    reductions: tuple[Reduction, ...]
+
+
+def plan_schedule(reductions: list[Reduction]) -> list[Collective]:
+    """The step's all-reduces: one per distinct process group, in rounds (see module doc).
+
+    Depends only on the reductions (metadata), listed in table order, so every rank computes
+    the same schedule for the groups it shares with others.
+    """
+    order: dict[object, int] = {}  # group key -> position in the one fixed order
+    groups: dict[object, dist.ProcessGroup] = {}
+    for red in reductions:
+        for g in red.groups:
+            k = group_key(g)
+            if k not in order:
+                order[k] = len(order)
+                groups[k] = g
+    preds: dict[object, set[object]] = {k: set() for k in order}
+    members: dict[object, list[Reduction]] = {k: [] for k in order}
+    for red in reductions:
+        ks = sorted({group_key(g) for g in red.groups}, key=order.__getitem__)
+        for a, b in zip(ks, ks[1:]):
+            preds[b].add(a)
+        for k in ks:
+            members[k].append(red)
+    rnd: dict[object, int] = {}
+    for k in order:  # the fixed order is a topological order of `preds`
+        rnd[k] = max((rnd[p] + 1 for p in preds[k]), default=0)
+    return sorted(
+        (Collective(rnd[k], groups[k], tuple(members[k])) for k in order),
+        key=lambda c: (c.round, order[group_key(c.group)]),
+    )
 
 
 @dataclass
@@ -76,8 +147,8 @@ def reduce_counts(
     """Turn local per-piece counts into the counts each piece's factor is computed from.
 
     ``scale="global"``: sum over the ranks that hold pieces of the same original tensor
-    (one all-reduce per reduction group). ``scale="shard"``: no communication, local
-    counts over local numels.
+    (one all-reduce per shard process group, see :func:`plan_schedule`). ``scale="shard"``:
+    no communication, local counts over local numels.
     """
     device = local_counts.device
     local_numels = device_index(tuple(p.param.numel() for p in pieces), device)
@@ -100,28 +171,51 @@ def reduce_counts(
         kept.index_add_(0, groups_t[w], local_counts[w])
         elems.index_add_(0, groups_t[w], local_numels[w])
 
-    # One vector per reduction, all collectives started before any is waited on.
-    pending = []
+    # One local vector per reduction; every slot is present whether or not a piece fills it.
+    by_red: dict[Reduction, list[int]] = {}
+    for i, p in enumerate(pieces):
+        if p.reduction is not None:
+            by_red.setdefault(p.reduction, []).append(i)
+    vecs: dict[Reduction, Tensor] = {}
+    where: dict[Reduction, tuple[Tensor, Tensor] | None] = {}
     for red, size in table.sizes.items():
-        idx = tuple(i for i, p in enumerate(pieces) if p.reduction == red)
+        idx = tuple(by_red.get(red, ()))
         vec = torch.zeros(2 * size, dtype=torch.int64, device=device)
         if idx:
             ii = device_index(idx, device)
             slots = device_index(tuple(pieces[i].slot for i in idx), device)
             vec.index_add_(0, slots, local_counts[ii])
             vec.index_add_(0, slots + size, local_numels[ii])
+            where[red] = (ii, slots)
         else:
-            ii = slots = None
-        bufs = []
-        for g in red.groups:  # several groups: sum over each in turn (FSDP + TP)
-            buf, work = _all_reduce(vec, g)
-            work.wait()  # type: ignore[attr-defined]
-            vec = buf.to(device) if buf.device != device else buf
-            bufs.append(buf)
-        pending.append((red, size, vec, ii, slots))
+            where[red] = None
+        vecs[red] = vec
 
-    for red, size, vec, ii, slots in pending:
-        if ii is not None:
+    # One all-reduce per process group; a round's all-reduces all start before any wait.
+    schedule = plan_schedule(list(table.sizes))
+    for r in range(schedule[-1].round + 1 if schedule else 0):
+        started = []
+        for c in schedule:
+            if c.round != r:
+                continue
+            parts = [vecs[red] for red in c.reductions]
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            buf, work = _all_reduce(flat, c.group)
+            started.append((c, buf, work))
+        for c, buf, work in started:
+            work.wait()  # type: ignore[attr-defined]
+            summed = buf.to(device, non_blocking=True) if buf.device != device else buf
+            off = 0
+            for red in c.reductions:
+                n = 2 * table.sizes[red]
+                vecs[red] = summed[off : off + n]
+                off += n
+
+    for red, size in table.sizes.items():
+        vec = vecs[red]
+        w = where[red]
+        if w is not None:
+            ii, slots = w
             counts[ii] = vec[slots]
         gi = device_index(tuple(table.group_index[red]), device)
         kept.index_add_(0, gi, vec[:size])

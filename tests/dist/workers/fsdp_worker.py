@@ -1,0 +1,462 @@
+"""FSDP2 / HSDP / FSDP+TP / DDP scenarios for CAdamW, run under torchrun (gloo, CPU).
+
+Usage: torchrun --nproc-per-node=N fsdp_worker.py OUT.json CKPT_DIR SCENARIO [SCENARIO ...]
+
+Each scenario returns a dict of numbers (relative errors against the references in
+fsdp_common, collective counts); rank 0 writes {scenario: numbers} to OUT.json and
+tests/dist/test_fsdp2.py asserts on them. Several scenarios share one launch because a
+torchrun launch costs seconds on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from fsdp_common import (
+    HYPER,
+    CollectiveCounter,
+    FullReference,
+    Net,
+    compare,
+    full,
+    gather_all,
+    gather_max,
+    local,
+    net_batch,
+    seeded_grads,
+    setup,
+    shard_like,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from dist_cautious import CAdamW
+from dist_cautious.baselines import AllGatherCAdamW
+from dist_cautious.layout import shard_reduction
+from tests.oracle import Float64CAdamW, rel_err
+
+STEPS = 10
+
+
+def shard_net(net: nn.Module, mesh) -> nn.Module:
+    fully_shard(net.fc1, mesh=mesh)
+    fully_shard(net.fc2, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def fresh_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    net = Net()
+    return net, [p.detach().clone() for p in net.parameters()]
+
+
+def counts_summary(counter: CollectiveCounter, steps: int) -> dict:
+    calls = counter.all_reduce_calls
+    return {
+        "all_reduce_total": len(calls),
+        "all_reduce_per_step": len(calls) / steps,
+        "all_reduce_groups": sorted({c[0] for c in calls}),
+        "all_reduce_group_sizes": sorted({c[1] for c in calls}),
+        "all_reduce_numels": sorted({c[2] for c in calls}),
+        "other_collectives": counter.other_ops(),
+        "same_sequence_per_group": same_sequence_per_group(calls),
+    }
+
+
+def same_sequence_per_group(calls: list[tuple[str, int, int]]) -> bool:
+    """Every member of every group issued the same sequence of (size, numel) on it."""
+    by_group: dict[str, dict[int, list]] = {}
+    for r, seq in enumerate(gather_all(calls)):
+        for g, size, numel in seq:
+            by_group.setdefault(g, {}).setdefault(r, []).append((size, numel))
+    for ranks in by_group.values():
+        seqs = list(ranks.values())
+        if len(ranks) != seqs[0][0][0] or any(s != seqs[0] for s in seqs):
+            return False
+    return True
+
+
+def run_backward(mesh, data_rank: int, net, init, steps: int = STEPS) -> dict:
+    """Real forward/backward through an FSDP2 (or HSDP / TP) model, scale='global'."""
+    params = list(net.parameters())
+    opt = CAdamW(params, **HYPER)
+    ref = FullReference(init, **HYPER)
+    counter = CollectiveCounter()
+    for s in range(steps):
+        x, y = net_batch(data_rank, s)
+        loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        gfull = [full(p.grad) for p in params]  # all-gathers, outside the counted step
+        with counter.count():
+            opt.step()
+        opt.zero_grad()
+        ref.step(gfull)
+    out = compare(params, ref, init, opt)
+    out = {k: gather_max(v) for k, v in out.items()}
+    out.update(counts_summary(counter, steps))
+    out["state_is_dtensor"] = all(
+        isinstance(opt.state[p]["exp_avg"], DTensor)
+        and opt.state[p]["exp_avg"].placements == p.placements
+        for p in params
+        if isinstance(p, DTensor)
+    )
+    out["placements"] = sorted({str(p.placements) for p in params if isinstance(p, DTensor)})
+    out["kept_fraction"] = opt.kept_fraction
+    return out
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def sc_backward(rank: int, world: int, ckpt: str) -> dict:
+    """FSDP2 1-D, real backward, different data per rank."""
+    mesh = init_device_mesh("cpu", (world,))
+    net, init = fresh_net()
+    shard_net(net, mesh)
+    out = run_backward(mesh, rank, net, init)
+    out["local_shapes"] = gather_all([tuple(local(p).shape) for p in net.parameters()])
+    return out
+
+
+def split_signal_grads(shapes, step: int) -> list[torch.Tensor]:
+    """Seeded global grads; fc2.weight (8, 64) gets a consistent-sign top half (kept fraction
+    ~1) and a noisy bottom half, so per-shard kept fractions differ a lot from the global one."""
+    gs = seeded_grads(shapes, step)
+    gs[3][:4] = gs[3][:4].abs() + 0.5
+    return gs
+
+
+def sc_handset(rank: int, world: int, ckpt: str) -> dict:
+    """Hand-set global grads, three optimizers side by side: global, shard, all-gather."""
+    mesh = init_device_mesh("cpu", (world,))
+    base, init = fresh_net()
+    shapes = [p.shape for p in init]
+    nets = {m: shard_net(copy.deepcopy(base), mesh) for m in ("global", "shard", "allgather")}
+    params = {m: list(n.parameters()) for m, n in nets.items()}
+    opts = {
+        "global": CAdamW(params["global"], scale="global", **HYPER),
+        "shard": CAdamW(params["shard"], scale="shard", **HYPER),
+        "allgather": AllGatherCAdamW(params["allgather"], **HYPER),
+    }
+    ref = FullReference(init, **HYPER)
+    # per-piece oracle for scale="shard": this rank's non-empty local shards as whole tensors
+    live = [i for i, p in enumerate(params["shard"]) if local(p).numel() > 0]
+    piece_oracle = Float64CAdamW([local(params["shard"][i]).detach() for i in live], **HYPER)
+    counters = {m: CollectiveCounter() for m in opts}
+    for s in range(STEPS):
+        gs = split_signal_grads(shapes, s)
+        for m, opt in opts.items():
+            for p, g in zip(params[m], gs):
+                p.grad = shard_like(g, p)
+            with counters[m].count():
+                opt.step()
+        ref.step(gs)
+        piece_oracle.step([local(params["shard"][i].grad) for i in live])
+    out: dict = {}
+    for m in ("global", "allgather"):
+        r = compare(params[m], ref, init, opts[m], with_cadamw=(m == "global"))
+        out[m] = {k: gather_max(v) for k, v in r.items()}
+        out[m].update(counts_summary(counters[m], STEPS))
+    errs = [rel_err(local(params["shard"][i]), piece_oracle.p[j]) for j, i in enumerate(live)]
+    out["shard"] = {"piece_oracle_param": gather_max(max(errs, default=0.0))}
+    out["shard"]["piece_oracle_delta"] = gather_max(
+        max(
+            (
+                rel_err(
+                    local(params["shard"][i]).double() - local_init, piece_oracle.p[j] - local_init
+                )
+                for j, i in enumerate(live)
+                for local_init in [shard_like(init[i], params["shard"][i]).to_local().double()]
+            ),
+            default=0.0,
+        )
+    )
+    out["shard"].update(counts_summary(counters["shard"], STEPS))
+    # shard vs global on the split tensor fc2.weight: the difference must be real
+    i = 3
+    dg = full(params["global"][i]) - init[i]
+    ds = full(params["shard"][i]) - init[i]
+    out["shard_vs_global_delta_rel"] = rel_err(ds, dg)
+    out["local_numels_fc2_weight"] = gather_all(local(params["global"][i]).numel())
+    return out
+
+
+def sc_frozen(rank: int, world: int, ckpt: str) -> dict:
+    """Rank 1 has no gradient for fc1.weight (every step); w164's shard is empty on ranks >= 1."""
+    mesh = init_device_mesh("cpu", (world,))
+    net, init = fresh_net()
+    shard_net(net, mesh)
+    params = list(net.parameters())
+    shapes = [p.shape for p in init]
+    fi = 2  # fc1.weight (64, 5)
+    idx = shard_like(torch.arange(init[fi].numel()).reshape(shapes[fi]), params[fi]).to_local()
+    idx_by_rank = gather_all(idx.flatten().tolist())
+    frozen_mask = torch.zeros(init[fi].numel(), dtype=torch.bool)
+    frozen_mask[idx_by_rank[1]] = True
+    frozen = [None] * len(params)
+    frozen[fi] = frozen_mask.reshape(shapes[fi])
+    opt = CAdamW(params, **HYPER)
+    ref = FullReference(init, **HYPER)
+    counter = CollectiveCounter()
+    for s in range(STEPS):
+        gs = seeded_grads(shapes, s, seed=99)
+        for i, (p, g) in enumerate(zip(params, gs)):
+            p.grad = None if (i == fi and rank == 1) else shard_like(g, p)
+        with counter.count():
+            opt.step()
+        ref.step(gs, frozen=frozen)
+    out = {k: gather_max(v) for k, v in compare(params, ref, init, with_cadamw=False).items()}
+    out.update(counts_summary(counter, STEPS))
+    out["rank1_has_state_for_frozen"] = gather_all(params[fi] in opt.state)[1]
+    # rank 1's frozen rows must be exactly the initial values (no weight decay, no update)
+    p_full = full(params[fi]).flatten()
+    out["frozen_rows_unchanged"] = bool(
+        torch.equal(p_full[idx_by_rank[1]], init[fi].flatten()[idx_by_rank[1]])
+    )
+    return out
+
+
+def sc_ddp(rank: int, world: int, ckpt: str) -> dict:
+    """DDP: plain tensors, already whole: no collective in the optimizer step."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net, init = fresh_net()
+    model = DDP(net)
+    params = list(net.parameters())
+    opt = CAdamW(params, **HYPER)
+    ref = FullReference(init, **HYPER)
+    counter = CollectiveCounter()
+    for s in range(STEPS):
+        x, y = net_batch(rank, s)
+        ((model(x) - y) ** 2).mean().backward()
+        with counter.count():
+            opt.step()
+        ref.step([p.grad for p in params])
+        opt.zero_grad()
+    out = {k: gather_max(v) for k, v in compare(params, ref, init, opt).items()}
+    out.update(counts_summary(counter, STEPS))
+    return out
+
+
+DCP_STEPS = 5  # steps before the checkpoint (world A) and after it (world B)
+
+
+def _dcp_setup(world: int):
+    mesh = init_device_mesh("cpu", (world,))
+    net, init = fresh_net()
+    shard_net(net, mesh)
+    params = list(net.parameters())
+    return net, init, params, CAdamW(params, **HYPER)
+
+
+def _dcp_steps(params, opt, shapes, steps, ref=None):
+    for s in steps:
+        gs = seeded_grads(shapes, s, seed=4242)
+        if params is not None:
+            for p, g in zip(params, gs):
+                p.grad = shard_like(g, p)
+            opt.step()
+            opt.zero_grad()
+        if ref is not None:
+            ref.step(gs)
+
+
+def sc_dcp_save(rank: int, world: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    net, init, params, opt = _dcp_setup(world)
+    _dcp_steps(params, opt, [p.shape for p in init], range(DCP_STEPS))
+    msd, osd = get_state_dict(net, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    return {"saved_world": world}
+
+
+def sc_dcp_load(rank: int, world: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    net, init, params, opt = _dcp_setup(world)
+    shapes = [p.shape for p in init]
+    msd, osd = get_state_dict(net, opt)  # initialises the optimizer state (a zero-lr step)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    out: dict = {
+        "loaded_steps": sorted({float(opt.state[p]["step"]) for p in params}),
+        "state_is_dtensor": all(
+            isinstance(opt.state[p]["exp_avg"], DTensor)
+            and opt.state[p]["exp_avg"].placements == p.placements
+            and opt.state[p]["exp_avg"].device_mesh.size() == world
+            for p in params
+        ),
+    }
+    ref = FullReference(init, **HYPER)
+    _dcp_steps(None, None, shapes, range(DCP_STEPS), ref=ref)  # replay the saved run
+    r = compare(params, ref, init, opt)
+    out["at_load"] = {k: gather_max(v) for k, v in r.items()}
+    _dcp_steps(params, opt, shapes, range(DCP_STEPS, 2 * DCP_STEPS), ref=ref)
+    r = compare(params, ref, init, opt)
+    out["after"] = {k: gather_max(v) for k, v in r.items()}
+    return out
+
+
+def sc_hsdp(rank: int, world: int, ckpt: str) -> dict:
+    """HSDP on a 2x2 mesh: (Replicate, Shard(0)); only the shard dim is summed."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    net, init = fresh_net()
+    shard_net(net, mesh)
+    out = run_backward(mesh, rank, net, init)
+    red = shard_reduction(next(net.parameters()))
+    out["reduction_is_shard_group"] = red is not None and [g.group_name for g in red.groups] == [
+        mesh.get_group("shard").group_name
+    ]
+    out["shard_group"] = mesh.get_group("shard").group_name
+    return out
+
+
+class TPNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(3, 12)
+        self.w2 = nn.Linear(12, 8, bias=False)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.w2(torch.relu(self.w1(x))))
+
+
+def sc_tp(rank: int, world: int, ckpt: str) -> dict:
+    """FSDP + TP on a 2x2 (dp, tp) mesh: w1 colwise, w2 rowwise, norm FSDP only."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    net = TPNet()
+    init = [p.detach().clone() for p in net.parameters()]
+    parallelize_module(net, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+    fully_shard(net, mesh=mesh["dp"])
+    dp_rank = mesh.get_local_rank("dp")  # TP ranks of one dp group see the same batch
+    out = run_backward(mesh, dp_rank, net, init)
+    out["expected_groups"] = sorted(
+        {mesh.get_group("dp").group_name, mesh.get_group("tp").group_name}
+    )
+    return out
+
+
+def sc_mixed(rank: int, world: int, ckpt: str) -> dict:
+    """Plain tensors and DTensors on two meshes (one 1-D, one 2x2) in one optimizer."""
+    m1 = init_device_mesh("cpu", (world,))
+    m2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("a", "b"))
+    torch.manual_seed(1)
+    spec = [  # (shape, mesh, placements); None: plain tensor
+        ((6, 7), None, None),
+        ((10, 3), m1, [Shard(0)]),
+        ((6, 4), m2, [Replicate(), Shard(0)]),
+        ((8, 6), m2, [Shard(0), Shard(1)]),
+        ((5,), m2, [Shard(0), Replicate()]),
+        ((4, 4), m2, [Replicate(), Replicate()]),
+        ((7, 2), m1, [Shard(1)]),  # 2 columns on 4 ranks: ranks 2, 3 empty
+    ]
+    init = [torch.randn(s) for s, _, _ in spec]
+    params = [
+        nn.Parameter(
+            t.clone()
+            if mesh is None
+            else distribute_tensor(t.clone(), mesh, pl, src_data_rank=None)
+        )
+        for t, (_, mesh, pl) in zip(init, spec)
+    ]
+    opts = {"global": CAdamW(params, **HYPER)}
+    params_s = [nn.Parameter(p.detach().clone()) for p in params]
+    opts["shard"] = CAdamW(params_s, scale="shard", **HYPER)
+    ref = FullReference(init, **HYPER)
+    counters = {m: CollectiveCounter() for m in opts}
+    for s in range(STEPS):
+        gs = seeded_grads([t.shape for t in init], s, seed=7)
+        for ps, m in ((params, "global"), (params_s, "shard")):
+            for p, g in zip(ps, gs):
+                p.grad = shard_like(g, p)
+            with counters[m].count():
+                opts[m].step()
+        ref.step(gs)
+    out = {k: gather_max(v) for k, v in compare(params, ref, init, opts["global"]).items()}
+    out.update(counts_summary(counters["global"], STEPS))
+    out["expected_groups"] = sorted(
+        {m1.get_group(0).group_name, m2.get_group("a").group_name, m2.get_group("b").group_name}
+    )
+    out["shard"] = counts_summary(counters["shard"], STEPS)
+    return out
+
+
+def sc_errors(rank: int, world: int, ckpt: str) -> dict:
+    """Unsupported layouts raise on every rank before any collective (so nothing hangs)."""
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+
+    def attempt(name, make):
+        try:
+            p, g = make()
+            p.grad = g
+            CAdamW([p], **HYPER).step()
+            out[name] = "no error"
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+
+    def partial():
+        t = DTensor.from_local(torch.ones(4), mesh, [Partial()])
+        return nn.Parameter(t), DTensor.from_local(torch.ones(4), mesh, [Partial()])
+
+    def misplaced_grad():
+        p = nn.Parameter(distribute_tensor(torch.ones(8, 2), mesh, [Shard(0)], src_data_rank=None))
+        g = distribute_tensor(torch.ones(8, 2), mesh, [Replicate()], src_data_rank=None)
+        return p, g
+
+    attempt("partial", partial)
+    attempt("misplaced_grad", misplaced_grad)
+    dist.barrier()
+    return out
+
+
+SCENARIOS = {
+    "backward": sc_backward,
+    "handset": sc_handset,
+    "frozen": sc_frozen,
+    "ddp": sc_ddp,
+    "dcp_save": sc_dcp_save,
+    "dcp_load": sc_dcp_load,
+    "hsdp": sc_hsdp,
+    "tp": sc_tp,
+    "mixed": sc_mixed,
+    "errors": sc_errors,
+}
+
+
+def main() -> None:
+    out_path, ckpt, *names = sys.argv[1:]
+    rank, world = setup()
+    results = {}
+    import time
+
+    from fsdp_common import finish
+
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = SCENARIOS[name](rank, world, ckpt)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        dist.barrier()
+    finish(results, out_path)
+
+
+if __name__ == "__main__":
+    main()
