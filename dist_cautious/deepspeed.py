@@ -1,0 +1,603 @@
+"""DeepSpeed adapter: exact per-tensor cautious factors inside ZeRO's flat partitions.
+
+DeepSpeed hands a client optimizer tensors it was never given: ZeRO 1/2 and the BF16
+optimizer flatten each param group into one buffer and give every data-parallel rank an
+fp32 *partition* of it (slices of several original tensors, with cuts inside tensors);
+ZeRO 3 gives each rank one flat fp32 buffer per sub-group, the concatenation of its shard
+of every parameter in that sub-group; the fp16/bf16 "unfused" wrapper used without ZeRO
+gives fp32 copies of whole tensors. A per-tensor factor computed on those buffers would be
+per-partition. :func:`attach` reads DeepSpeed's own partition metadata and registers, for
+every such buffer, a :class:`ZeroFlatLayout` that cuts it back into per-tensor fragments:
+each fragment is stepped in place, its mask counts go into one slot per original tensor,
+and the slots are summed over the partition's data-parallel group (the expert data-parallel
+group for MoE param groups) in one all-reduce per ``optimizer.step()`` call.
+
+Usage::
+
+    import deepspeed
+    from dist_cautious import CAdamW
+    from dist_cautious import deepspeed as dc_ds
+
+    opt = CAdamW(param_groups, lr=3e-4, weight_decay=0.1)
+    engine, opt_wrapper, _, _ = dc_ds.initialize(
+        model=model, optimizer=opt,
+        config=dc_ds.config({"train_micro_batch_size_per_gpu": 8,
+                             "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+
+or call :func:`attach` on the engine after a plain ``deepspeed.initialize``.
+
+Supported wrappers (DeepSpeed 0.16 .. 0.19): ``DeepSpeedZeroOptimizer`` (ZeRO 1 and 2, any
+dtype, round-robin gradients, parameter alignment), ``DeepSpeedZeroOptimizer_Stage3``
+(ZeRO 3, any ``sub_group_size``), ``BF16_Optimizer`` (ZeRO 1 + bf16 with fp32 gradient
+accumulation), ``FP16_UnfusedOptimizer`` (fp16/bf16 without ZeRO) and no wrapper (fp32
+without ZeRO: DeepSpeed steps the model's own tensors, like DDP). Not supported, with a
+clear error: optimizer offload (CPU/NVMe), ZenFlow, SuperOffload, NVMe parameter offload.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .layout import DEFAULT_LAYOUT, Piece, Reduction, SlotTable
+from .optim import CAdamW
+
+__all__ = [
+    "Fragment",
+    "ZeroFlatLayout",
+    "attach",
+    "check_config",
+    "config",
+    "initialize",
+    "layouts",
+]
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """The part of one original tensor that lies in this rank's flat partition.
+
+    ``index`` is the tensor's position in DeepSpeed's list for that flat group, ``numel``
+    its element count, ``lp_start`` where the fragment starts inside the flattened original
+    tensor, ``hp_start`` where it starts inside the flat fp32 partition, ``length`` how many
+    elements it has (0: the tensor has nothing on this rank, but it still owns a slot).
+    """
+
+    index: int
+    numel: int
+    lp_start: int
+    hp_start: int
+    length: int
+
+
+class ZeroFlatLayout:
+    """A flat fp32 partition as a list of per-tensor :class:`Fragment` s.
+
+    ``reserve`` takes one slot per original tensor of the flat group, on every rank (so the
+    count vectors of all ranks have the same length and meaning, and the all-reduce cannot
+    mix tensors up); ``pieces`` returns the fragments present on this rank as views of the
+    flat param / grad / exp_avg / exp_avg_sq. Alignment padding belongs to no fragment and is
+    never stepped. ``reduction`` is ``None`` when the partition group has one rank.
+    """
+
+    def __init__(
+        self,
+        fragments: Sequence[Fragment],
+        reduction: Reduction | None,
+        partition_numel: int,
+        where: str,
+        params: Sequence[Tensor] = (),
+    ) -> None:
+        self.fragments = tuple(fragments)
+        self.reduction = reduction
+        self.partition_numel = int(partition_numel)
+        self.where = where
+        self.params = tuple(params)  # the original (low-precision) tensors, for checks
+        end = 0
+        for f in sorted(self.fragments, key=lambda f: f.hp_start):
+            if f.length == 0:
+                continue
+            if f.hp_start < end or f.hp_start + f.length > self.partition_numel:
+                raise RuntimeError(
+                    f"{where}: DeepSpeed's partition metadata gives overlapping or out-of-range "
+                    f"fragments ({f}); this DeepSpeed version's layout is not understood by "
+                    "dist_cautious.deepspeed. Please report it with your DeepSpeed version."
+                )
+            if f.lp_start < 0 or f.lp_start + f.length > f.numel:
+                raise RuntimeError(f"{where}: fragment {f} lies outside its tensor")
+            end = f.hp_start + f.length
+
+    def __repr__(self) -> str:
+        red = "local" if self.reduction is None else self.reduction.describe()
+        return (
+            f"ZeroFlatLayout({self.where}, {len(self.fragments)} tensors, "
+            f"{self.partition_numel} elements, {red})"
+        )
+
+    def _check(self, t: Tensor, what: str) -> None:
+        if t.dim() != 1 or t.numel() != self.partition_numel:
+            raise RuntimeError(
+                f"{self.where}: the {what} has shape {tuple(t.shape)} but the registered flat "
+                f"partition has {self.partition_numel} elements; DeepSpeed re-partitioned the "
+                "optimizer after dist_cautious.deepspeed.attach(...) (call attach again)"
+            )
+
+    def reserve(self, param: Tensor, table: SlotTable) -> object:
+        self._check(param, "flat parameter")
+        if self.reduction is None:
+            return None
+        return tuple(table.reserve(self.reduction, f.numel) for f in self.fragments)
+
+    def pieces(
+        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
+    ) -> list[Piece]:
+        self._check(param, "flat parameter")
+        self._check(grad, "gradient")
+        out = []
+        for k, f in enumerate(self.fragments):
+            if f.length == 0:
+                continue
+            s, n = f.hp_start, f.length
+            out.append(
+                Piece(
+                    param.narrow(0, s, n),
+                    grad.narrow(0, s, n),
+                    exp_avg.narrow(0, s, n),
+                    exp_avg_sq.narrow(0, s, n),
+                    numel=f.numel,
+                    reduction=self.reduction,
+                    slot=token[k] if token is not None else -1,  # type: ignore[index]
+                )
+            )
+        return out
+
+
+def _reduction(group: Any) -> Reduction | None:
+    if group is None:
+        group = dist.group.WORLD
+    return Reduction((group,)) if dist.get_world_size(group) > 1 else None
+
+
+def _window(
+    numels: Sequence[int], offsets: Sequence[int], start: int, size: int
+) -> list[tuple[int, int, int]]:
+    """(lp_start, hp_start, length) of tensors at ``offsets`` in a flat buffer, inside the
+    window ``[start, start + size)`` of that buffer."""
+    out = []
+    for n, off in zip(numels, offsets):
+        lo, hi = max(off, start), min(off + n, start + size)
+        if hi > lo:
+            out.append((lo - off, lo - start, hi - lo))
+        else:
+            out.append((0, 0, 0))
+    return out
+
+
+def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
+    """ZeRO 1/2 (``DeepSpeedZeroOptimizer``): group ``i`` is flattened in
+    ``round_robin_bit16_groups[i]`` order (at ``round_robin_bit16_offsets[i]`` when
+    ``parameter_alignment`` pads between tensors), padded to a multiple of the dp size, and
+    rank ``r`` of ``real_dp_process_group[i]`` owns ``[r * P, (r + 1) * P)`` with
+    ``P = partition_size[i]``, as ``single_partition_of_fp32_groups[i]``."""
+    out = []
+    for i, group_params in enumerate(opt.bit16_groups):
+        flat = opt.single_partition_of_fp32_groups[i]
+        pg = opt.real_dp_process_group[i]
+        rank = dist.get_rank(pg)
+        psize = int(opt.partition_size[i])
+        order = opt.round_robin_bit16_groups[i]
+        metas = getattr(opt, "round_robin_bit16_meta", None)
+        numels = [int(m.numel()) for m in metas[i]] if metas else [int(p.numel()) for p in order]
+        offs_all = getattr(opt, "round_robin_bit16_offsets", None)
+        if offs_all:
+            offsets = [int(o) for o in offs_all[i]]
+        else:  # DeepSpeed < 0.18: no padding between tensors
+            offsets, o = [], 0
+            for n in numels:
+                offsets.append(o)
+                o += n
+        if flat.numel() != psize:
+            raise RuntimeError(
+                f"ZeRO-1/2 group {i}: fp32 partition has {flat.numel()} elements, "
+                f"partition_size says {psize}; DeepSpeed layout not understood"
+            )
+        index = {id(p): k for k, p in enumerate(group_params)}
+        frags = [
+            Fragment(index[id(p)], n, lp, hp, ln)
+            for p, n, (lp, hp, ln) in zip(order, numels, _window(numels, offsets, rank * psize, psize))
+        ]
+        layout = ZeroFlatLayout(
+            frags, _reduction(pg), psize, f"ZeRO-1/2 param group {i}", group_params
+        )
+        out.append((flat, layout))
+    return out
+
+
+def _bf16_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
+    """``BF16_Optimizer``: group ``i`` is ``bf16_groups[i]`` flattened contiguously, padded at
+    the end to a multiple of the dp size; rank ``r`` owns ``[r * P, (r + 1) * P)`` with
+    ``P = len(bf16_groups_flat[i]) // dp``, as ``fp32_groups_flat_partition[i]``."""
+    out = []
+    for i, group_params in enumerate(opt.bf16_groups):
+        flat = opt.fp32_groups_flat_partition[i]
+        pg = opt.real_dp_process_group[i]
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        psize = opt.bf16_groups_flat[i].numel() // world
+        numels = [int(p.numel()) for p in group_params]
+        offsets, o = [], 0
+        for n in numels:
+            offsets.append(o)
+            o += n
+        if flat.numel() != psize:
+            raise RuntimeError(
+                f"BF16_Optimizer group {i}: fp32 partition has {flat.numel()} elements, "
+                f"expected {psize}; DeepSpeed layout not understood"
+            )
+        frags = [
+            Fragment(k, n, lp, hp, ln)
+            for k, (n, (lp, hp, ln)) in enumerate(
+                zip(numels, _window(numels, offsets, rank * psize, psize))
+            )
+        ]
+        layout = ZeroFlatLayout(
+            frags, _reduction(pg), psize, f"BF16_Optimizer param group {i}", group_params
+        )
+        out.append((flat, layout))
+    return out
+
+
+def _stage3_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
+    """ZeRO 3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter ``p`` is split on its own:
+    rank ``r`` of its partition group holds elements ``[r * q, (r + 1) * q)`` of the flattened
+    tensor (``q = p.partition_numel()``, the last ranks zero-padded). Sub-group ``s`` is
+    ``fp16_groups[s]``; its flat fp32 buffer ``fp32_partitioned_groups_flat[s]`` is the
+    concatenation of those ``q``-element shards, and ``step()`` is called once per sub-group
+    with only that buffer in ``param_groups``."""
+    out = []
+    for s, params in enumerate(opt.fp16_groups):
+        flat = opt.fp32_partitioned_groups_flat[s]
+        groups = getattr(opt, "sub_group_process_groups", None)
+        pg = groups[s] if groups else getattr(params[0], "ds_process_group", opt.dp_process_group)
+        rank = dist.get_rank(pg)
+        frags, off = [], 0
+        for k, p in enumerate(params):
+            q = int(p.partition_numel())
+            n = int(p.ds_numel)
+            start = rank * q
+            ln = max(0, min(q, n - start))
+            frags.append(Fragment(k, n, start if ln else 0, off, ln))
+            off += q
+        if flat.numel() != off:
+            raise RuntimeError(
+                f"ZeRO-3 sub-group {s}: fp32 buffer has {flat.numel()} elements, the shards of "
+                f"its parameters add up to {off}; DeepSpeed layout not understood (optimizer "
+                "state swapped to NVMe?)"
+            )
+        gid = opt.sub_group_to_group_id.get(s, "?") if hasattr(opt, "sub_group_to_group_id") else "?"
+        layout = ZeroFlatLayout(
+            frags, _reduction(pg), off, f"ZeRO-3 sub-group {s} (param group {gid})", params
+        )
+        out.append((flat, layout))
+    return out
+
+
+def _lp_fragment(layout: ZeroFlatLayout, f: Fragment, stage3: bool) -> Tensor | None:
+    """The low-precision copy of fragment ``f`` (what DeepSpeed keeps in sync with the fp32
+    master), or None where it is not in memory."""
+    p = layout.params[f.index] if layout.params else None
+    if p is None:
+        return None
+    if stage3:
+        t = getattr(p, "ds_tensor", None)
+        if t is None or t.numel() < f.length:
+            return None
+        return t.reshape(-1).narrow(0, 0, f.length)
+    if p.numel() != f.numel:  # storage temporarily released (offload_states)
+        return None
+    return p.detach().reshape(-1).narrow(0, f.lp_start, f.length)
+
+
+def _verify(flat: Tensor, layout: ZeroFlatLayout, stage3: bool) -> None:
+    """Self-check of the mapping against the data: every fp32 fragment, rounded to the
+    model's dtype, equals the model tensor's elements it claims to hold (DeepSpeed keeps
+    the two in sync outside ``step()``)."""
+    bad = []
+    for f in layout.fragments:
+        if f.length == 0:
+            continue
+        lp = _lp_fragment(layout, f, stage3)
+        if lp is None:
+            continue
+        hp = flat.detach().narrow(0, f.hp_start, f.length).to(device=lp.device, dtype=lp.dtype)
+        if not torch.equal(hp, lp):
+            bad.append(f)
+    if bad:
+        raise RuntimeError(
+            f"{layout.where}: the fp32 partition does not hold the elements DeepSpeed's metadata "
+            f"says it holds (first mismatching fragment: {bad[0]}); this DeepSpeed version's "
+            "layout is not understood by dist_cautious.deepspeed. Pass verify=False only if the "
+            "model and master weights are deliberately out of sync."
+        )
+
+
+# --------------------------------------------------------------------------- finding things
+
+
+def _wrapper_types() -> dict[str, type]:
+    out: dict[str, type] = {}
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        out["stage12"] = DeepSpeedZeroOptimizer
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        out["stage3"] = DeepSpeedZeroOptimizer_Stage3
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        out["bf16"] = BF16_Optimizer
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        out["fp16_unfused"] = FP16_UnfusedOptimizer
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+        out["fp16_fused"] = FP16_Optimizer
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _find(obj: Any) -> tuple[Any, CAdamW]:
+    """Walk ``.optimizer`` from an engine (or a DeepSpeed / accelerate optimizer wrapper) to
+    the CAdamW inside; return (the object directly around it, the CAdamW)."""
+    start = obj
+    parent = None
+    for _ in range(8):
+        if isinstance(obj, CAdamW):
+            return parent, obj
+        if isinstance(obj, torch.optim.Optimizer) and not hasattr(obj, "optimizer"):
+            raise TypeError(
+                f"the optimizer inside {type(start).__name__} is "
+                f"{type(obj).__module__}.{type(obj).__name__}, not dist_cautious.CAdamW; pass "
+                "optimizer=CAdamW(...) to deepspeed.initialize and leave the config's "
+                "'optimizer' section out"
+            )
+        nxt = getattr(obj, "optimizer", None)
+        if nxt is None:
+            raise TypeError(
+                f"no CAdamW found inside {type(start).__name__}: {type(obj).__name__} has no "
+                "optimizer (was deepspeed.initialize given optimizer=CAdamW(...)? an inference "
+                "engine or ZeRO-3 without optimizer has none)"
+            )
+        parent, obj = obj, nxt
+    raise TypeError(f"no CAdamW found inside {type(start).__name__} (nesting too deep)")
+
+
+def _unsupported(wrapper: Any, kinds: dict[str, type]) -> str | None:
+    name = type(wrapper).__name__
+    if getattr(wrapper, "zenflow", False) or "ZenFlow" in name:
+        return "ZenFlow (zero_optimization.zenflow)"
+    if "SuperOffload" in name:
+        return "SuperOffload (zero_optimization.super_offload)"
+    if "stage12" in kinds and isinstance(wrapper, kinds["stage12"]) and wrapper.cpu_offload:
+        return "optimizer offload (zero_optimization.offload_optimizer.device='cpu'/'nvme')"
+    if "stage3" in kinds and isinstance(wrapper, kinds["stage3"]):
+        if getattr(wrapper, "offload_optimizer", False) or getattr(wrapper, "swap_optimizer", False):
+            return "optimizer offload (zero_optimization.offload_optimizer.device='cpu'/'nvme')"
+        if getattr(wrapper, "params_in_nvme_and_cpu", False):
+            return "NVMe parameter offload (zero_optimization.offload_param.device='nvme')"
+    return None
+
+
+def attach(engine: Any, *, verify: bool = True) -> CAdamW:
+    """Make the CAdamW inside a DeepSpeed engine step ZeRO's flat partitions per tensor.
+
+    Call once after ``deepspeed.initialize(model=..., optimizer=CAdamW(...), config=...)``
+    (idempotent: calling again re-reads DeepSpeed's metadata and replaces the layouts).
+    ``engine`` may be the ``DeepSpeedEngine``, DeepSpeed's optimizer wrapper
+    (``engine.optimizer``) or a wrapper around that (HF accelerate's
+    ``DeepSpeedOptimizerWrapper``, as the HF ``Trainer`` hands to callbacks).
+
+    ``verify`` (default True) checks the mapping against the data once: every fp32
+    fragment, rounded to the model dtype, must equal the model elements it maps to.
+
+    Returns the CAdamW. Raises ``TypeError`` if there is no CAdamW inside, and
+    ``NotImplementedError`` for wrappers or options this adapter does not support.
+    """
+    parent, opt = _find(engine)
+    kinds = _wrapper_types()
+    if parent is not None:
+        why = _unsupported(parent, kinds)
+        if why is not None:
+            raise NotImplementedError(
+                f"dist_cautious.deepspeed does not support {why} ({type(parent).__name__}); "
+                "remove it from the DeepSpeed config (ZeRO 0-3 on the accelerator, with or "
+                "without bf16/fp16, and offload_param='cpu' under ZeRO-3 are supported)"
+            )
+    found = layouts(parent, kinds)
+    if found is None:
+        # No DeepSpeed optimizer wrapper around CAdamW: it steps the tensors it was given
+        # (ZeRO disabled, fp32). Anything else it would be handed is unknown to us.
+        unknown = [
+            p for g in opt.param_groups for p in g["params"] if id(p) not in opt._known_params
+        ]
+        if unknown:
+            raise NotImplementedError(
+                f"CAdamW sits inside {type(parent).__name__}, which replaced "
+                f"{len(unknown)} of its parameters by tensors dist_cautious.deepspeed does not "
+                "know how to map; supported: DeepSpeedZeroOptimizer (ZeRO 1/2), "
+                "DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer, FP16_UnfusedOptimizer"
+            )
+        return opt
+    for flat, layout in found:
+        if verify and isinstance(layout, ZeroFlatLayout):
+            _verify(flat, layout, stage3="stage3" in kinds and isinstance(parent, kinds["stage3"]))
+        opt.register_layout(flat, layout)
+    return opt
+
+
+def layouts(wrapper: Any, kinds: dict[str, type] | None = None) -> list[tuple[Tensor, Any]] | None:
+    """``[(flat tensor, layout)]`` for a DeepSpeed optimizer wrapper, from its metadata;
+    ``None`` when ``wrapper`` is not a DeepSpeed optimizer wrapper. (What :func:`attach`
+    registers; public for tests and debugging.)"""
+    kinds = _wrapper_types() if kinds is None else kinds
+    if wrapper is None:
+        return None
+    if "stage3" in kinds and isinstance(wrapper, kinds["stage3"]):
+        return _stage3_layouts(wrapper)
+    if "stage12" in kinds and isinstance(wrapper, kinds["stage12"]):
+        return _stage12_layouts(wrapper)
+    if "bf16" in kinds and isinstance(wrapper, kinds["bf16"]):
+        if not getattr(wrapper, "using_real_optimizer", True):
+            return []
+        return _bf16_layouts(wrapper)
+    if "fp16_unfused" in kinds and isinstance(wrapper, kinds["fp16_unfused"]):
+        # fp32 master copies of whole tensors: plain per-tensor layout, no communication.
+        return [(p, DEFAULT_LAYOUT) for group in wrapper.fp32_groups for p in group]
+    if "fp16_fused" in kinds and isinstance(wrapper, kinds["fp16_fused"]):
+        raise NotImplementedError(
+            "FP16_Optimizer (DeepSpeed's fused fp16 wrapper) only wraps FusedAdam and steps the "
+            "optimizer while it is being built; with CAdamW DeepSpeed uses "
+            "FP16_UnfusedOptimizer, which is supported"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def _device(section: Any) -> str:
+    if not isinstance(section, dict):
+        return "none"
+    return str(section.get("device", "none")).lower()
+
+
+def check_config(cfg: dict) -> None:
+    """Raise ``ValueError`` / ``NotImplementedError`` for DeepSpeed config entries that do not
+    work with a client CAdamW through this adapter. Does not modify ``cfg``."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"DeepSpeed config must be a dict, got {type(cfg).__name__}")
+    if "optimizer" in cfg:
+        raise ValueError(
+            f"the DeepSpeed config has an 'optimizer' section ({cfg['optimizer']!r}); with "
+            "CAdamW the optimizer is passed to deepspeed.initialize(optimizer=CAdamW(...)), so "
+            "remove that section (DeepSpeed would otherwise build its own optimizer or refuse)"
+        )
+    zero = cfg.get("zero_optimization", {}) or {}
+    if not isinstance(zero, dict):
+        raise ValueError(f"zero_optimization must be a dict, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
+    if stage > 0 and cfg.get("zero_allow_untested_optimizer") is False:
+        raise ValueError(
+            "zero_allow_untested_optimizer=False: DeepSpeed refuses client optimizers under "
+            f"ZeRO stage {stage} unless it is True; remove the entry or set it to True"
+        )
+    off_opt = _device(zero.get("offload_optimizer"))
+    if off_opt not in ("none", ""):
+        raise NotImplementedError(
+            f"zero_optimization.offload_optimizer.device={off_opt!r} is not supported with "
+            "dist_cautious CAdamW (DeepSpeed's offload path expects its own CPU optimizers); "
+            "remove offload_optimizer or set its device to 'none'"
+        )
+    off_par = _device(zero.get("offload_param"))
+    if off_par == "nvme":
+        raise NotImplementedError(
+            "zero_optimization.offload_param.device='nvme' is not supported by "
+            "dist_cautious.deepspeed; use 'cpu' or 'none'"
+        )
+    for key, what in (("zenflow", "ZenFlow"), ("super_offload", "SuperOffload")):
+        if zero.get(key):
+            raise NotImplementedError(
+                f"zero_optimization.{key} ({what}) is not supported by dist_cautious.deepspeed; "
+                "remove it"
+            )
+    clip = cfg.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ValueError(f"gradient_clipping={clip!r}; use a float >= 0 (0.0 disables clipping)")
+
+
+def config(base: dict | None = None, **overrides: Any) -> dict:
+    """A DeepSpeed config dict for a client :class:`~dist_cautious.CAdamW`, validated.
+
+    ``base`` (not modified) and then ``overrides`` (top-level keys, dicts merged
+    recursively: ``zero_optimization={"stage": 3}``) are merged, then:
+
+    * ``"zero_allow_untested_optimizer": True`` is set (DeepSpeed refuses client
+      optimizers under ZeRO without it);
+    * ``"gradient_clipping": 0.0`` is set unless given. DeepSpeed's engine clips when this
+      is > 0 (and several launchers/templates put 1.0 there); we default to no clipping so
+      that the result equals plain single-GPU C-AdamW, as ``torch.optim`` does. Set it
+      explicitly to clip: C-AdamW then sees the clipped gradient, like any optimizer.
+
+    Raises (see :func:`check_config`) for an ``optimizer`` section (the optimizer is passed
+    to ``deepspeed.initialize``), optimizer offload to CPU/NVMe, NVMe parameter offload,
+    ZenFlow, SuperOffload, a bad ZeRO stage or ``zero_allow_untested_optimizer=False``.
+    """
+    cfg: dict = copy.deepcopy(dict(base)) if base is not None else {}
+    _merge(cfg, overrides)
+    if cfg.get("zero_allow_untested_optimizer") is False:
+        check_config(cfg)  # raises with the explanation
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("gradient_clipping", 0.0)
+    check_config(cfg)
+    return cfg
+
+
+def initialize(*args: Any, **kwargs: Any) -> Any:
+    """``deepspeed.initialize(*args, **kwargs)`` followed by :func:`attach` on the engine.
+
+    A dict ``config`` / ``config_params`` is checked first (:func:`check_config`); the
+    optimizer must be a :class:`~dist_cautious.CAdamW` (or a callable returning one).
+    Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader,
+    lr_scheduler)``.
+    """
+    import deepspeed
+
+    for key in ("config", "config_params"):
+        cfg = kwargs.get(key)
+        if isinstance(cfg, dict):
+            check_config(cfg)
+    opt = kwargs.get("optimizer")
+    if opt is None:
+        raise TypeError(
+            "dist_cautious.deepspeed.initialize needs optimizer=CAdamW(...) (a client optimizer)"
+        )
+    if isinstance(opt, torch.optim.Optimizer) and not isinstance(opt, CAdamW):
+        raise TypeError(
+            f"optimizer is {type(opt).__name__}, not dist_cautious.CAdamW; use "
+            "deepspeed.initialize directly for other optimizers"
+        )
+    out = deepspeed.initialize(*args, **kwargs)
+    attach(out[0])
+    return out

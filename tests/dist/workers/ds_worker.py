@@ -1,0 +1,626 @@
+"""DeepSpeed ZeRO worker (torchrun, gloo on CPU): runs scenarios, rank 0 writes JSON metrics.
+
+usage: ds_worker.py OUT.json SPEC [SPEC ...]
+
+A SPEC is dot-separated tokens, e.g. ``z2.global.fp32.gas2.rr``:
+
+* ``z0`` .. ``z3``: ZeRO stage;
+* ``global`` / ``shard``: CAdamW ``scale``;
+* ``fp32`` / ``bf16`` / ``bf16acc32`` (bf16 model, fp32 gradient accumulation: ZeRO-1 then
+  uses ``BF16_Optimizer``) / ``fp16`` (static loss scale);
+* ``gasN``: gradient accumulation steps; ``rr``: ZeRO-2 round-robin gradients;
+  ``subN``: ZeRO-3 ``sub_group_size``; ``offp``: ZeRO-3 ``offload_param`` to CPU;
+* ``fsdp``: also train the same model with FSDP2 + CAdamW and compare;
+* ``forgot``: plain ``deepspeed.initialize`` without the adapter; record the error.
+
+What is measured, against references computed here that share no code with the adapter:
+
+* trajectory: final parameters after ``STEPS`` optimizer steps vs (a) single-process
+  ``CAdamW`` on the full batch and (b) the float64 oracle ``tests/oracle.py`` with float64
+  gradients of a float64 copy of the model; ``scale="shard"`` is compared with a float64
+  oracle over the ZeRO *fragments* (each fragment its own tensor), computed from the
+  documented ZeRO partitioning rules (``expected_*`` below);
+* step audit, every ``optimizer.step()`` call: the flat fp32 partitions, gradients and
+  moments of all ranks are gathered before and after the step, whole tensors rebuilt with
+  the expected rules, one float64 oracle step applied to them (per tensor for ``global``,
+  per fragment for ``shard``) and compared with what the ranks computed; alignment padding
+  must stay untouched; all-reduces inside the step are counted;
+* layout: the adapter's fragments equal the expected rules and DeepSpeed's own
+  ``param._hp_mapping`` fragment addresses (ZeRO-1/2, BF16_Optimizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import logger as ds_logger  # noqa: E402
+
+from dist_cautious import CAdamW  # noqa: E402
+from dist_cautious import deepspeed as dc_ds  # noqa: E402
+from tests.oracle import Float64CAdamW, rel_err  # noqa: E402
+
+ds_logger.setLevel(logging.ERROR)
+
+STEPS = 10
+MB = 4  # micro-batch per rank
+LR, BETAS, EPS = 1e-2, (0.9, 0.99), 1e-8
+WD = {"decay": 0.1, "no_decay": 0.0}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16acc32": torch.bfloat16, "fp16": torch.float16}
+
+
+class Net(nn.Module):
+    """518 parameters in 8 tensors; under ZeRO several tensors straddle partition cuts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(13, 17)
+        self.l2 = nn.Linear(17, 11)
+        self.ln = nn.LayerNorm(11)
+        self.l3 = nn.Linear(11, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.ln(self.l2(torch.tanh(self.l1(x)))))
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.ln.weight.copy_(1 + 0.1 * torch.randn(11))
+        net.ln.bias.copy_(0.1 * torch.randn(11))
+    return net
+
+
+def group_names(net: nn.Module) -> dict[str, list[str]]:
+    names = [n for n, _ in net.named_parameters()]
+    return {
+        "decay": [n for n in names if n.endswith("weight") and not n.startswith("ln")],
+        "no_decay": [n for n in names if n.endswith("bias") or n.startswith("ln")],
+    }
+
+
+def param_groups(net: nn.Module) -> list[dict]:
+    named = dict(net.named_parameters())
+    return [
+        {"params": [named[n] for n in ns], "weight_decay": WD[g]}
+        for g, ns in group_names(net).items()
+    ]
+
+
+def batch(t: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + t)
+    return torch.randn(rows, 13, generator=g), torch.randn(rows, 5, generator=g)
+
+
+def rows_of(rank: int, world: int, k: int) -> slice:
+    """Rows of the global batch that rank ``rank`` uses in micro-step ``k``."""
+    i = k * world + rank
+    return slice(i * MB, (i + 1) * MB)
+
+
+# ----------------------------------------------------------------- expected ZeRO layout
+# Written from DeepSpeed's documented partitioning rules, independently of the adapter.
+
+
+def expected_flat(numels: list[int], world: int) -> tuple[list[list[tuple]], int]:
+    """ZeRO-1/2 and BF16_Optimizer: tensors concatenated in order, padded at the end to a
+    multiple of 2 * world; rank r owns [r P, (r+1) P). Returns per rank a list of
+    (tensor k, lp_start, hp_start, length) and P."""
+    total = sum(numels)
+    align = 2 * world
+    padded = math.ceil(total / align) * align
+    P = padded // world
+    out = []
+    for r in range(world):
+        frs, off = [], 0
+        for k, n in enumerate(numels):
+            lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
+            if hi > lo:
+                frs.append((k, lo - off, lo - r * P, hi - lo))
+            off += n
+        out.append(frs)
+    return out, P
+
+
+def expected_stage3(numels: list[int], world: int) -> tuple[list[list[tuple]], int]:
+    """ZeRO-3: each tensor split alone into world chunks of ceil(n / world) (last ones
+    padded); a sub-group's flat buffer concatenates the chunks of its tensors."""
+    out = []
+    size = sum(math.ceil(n / world) for n in numels)
+    for r in range(world):
+        frs, off = [], 0
+        for k, n in enumerate(numels):
+            q = math.ceil(n / world)
+            ln = max(0, min(q, n - r * q))
+            if ln:
+                frs.append((k, r * q, off, ln))
+            off += q
+        out.append(frs)
+    return out, size
+
+
+def round_robin(items: list, world: int) -> list:
+    return [x for j in range(world) for x in items[j::world]]
+
+
+# ----------------------------------------------------------------- references
+
+
+def oracle_run(net0: nn.Module, world: int, gas: int, units_of: dict[str, list[tuple[int, int]]]):
+    """Float64 C-AdamW on float64 gradients of a float64 copy of ``net0``; each tensor is
+    stepped as the list of element ranges ``units_of[name]`` (one range: whole tensor)."""
+    m64 = copy.deepcopy(net0).double()
+    names = [n for n, _ in m64.named_parameters()]
+    wd_of = {n: WD[g] for g, ns in group_names(m64).items() for n in ns}
+    start = {n: p.detach().reshape(-1).clone() for n, p in m64.named_parameters()}
+    shapes = {n: p.shape for n, p in m64.named_parameters()}
+    units = [(n, a, b) for n in names for (a, b) in units_of[n]]
+    orc = Float64CAdamW(
+        [start[n][a:b] for n, a, b in units],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decays=[wd_of[n] for n, _, _ in units],
+    )
+
+    def full() -> dict[str, torch.Tensor]:
+        out = {n: torch.empty(shapes[n].numel(), dtype=torch.float64) for n in names}
+        for (n, a, b), p in zip(units, orc.p):
+            out[n][a:b] = p
+        return {n: t.view(shapes[n]).requires_grad_(True) for n, t in out.items()}
+
+    for t in range(STEPS):
+        X, Y = batch(t, world * gas * MB)
+        params = full()
+        loss = F.mse_loss(torch.func.functional_call(m64, params, (X.double(),)), Y.double())
+        grads = dict(zip(names, torch.autograd.grad(loss, list(params.values()))))
+        orc.step([grads[n].reshape(-1)[a:b] for n, a, b in units])
+    return {n: t.detach() for n, t in full().items()}
+
+
+def single_process_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch.Tensor]:
+    """dist_cautious.CAdamW in one process on the full global batch (fp32)."""
+    net = copy.deepcopy(net0)
+    opt = CAdamW(param_groups(net), lr=LR, betas=BETAS, eps=EPS, backend="reference")
+    for t in range(STEPS):
+        X, Y = batch(t, world * gas * MB)
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(net(X), Y).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in net.named_parameters()}
+
+
+def fsdp2_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    net = copy.deepcopy(net0)
+    mesh = init_device_mesh("cpu", (world,))
+    for m in (net.l1, net.l2, net.l3):
+        fully_shard(m, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = CAdamW(param_groups(net), lr=LR, betas=BETAS, eps=EPS)
+    for t in range(STEPS):
+        X, Y = batch(t, world * gas * MB)
+        idx = torch.cat([torch.arange(world * gas * MB)[rows_of(rank, world, k)] for k in range(gas)])
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(net(X[idx]), Y[idx]).backward()
+        opt.step()
+    return {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
+
+
+# ----------------------------------------------------------------- step audit
+
+
+class Audit:
+    """Checks every optimizer.step() call of the CAdamW inside an engine (see module doc)."""
+
+    def __init__(self, opt: CAdamW, specs: dict[int, dict], scale: str, world: int) -> None:
+        self.opt, self.specs, self.scale, self.world = opt, specs, scale, world
+        self.calls = 0
+        self.err = {"p": 0.0, "m": 0.0, "v": 0.0, "update": 0.0}
+        self.other_min_diff = math.inf  # min over calls of max diff to the other mode
+        self.other_max_diff = 0.0
+        self.padding_ok = True
+        self.allreduces: list[int] = []
+        self.missing_specs = 0
+        self._rec: list = []
+        self._orig_all_reduce = None
+        self._n = 0
+        opt.register_step_pre_hook(self.pre)
+        opt.register_step_post_hook(self.post)
+
+    def _count(self, *a, **k):
+        self._n += 1
+        return self._orig_all_reduce(*a, **k)
+
+    def pre(self, opt, args, kwargs) -> None:
+        self.calls += 1
+        self._rec = []
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = opt.state.get(p, {})
+                z = torch.zeros(p.numel(), dtype=torch.float64)
+                self._rec.append(
+                    dict(
+                        p=p,
+                        old=p.detach().double().reshape(-1).clone(),
+                        grad=p.grad.detach().double().reshape(-1).clone(),
+                        m=st["exp_avg"].double().reshape(-1).clone() if st else z,
+                        v=st["exp_avg_sq"].double().reshape(-1).clone() if st else z.clone(),
+                        t=int(st["step"]) if st else 0,
+                        wd=g["weight_decay"],
+                    )
+                )
+        self._n = 0
+        self._orig_all_reduce = dist.all_reduce
+        dist.all_reduce = self._count  # counts the adapter's collectives inside step()
+
+    def _gather(self, t: torch.Tensor, replicated: bool) -> list[torch.Tensor]:
+        if replicated:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous())
+        return out
+
+    def post(self, opt, args, kwargs) -> None:
+        dist.all_reduce = self._orig_all_reduce
+        self.allreduces.append(self._n)
+        for r in self._rec:
+            p = r["p"]
+            spec = self.specs.get(id(p))
+            if spec is None:
+                self.missing_specs += 1
+                continue
+            st = opt.state[p]
+            rep = spec["replicated"]
+            cur = dict(
+                old=r["old"],
+                grad=r["grad"],
+                m=r["m"],
+                v=r["v"],
+                new=p.detach().double().reshape(-1),
+                m_new=st["exp_avg"].double().reshape(-1),
+                v_new=st["exp_avg_sq"].double().reshape(-1),
+            )
+            gat = {k: self._gather(v, rep) for k, v in cur.items()}
+            frs = spec["frags"]  # per rank: (k, lp, hp, len)
+            ranks = [0] if rep else range(self.world)
+            # padding of this rank's partition untouched
+            mine = frs[0 if rep else dist.get_rank()]
+            covered = torch.zeros(p.numel(), dtype=torch.bool)
+            for _, _, hp, ln in mine:
+                covered[hp : hp + ln] = True
+            if not torch.equal(cur["new"][~covered], cur["old"][~covered]):
+                self.padding_ok = False
+            # whole tensors and fragments
+            numels = spec["numels"]
+            whole = {k: {key: torch.zeros(n, dtype=torch.float64) for key in cur} for k, n in enumerate(numels)}
+            frag_units = []  # (k, r, lp, ln)
+            for rr in ranks:
+                for k, lp, hp, ln in frs[rr]:
+                    for key in cur:
+                        whole[k][key][lp : lp + ln] = gat[key][0 if rep else rr][hp : hp + ln]
+                    frag_units.append((k, rr, lp, ln))
+            straddling = {k for k in whole if sum(1 for u in frag_units if u[0] == k) > 1}
+
+            def oracle(units):
+                o = Float64CAdamW(
+                    [whole[k]["old"][lp : lp + ln] for k, lp, ln in units],
+                    lr=LR, betas=BETAS, eps=EPS, weight_decay=r["wd"],
+                )
+                o.m = [whole[k]["m"][lp : lp + ln].clone() for k, lp, ln in units]
+                o.v = [whole[k]["v"][lp : lp + ln].clone() for k, lp, ln in units]
+                o.t = [r["t"]] * len(units)
+                o.step([whole[k]["grad"][lp : lp + ln] for k, lp, ln in units])
+                res = {k: {key: torch.zeros(numels[k], dtype=torch.float64) for key in ("p", "m", "v")} for k in whole}
+                for (k, lp, ln), a, b, c in zip(units, o.p, o.m, o.v):
+                    res[k]["p"][lp : lp + ln] = a
+                    res[k]["m"][lp : lp + ln] = b
+                    res[k]["v"][lp : lp + ln] = c
+                return res
+
+            glob = oracle([(k, 0, numels[k]) for k in whole])
+            shard = oracle([(k, lp, ln) for k, _, lp, ln in frag_units])
+            mine_o, other_o = (glob, shard) if self.scale == "global" else (shard, glob)
+            for k, w in whole.items():
+                self.err["p"] = max(self.err["p"], rel_err(w["new"], mine_o[k]["p"]))
+                self.err["m"] = max(self.err["m"], rel_err(w["m_new"], mine_o[k]["m"]))
+                self.err["v"] = max(self.err["v"], rel_err(w["v_new"], mine_o[k]["v"]))
+                self.err["update"] = max(
+                    self.err["update"], rel_err(w["new"] - w["old"], mine_o[k]["p"] - w["old"])
+                )
+            if straddling:
+                d = max(
+                    rel_err(whole[k]["new"] - whole[k]["old"], other_o[k]["p"] - whole[k]["old"])
+                    for k in straddling
+                )
+                self.other_min_diff = min(self.other_min_diff, d)
+                self.other_max_diff = max(self.other_max_diff, d)
+
+
+# ----------------------------------------------------------------- scenario
+
+
+def parse(spec: str) -> dict:
+    c = dict(stage=0, scale="global", dtype="fp32", gas=1, rr=False, sub=None, offp=False, fsdp=False, forgot=False)
+    for tok in spec.split("."):
+        if tok.startswith("z"):
+            c["stage"] = int(tok[1:])
+        elif tok in ("global", "shard"):
+            c["scale"] = tok
+        elif tok in DTYPES:
+            c["dtype"] = tok
+        elif tok.startswith("gas"):
+            c["gas"] = int(tok[3:])
+        elif tok.startswith("sub"):
+            c["sub"] = int(tok[3:])
+        elif tok in ("rr", "offp", "fsdp", "forgot"):
+            c[tok] = True
+        else:
+            raise ValueError(f"unknown token {tok!r} in {spec!r}")
+    return c
+
+
+def ds_config(c: dict, world: int) -> dict:
+    zero: dict = {"stage": c["stage"]}
+    if c["rr"]:
+        zero["round_robin_gradients"] = True
+    if c["sub"]:
+        zero["sub_group_size"] = c["sub"]
+    if c["offp"]:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg = {
+        "train_micro_batch_size_per_gpu": MB,
+        "gradient_accumulation_steps": c["gas"],
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+    if c["dtype"] in ("bf16", "bf16acc32"):
+        cfg["bf16"] = {"enabled": True}
+    if c["dtype"] == "bf16acc32":
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if c["dtype"] == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 128.0}
+    return dc_ds.config(cfg)
+
+
+def specs_for(engine, opt: CAdamW, net: nn.Module, c: dict, world: int) -> tuple[dict, dict]:
+    """Expected layout of every flat tensor CAdamW will step, and layout checks."""
+    wrapper = engine.optimizer
+    name_of = {id(p): n for n, p in net.named_parameters()}
+    gn = group_names(net)
+    named = dict(net.named_parameters())
+    rank = dist.get_rank()
+    specs: dict[int, dict] = {}
+    checks = {"layout_equal": True, "hp_mapping_checked": 0, "hp_mapping_equal": True, "kind": type(wrapper).__name__}
+    flat_groups = []  # (flat tensor, [param names in flat order], frags per rank)
+    kind = type(wrapper).__name__
+    if kind == "DeepSpeedZeroOptimizer":
+        for i, g in enumerate(("decay", "no_decay")):
+            names = gn[g]
+            order = round_robin(names, world) if c["rr"] else names
+            frs, P = expected_flat([named[n].numel() for n in order], world)
+            flat_groups.append((wrapper.single_partition_of_fp32_groups[i], order, frs, False))
+    elif kind == "BF16_Optimizer":
+        for i, g in enumerate(("decay", "no_decay")):
+            names = gn[g]
+            frs, P = expected_flat([named[n].numel() for n in names], world)
+            flat_groups.append((wrapper.fp32_groups_flat_partition[i], names, frs, False))
+    elif kind == "DeepSpeedZeroOptimizer_Stage3":
+        for s, params in enumerate(wrapper.fp16_groups):
+            names = [name_of[id(p)] for p in params]
+            frs, size = expected_stage3([p.ds_numel for p in params], world)
+            flat_groups.append((wrapper.fp32_partitioned_groups_flat[s], names, frs, False))
+    elif kind == "FP16_UnfusedOptimizer":
+        for i, g in enumerate(("decay", "no_decay")):
+            for n, p32 in zip(gn[g], wrapper.fp32_groups[i]):
+                flat_groups.append((p32, [n], [[(0, 0, 0, named[n].numel())]], True))
+    elif isinstance(wrapper, CAdamW):
+        for n, p in named.items():
+            flat_groups.append((p, [n], [[(0, 0, 0, p.numel())]], True))
+    else:
+        raise RuntimeError(f"unexpected wrapper {kind}")
+
+    for flat, names, frs, rep in flat_groups:
+        numels = [named[n].numel() if named[n].numel() else named[n].ds_numel for n in names]
+        if c["stage"] == 3:
+            numels = [named[n].ds_numel for n in names]
+        specs[id(flat)] = dict(names=names, numels=numels, frags=frs, replicated=rep)
+        lay = opt._layouts.get(id(flat))
+        if isinstance(lay, dc_ds.ZeroFlatLayout):
+            got = sorted(
+                (names.index(name_of[id(lay.params[f.index])]), f.lp_start, f.hp_start, f.length)
+                for f in lay.fragments
+                if f.length
+            )
+            if got != sorted(frs[rank]):
+                checks["layout_equal"] = False
+                checks.setdefault("layout_mismatch", []).append([got, sorted(frs[rank])])
+            for f in lay.fragments:
+                hpm = getattr(lay.params[f.index], "_hp_mapping", None)
+                if hpm is None or not f.length:
+                    continue
+                checks["hp_mapping_checked"] += 1
+                if (
+                    hpm.hp_fragment_address.start != f.hp_start
+                    or hpm.hp_fragment_address.numel != f.length
+                    or hpm.lp_fragment_address.start != f.lp_start
+                ):
+                    checks["hp_mapping_equal"] = False
+    return specs, checks
+
+
+def full_params(engine, net: nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    ctx = (
+        deepspeed.zero.GatheredParameters(list(net.parameters()))
+        if stage == 3
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        return {n: p.detach().float().clone() for n, p in net.named_parameters()}
+
+
+def compare(a: dict, b: dict) -> dict:
+    names = list(b)
+    cat = lambda d: torch.cat([d[n].reshape(-1).double() for n in names])  # noqa: E731
+    return {"all": rel_err(cat(a), cat(b)), "max_tensor": max(rel_err(a[n], b[n]) for n in names)}
+
+
+def fragments_of(net: nn.Module, c: dict, world: int) -> dict[str, list[tuple[int, int]]]:
+    """Element ranges of each tensor that ZeRO gives to one rank (for the shard oracle)."""
+    named = dict(net.named_parameters())
+    if c["stage"] == 0:
+        return {n: [(0, p.numel())] for n, p in named.items()}
+    out: dict[str, list[tuple[int, int]]] = {n: [] for n in named}
+    if c["stage"] == 3:
+        for n, p in named.items():
+            frs, _ = expected_stage3([p.numel()], world)
+            out[n] = [(lp, lp + ln) for r in range(world) for _, lp, _, ln in frs[r]]
+        return out
+    for names in group_names(net).values():
+        order = round_robin(names, world) if c["rr"] else names
+        frs, _ = expected_flat([named[n].numel() for n in order], world)
+        for r in range(world):
+            for k, lp, _, ln in frs[r]:
+                out[order[k]].append((lp, lp + ln))
+    return {n: sorted(v) for n, v in out.items()}
+
+
+def run(spec: str, world: int) -> dict:
+    c = parse(spec)
+    rank = dist.get_rank()
+    net0 = make_net()
+    net = copy.deepcopy(net0)
+    dtype = DTYPES[c["dtype"]]
+    opt = CAdamW(param_groups(net), lr=LR, betas=BETAS, eps=EPS, scale=c["scale"])
+    cfg = ds_config(c, world)
+    res: dict = {"spec": spec}
+    if c["forgot"]:
+        engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
+        res["wrapper"] = type(engine.optimizer).__name__
+        X, Y = batch(0, world * c["gas"] * MB)
+        try:
+            for k in range(c["gas"]):
+                sl = rows_of(rank, world, k)
+                engine.backward(F.mse_loss(engine(X[sl].to(dtype)), Y[sl].to(dtype)))
+                engine.step()
+            res["error"] = None
+        except RuntimeError as e:
+            res["error"] = str(e)
+        engine.destroy()
+        return res
+
+    engine, wrapped, _, _ = dc_ds.initialize(model=net, optimizer=opt, config=cfg)
+    assert dc_ds.attach(engine) is opt  # idempotent
+    specs, checks = specs_for(engine, opt, net, c, world)
+    res.update(checks)
+    audit = Audit(opt, specs, c["scale"], world)
+    boundary_ok = True
+    for t in range(STEPS):
+        X, Y = batch(t, world * c["gas"] * MB)
+        for k in range(c["gas"]):
+            sl = rows_of(rank, world, k)
+            loss = F.mse_loss(engine(X[sl].to(dtype)), Y[sl].to(dtype))
+            engine.backward(loss)
+            before = audit.calls
+            engine.step()
+            if (audit.calls != before) != (k == c["gas"] - 1):
+                boundary_ok = False
+    res["boundary_ok"] = boundary_ok
+    res["step_calls"] = audit.calls
+    res["flats"] = len(specs)
+    res["state_steps"] = sorted({int(opt.state[p]["step"]) for g in [opt.state] for p in g})
+    res["allreduces_per_call"] = sorted(set(audit.allreduces))
+    res["audit"] = dict(audit.err)
+    res["audit_missing"] = audit.missing_specs
+    res["other_mode_min_diff"] = audit.other_min_diff if audit.other_min_diff < math.inf else None
+    res["other_mode_max_diff"] = audit.other_max_diff
+    res["padding_ok"] = audit.padding_ok
+    got = full_params(engine, net, c["stage"])
+    gas = c["gas"]
+    if c["scale"] == "global":
+        res["vs_single_process"] = compare(got, single_process_run(net0, world, gas))
+        res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, {n: [(0, p.numel())] for n, p in net0.named_parameters()}))
+    else:
+        res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, fragments_of(net0, c, world)))
+        res["vs_global_oracle"] = compare(
+            got, oracle_run(net0, world, gas, {n: [(0, p.numel())] for n, p in net0.named_parameters()})
+        )
+    if c["fsdp"]:
+        res["vs_fsdp2"] = compare(got, fsdp2_run(net0, world, gas))
+    res["kept_fraction"] = opt.kept_fraction
+    engine.destroy()
+    # max over ranks of every error; rank-local facts are AND-ed
+    allres = [None] * world
+    dist.all_gather_object(allres, res)
+    return merge(allres)
+
+
+def merge(rs: list[dict]) -> dict:
+    out = copy.deepcopy(rs[0])
+
+    def walk(dst, items):
+        for key, v in dst.items():
+            vals = [it.get(key) for it in items]
+            if isinstance(v, dict):
+                walk(v, vals)
+            elif isinstance(v, bool):
+                dst[key] = all(vals)
+            elif isinstance(v, float) and key != "kept_fraction":
+                if key == "other_mode_min_diff":
+                    dst[key] = min(vals)
+                else:
+                    dst[key] = max(vals)
+            elif key in ("hp_mapping_checked",):
+                dst[key] = sum(vals)
+
+    walk(out, rs)
+    return out
+
+
+def main() -> None:
+    out, specs = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = dist.get_world_size()
+    results = {}
+    for spec in specs:
+        try:
+            results[spec] = run(spec, world)
+        except Exception as e:  # report, keep the other scenarios going
+            import traceback
+
+            results[spec] = {"spec": spec, "crash": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+            print(f"[rank {dist.get_rank()}] {spec} crashed: {traceback.format_exc()}", flush=True)
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
