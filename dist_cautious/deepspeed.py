@@ -36,8 +36,9 @@ clear error: optimizer offload (CPU/NVMe), ZenFlow, SuperOffload, NVMe parameter
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,7 +214,9 @@ def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
         index = {id(p): k for k, p in enumerate(group_params)}
         frags = [
             Fragment(index[id(p)], n, lp, hp, ln)
-            for p, n, (lp, hp, ln) in zip(order, numels, _window(numels, offsets, rank * psize, psize))
+            for p, n, (lp, hp, ln) in zip(
+                order, numels, _window(numels, offsets, rank * psize, psize)
+            )
         ]
         layout = ZeroFlatLayout(
             frags, _reduction(pg), psize, f"ZeRO-1/2 param group {i}", group_params
@@ -282,7 +285,9 @@ def _stage3_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
                 f"its parameters add up to {off}; DeepSpeed layout not understood (optimizer "
                 "state swapped to NVMe?)"
             )
-        gid = opt.sub_group_to_group_id.get(s, "?") if hasattr(opt, "sub_group_to_group_id") else "?"
+        gid = (
+            opt.sub_group_to_group_id.get(s, "?") if hasattr(opt, "sub_group_to_group_id") else "?"
+        )
         layout = ZeroFlatLayout(
             frags, _reduction(pg), off, f"ZeRO-3 sub-group {s} (param group {gid})", params
         )
@@ -402,7 +407,9 @@ def _unsupported(wrapper: Any, kinds: dict[str, type]) -> str | None:
     if "stage12" in kinds and isinstance(wrapper, kinds["stage12"]) and wrapper.cpu_offload:
         return "optimizer offload (zero_optimization.offload_optimizer.device='cpu'/'nvme')"
     if "stage3" in kinds and isinstance(wrapper, kinds["stage3"]):
-        if getattr(wrapper, "offload_optimizer", False) or getattr(wrapper, "swap_optimizer", False):
+        if getattr(wrapper, "offload_optimizer", False) or getattr(
+            wrapper, "swap_optimizer", False
+        ):
             return "optimizer offload (zero_optimization.offload_optimizer.device='cpu'/'nvme')"
         if getattr(wrapper, "params_in_nvme_and_cpu", False):
             return "NVMe parameter offload (zero_optimization.offload_param.device='nvme')"
@@ -574,11 +581,49 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
     return cfg
 
 
+@contextlib.contextmanager
+def _skip_construction_steps(opt: CAdamW) -> Iterator[dict]:
+    """Skip ``opt.step()`` calls made while DeepSpeed builds its wrapper.
+
+    ``FP16_UnfusedOptimizer`` (fp16/bf16 without ZeRO) steps the optimizer once with
+    all-zero gradients while it is constructed, to create the state: with AdamW that step
+    decays every weight once and sets ``step`` to 1 before training starts; with CAdamW it
+    would also fail, since the fp32 copies it steps cannot be registered before they exist.
+    A single-GPU run takes no such step, so we skip it: the state is created at the first
+    real step, as in plain PyTorch.
+    """
+    info = {"active": True, "skipped": 0}
+    had = "step" in opt.__dict__  # e.g. an LR scheduler's counting wrapper
+    saved = opt.__dict__.get("step")
+    inner = opt.step
+
+    def step(*a: Any, **k: Any) -> Any:
+        if info["active"]:
+            info["skipped"] += 1
+            return None
+        return inner(*a, **k)
+
+    opt.step = step  # type: ignore[method-assign]
+    try:
+        yield info
+    finally:
+        info["active"] = False
+        if opt.__dict__.get("step") is step:  # nobody wrapped it meanwhile: restore
+            if had:
+                opt.step = saved  # type: ignore[method-assign]
+            else:
+                del opt.step
+
+
 def initialize(*args: Any, **kwargs: Any) -> Any:
     """``deepspeed.initialize(*args, **kwargs)`` followed by :func:`attach` on the engine.
 
     A dict ``config`` / ``config_params`` is checked first (:func:`check_config`); the
     optimizer must be a :class:`~dist_cautious.CAdamW` (or a callable returning one).
+    Optimizer steps that DeepSpeed takes while it builds its wrapper (the fp16/bf16
+    wrapper without ZeRO steps once with zero gradients) are skipped, so training starts
+    from the model as given, as on a single GPU. This is why fp16/bf16 *without* ZeRO needs
+    this function rather than ``deepspeed.initialize`` + :func:`attach`.
     Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader,
     lr_scheduler)``.
     """
@@ -598,6 +643,10 @@ def initialize(*args: Any, **kwargs: Any) -> Any:
             f"optimizer is {type(opt).__name__}, not dist_cautious.CAdamW; use "
             "deepspeed.initialize directly for other optimizers"
         )
-    out = deepspeed.initialize(*args, **kwargs)
+    if isinstance(opt, CAdamW):
+        with _skip_construction_steps(opt):
+            out = deepspeed.initialize(*args, **kwargs)
+    else:  # a callable building the optimizer inside deepspeed.initialize
+        out = deepspeed.initialize(*args, **kwargs)
     attach(out[0])
     return out
