@@ -77,9 +77,12 @@ class SlotTable:
     numels: dict[Reduction, list[int]] = field(default_factory=dict)
     group_index: dict[Reduction, list[int]] = field(default_factory=dict)
     current_group: int = 0
+    # the collective schedule derived from ``sizes`` (reduce.py); reserve() invalidates it
+    schedule: list | None = field(default=None, repr=False, compare=False)
 
     def reserve(self, reduction: Reduction, numel: int) -> int:
         """Reserve one slot for an original tensor of ``numel`` elements; return its index."""
+        self.schedule = None
         i = self.sizes.get(reduction, 0)
         self.sizes[reduction] = i + 1
         self.numels.setdefault(reduction, []).append(numel)

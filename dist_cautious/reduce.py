@@ -192,7 +192,9 @@ def reduce_counts(
         vecs[red] = vec
 
     # One all-reduce per process group; a round's all-reduces all start before any wait.
-    schedule = plan_schedule(list(table.sizes))
+    schedule = table.schedule
+    if schedule is None:  # a cached step plan reuses its table, and with it the schedule
+        schedule = table.schedule = plan_schedule(list(table.sizes))
     for r in range(schedule[-1].round + 1 if schedule else 0):
         started = []
         for c in schedule:
