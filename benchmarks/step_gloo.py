@@ -232,7 +232,7 @@ def main() -> None:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "torch": torch.__version__,
-        "command": "python benchmarks/step_gloo.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/step_gloo.py", *sys.argv[1:]]),
         "loadavg_before": os.getloadavg(),
         **{k: getattr(args, k) for k in ("dim", "layers", "ffn", "vocab", "reps", "worlds")},
     }
