@@ -108,6 +108,9 @@ def test_rank_without_grad_completes_and_matches_oracle(w2):
     _assert_matches(r, cadamw=False, moments=False)
     _assert_counts(r, 1, [2])
     assert r["frozen_rows_unchanged"] and not r["rank1_has_state_for_frozen"]
+    # missing at one step on rank 0 only: same collectives everywhere; that shard lags a step
+    _assert_counts(r["intermittent"], 1, [2])
+    assert r["intermittent"]["steps_by_rank"] == [3.0, 4.0], r["intermittent"]
 
 
 def test_ddp_no_collective(w2):
@@ -121,6 +124,7 @@ def test_unsupported_layouts_raise_clearly(w2):
     r = w2["errors"]
     assert r["partial"].startswith("ValueError") and "Partial" in r["partial"], r
     assert r["misplaced_grad"].startswith("ValueError") and "redistribute" in r["misplaced_grad"]
+    assert r["size1_dim_skipped"] and r["only_size1_shard_is_whole"], r
 
 
 # ------------------------------------------------------------------ HSDP, FSDP + TP, meshes

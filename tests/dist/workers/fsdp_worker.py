@@ -219,6 +219,21 @@ def sc_frozen(rank: int, world: int, ckpt: str) -> dict:
     out["frozen_rows_unchanged"] = bool(
         torch.equal(p_full[idx_by_rank[1]], init[fi].flatten()[idx_by_rank[1]])
     )
+    # A gradient missing on rank 0 at one step only (the plan changes twice): completes,
+    # and every group still sees the same all-reduce sequence on all its members.
+    net2, _ = fresh_net()
+    shard_net(net2, mesh)
+    params2 = list(net2.parameters())
+    opt2 = CAdamW(params2, **HYPER)
+    counter2 = CollectiveCounter()
+    for s in range(4):
+        gs = seeded_grads(shapes, s, seed=5)
+        for i, (p, g) in enumerate(zip(params2, gs)):
+            p.grad = None if (i == 4 and rank == 0 and s == 2) else shard_like(g, p)
+        with counter2.count():
+            opt2.step()
+    out["intermittent"] = counts_summary(counter2, 4)
+    out["intermittent"]["steps_by_rank"] = gather_all(float(opt2.state[params2[4]]["step"]))
     return out
 
 
@@ -424,6 +439,15 @@ def sc_errors(rank: int, world: int, ckpt: str) -> dict:
 
     attempt("partial", partial)
     attempt("misplaced_grad", misplaced_grad)
+    # mesh dims of size 1 split nothing: no reduction over them
+    m = init_device_mesh("cpu", (1, world))
+    t = distribute_tensor(torch.ones(8, 4), m, [Shard(0), Shard(1)], src_data_rank=None)
+    red = shard_reduction(t)
+    out["size1_dim_skipped"] = red is not None and [g.group_name for g in red.groups] == [
+        m.get_group(1).group_name
+    ]
+    t = distribute_tensor(torch.ones(8, 4), m, [Shard(0), Replicate()], src_data_rank=None)
+    out["only_size1_shard_is_whole"] = shard_reduction(t) is None
     dist.barrier()
     return out
 
