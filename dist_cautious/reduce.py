@@ -28,12 +28,14 @@ optimizer is not given. The extra round costs one latency of a tiny message.
 
 Why this cannot hang: the table, the schedule and every vector length come from
 *metadata* only: the order of ``param_groups``, each DTensor's mesh, placements and global
-shape. :meth:`CAdamW.step` reserves the slots of **every** parameter on every rank, before
-looking at gradients, and nothing here depends on a gradient's presence, on the size (or
-emptiness) of a local shard or on data. Every rank of a group therefore issues the same
-all-reduces on that group, in the same order, with vectors of the same length. This holds as
-long as all ranks call ``step()`` together with the same parameters in the same order and
-the same ``scale`` (the SPMD contract FSDP2 already imposes). An exception raised on one
+shape. :meth:`CAdamW.step` reserves the slots of **every** parameter on every rank, whether
+or not it has a gradient there, and nothing here depends on a gradient's presence, on the
+size (or emptiness) of a local shard or on data. So every member of a group issues exactly
+one all-reduce on it per step, in the same round, with a vector of the same length; a
+round only waits for its own all-reduces, which every member has started, so the rounds
+cannot wait on each other in a cycle. This holds as long as all ranks call ``step()``
+together with the same parameters in the same order and the same ``scale`` (the SPMD
+contract FSDP2 already imposes; members of a group hold the same parameters). An exception raised on one
 rank only before the all-reduce (say a sparse or wrongly placed gradient) leaves the others
 waiting in it until the process group's timeout, as with any collective.
 
