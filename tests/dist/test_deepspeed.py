@@ -1,0 +1,358 @@
+"""CAdamW under DeepSpeed ZeRO 0/1/2/3 (gloo on CPU), against independent references.
+
+Two torchrun launches (world 2 and world 4; a launch costs seconds on 2 cores, so the
+scenarios share them). The worker (tests/dist/workers/ds_worker.py) trains a model whose
+tensors straddle ZeRO partition cuts, with two param groups (decay / no decay), for 10
+optimizer steps, and reports:
+
+* trajectory errors of the final parameters against a single-process ``CAdamW`` on the
+  full batch and against the float64 oracle (``tests/oracle.py``, float64 gradients of a
+  float64 model copy); for ``scale="shard"``, against a float64 oracle over the ZeRO
+  fragments, computed from the partitioning rules, not from the adapter;
+* a step audit of every ``optimizer.step()`` call: all ranks' flat partitions, gradients
+  and moments gathered, whole tensors rebuilt, one float64 oracle step compared with what
+  the ranks computed (exact even for bf16 models: the master weights are fp32), padding
+  untouched, all-reduces counted;
+* the adapter's fragments against the expected rules and DeepSpeed's own ``_hp_mapping``.
+
+This file asserts on those numbers. The FSDP2 comparison: ``z2.global.fp32.fsdp`` trains
+the same model with FSDP2 + CAdamW in the same launch and compares directly (and both are
+compared with the same single-process reference here and in tests/dist/test_fsdp2.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_cautious import CAdamW
+from dist_cautious import deepspeed as dc_ds
+from dist_cautious.deepspeed import Fragment, ZeroFlatLayout
+from tests.dist.harness import torchrun
+from tests.oracle import rel_err
+
+WORKER = Path(__file__).parent / "workers" / "ds_worker.py"
+STEPS = 10  # optimizer steps per scenario (ds_worker.STEPS)
+TOL = 1e-6  # fp32: relative L2 error of the final parameters, and of each audited step
+TOL_UPDATE = 1e-4  # relative error of one step's update p_new - p_old (fp32 rounding of p)
+TOL_TRAJ_UPDATE = 5e-6  # relative error of the total update p_10 - p_0 over 10 steps (fp32)
+TOL_BF16 = 3e-2  # bf16 model: final parameters vs the fp32 references (measured 9.8e-3)
+DIFFERS = 1e-2  # global vs shard on straddling tensors: at least this different
+
+W2 = [
+    # ZeRO disabled: fp32 (CAdamW steps the model's tensors), bf16 (FP16_UnfusedOptimizer)
+    "z0.global.fp32",
+    "z0.shard.fp32",
+    "z0.global.bf16.ckpt",
+    # ZeRO-1: DeepSpeedZeroOptimizer; bf16 + fp32 accumulation: BF16_Optimizer
+    "z1.global.fp32.gas2",
+    "z1.shard.fp32",
+    "z1.global.bf16acc32.ckpt",
+    # ZeRO-2, also against FSDP2 in the same launch, round-robin gradients, bf16
+    "z2.global.fp32.fsdp.ckpt",
+    "z2.shard.fp32",
+    "z2.global.fp32.rr",
+    "z2.global.bf16",
+    # ZeRO-3: several sub-groups (step() per sub-group), bf16, parameter offload to CPU
+    "z3.global.fp32.sub10.gas2",
+    "z3.shard.fp32",
+    "z3.global.bf16",
+    "z3.global.fp32.offp.ckpt",
+    # plain deepspeed.initialize without the adapter
+    "z0.bf16.forgot",
+    "z0.forgot",
+    "z1.forgot",
+    "z1.bf16acc32.forgot",
+    "z2.forgot",
+    "z3.forgot",
+]
+W4 = [
+    "z1.global.fp32",
+    "z1.shard.fp32",
+    "z2.global.fp32.gas2",
+    "z2.shard.fp32.rr",
+    "z3.global.fp32.sub10",
+    "z3.shard.fp32",
+    # MoE: experts partitioned over the expert data-parallel group (size 2 of 4)
+    "z2.global.moe",
+    "z1.global.bf16acc32.moe",
+]
+
+
+def _launch(nproc: int, out: Path, specs: list[str]) -> dict:
+    torchrun(WORKER, nproc, [out, *specs], timeout=420, extra_env={"DS_ACCELERATOR": "cpu"})
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def w2(tmp_path_factory) -> dict:
+    pytest.importorskip("deepspeed")
+    return _launch(2, tmp_path_factory.mktemp("ds2") / "out.json", W2)
+
+
+@pytest.fixture(scope="module")
+def w4(tmp_path_factory) -> dict:
+    pytest.importorskip("deepspeed")
+    return _launch(4, tmp_path_factory.mktemp("ds4") / "out.json", W4)
+
+
+def _tokens(spec: str) -> set[str]:
+    return set(spec.split("."))
+
+
+def _check(r: dict) -> None:
+    """Assertions common to every trained scenario."""
+    spec = r["spec"]
+    assert "crash" not in r, r.get("tb", r)
+    tok = _tokens(spec)
+    stage = int(next(t for t in tok if t.startswith("z"))[1:])
+    # the adapter's mapping equals the partitioning rules; DeepSpeed's own _hp_mapping agrees
+    # (except with round-robin gradients, where DeepSpeed 0.19's _hp_mapping ignores the
+    # reordering of the flat buffer: a DeepSpeed issue we do not depend on)
+    assert r["layout_equal"], r.get("layout_mismatch")
+    if stage in (1, 2) and "rr" not in tok:
+        assert r["hp_mapping_checked"] > 0 and r["hp_mapping_equal"], r
+    # every step call audited exactly against the float64 oracle (per tensor or fragment)
+    assert r["audit_missing"] == 0
+    for key in ("p", "m", "v"):
+        assert r["audit"][key] <= TOL, (spec, r["audit"])
+    assert r["audit"]["update"] <= TOL_UPDATE, (spec, r["audit"])
+    assert r["padding_ok"], spec
+    # the mask and factor are computed once per optimizer step, at the accumulation boundary
+    assert r["boundary_ok"], spec
+    assert r["state_steps"] == [STEPS], (spec, r["state_steps"])
+    wrapper = r["kind"]
+    per_step = {
+        "DeepSpeedZeroOptimizer": 2,  # one call per param group
+        "DeepSpeedZeroOptimizer_Stage3": r["flats"],  # one call per sub-group
+        "BF16_Optimizer": 1,
+        "FP16_UnfusedOptimizer": 1,
+        "CAdamW": 1,
+    }[wrapper]
+    assert r["step_calls"] == STEPS * per_step, (spec, r["step_calls"])
+    # one all-reduce per step call (per process group), none for shard or without ZeRO
+    if stage == 0 or r["spec"].count("shard"):
+        assert r["allreduces_per_call"] == [0], (spec, r["allreduces_per_call"])
+    elif wrapper == "BF16_Optimizer" and "moe" in tok:
+        assert r["allreduces_per_call"] == [2], r  # dense dp group + expert dp group
+    else:
+        assert r["allreduces_per_call"] == [1], (spec, r["allreduces_per_call"])
+    # global and shard differ on the tensors that straddle a partition cut
+    if stage > 0:
+        assert r["other_mode_max_diff"] >= DIFFERS, (spec, r["other_mode_max_diff"])
+    if "ckpt" in tok:  # save at step 5, resume in a fresh engine: same parameters
+        assert r["ckpt_resume"]["all"] <= 1e-7, r["ckpt_resume"]
+        assert r["ckpt_state_steps"] == [STEPS], r
+
+
+def _check_trajectory(r: dict) -> None:
+    spec = r["spec"]
+    tok = _tokens(spec)
+    if "moe" in tok:
+        return
+    refs = ["vs_single_process", "vs_oracle"] if "global" in tok else ["vs_oracle"]
+    for ref in refs:
+        e = r[ref]
+        if "fp32" in tok:
+            assert e["all"] <= TOL and e["max_tensor"] <= TOL, (spec, ref, e)
+            assert e["update"] <= TOL_TRAJ_UPDATE, (spec, ref, e)
+        else:  # bf16 model (fp32 master weights): stated tolerance
+            assert e["all"] <= TOL_BF16, (spec, ref, e)
+    if "shard" in tok and int(spec[1]) > 0:
+        # per-fragment semantics, measurably different from whole-tensor C-AdamW
+        assert r["vs_global_oracle"]["update"] >= 1e-3, r["vs_global_oracle"]
+
+
+def _trained(res: dict) -> list[dict]:
+    return [r for s, r in res.items() if "forgot" not in s]
+
+
+@pytest.mark.dist
+def test_world2_matches_references(w2):
+    rs = _trained(w2)
+    assert len(rs) == 14
+    for r in rs:
+        _check(r)
+        _check_trajectory(r)
+
+
+@pytest.mark.dist
+def test_world4_matches_references(w4):
+    assert len(w4) == len(W4)
+    for r in w4.values():
+        _check(r)
+        _check_trajectory(r)
+
+
+@pytest.mark.dist
+def test_global_matches_fsdp2(w2):
+    r = w2["z2.global.fp32.fsdp.ckpt"]
+    assert r["vs_fsdp2"]["all"] <= TOL and r["vs_fsdp2"]["update"] <= TOL_TRAJ_UPDATE, r
+
+
+@pytest.mark.dist
+def test_wrappers_covered(w2, w4):
+    kinds = {r["kind"] for r in _trained(w2) + list(w4.values())}
+    assert kinds == {
+        "CAdamW",
+        "FP16_UnfusedOptimizer",
+        "DeepSpeedZeroOptimizer",
+        "BF16_Optimizer",
+        "DeepSpeedZeroOptimizer_Stage3",
+    }
+    assert w2["z3.global.fp32.sub10.gas2"]["flats"] > 2  # several sub-groups per group
+
+
+@pytest.mark.dist
+def test_forgot_adapter_raises(w2):
+    expect = {
+        "z0.bf16.forgot": ("initialize", None),  # FP16_UnfusedOptimizer steps while built
+        "z1.forgot": ("step", "DeepSpeedZeroOptimizer"),
+        "z1.bf16acc32.forgot": ("step", "BF16_Optimizer"),
+        "z2.forgot": ("step", "DeepSpeedZeroOptimizer"),
+        "z3.forgot": ("step", "DeepSpeedZeroOptimizer_Stage3"),
+    }
+    for spec, (where, wrapper) in expect.items():
+        r = w2[spec]
+        assert r["where"] == where and r.get("wrapper") == wrapper, r
+        assert r["error"] and "never given" in r["error"], r
+        assert "dist_cautious.deepspeed.initialize" in r["error"], r
+        assert "dist_cautious.deepspeed.attach" in r["error"], r
+    # fp32 without ZeRO: DeepSpeed steps the model's own tensors, nothing to forget
+    assert w2["z0.forgot"]["error"] is None and w2["z0.forgot"]["wrapper"] == "CAdamW"
+
+
+# --------------------------------------------------------------------------- no launch
+
+
+def test_config_defaults_and_merge():
+    base = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+    }
+    cfg = dc_ds.config(base, zero_optimization={"stage": 3}, bf16={"enabled": True})
+    assert base == {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+    }
+    assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert cfg["zero_allow_untested_optimizer"] is True
+    assert cfg["gradient_clipping"] == 0.0
+    assert cfg["bf16"] == {"enabled": True}
+    assert dc_ds.config(gradient_clipping=1.0)["gradient_clipping"] == 1.0  # user's choice kept
+    assert dc_ds.config() == {"zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+
+
+@pytest.mark.parametrize(
+    "cfg, exc, words",
+    [
+        ({"optimizer": {"type": "AdamW"}}, ValueError, "'optimizer' section"),
+        ({"zero_optimization": {"stage": 4}}, ValueError, "stage=4"),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            NotImplementedError,
+            "offload_optimizer.device='cpu'",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
+            NotImplementedError,
+            "'nvme'",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+            NotImplementedError,
+            "offload_param",
+        ),
+        (
+            {"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}},
+            NotImplementedError,
+            "zenflow",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "super_offload": True}},
+            NotImplementedError,
+            "super_offload",
+        ),
+        (
+            {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": False},
+            ValueError,
+            "zero_allow_untested_optimizer",
+        ),
+        ({"gradient_clipping": -1.0}, ValueError, "gradient_clipping=-1.0"),
+    ],
+)
+def test_config_rejects(cfg, exc, words):
+    with pytest.raises(exc, match=None) as ei:
+        dc_ds.config(cfg)
+    assert words in str(ei.value)
+    with pytest.raises(exc):
+        dc_ds.check_config(cfg)
+
+
+def test_config_allows_param_offload_to_cpu():
+    cfg = dc_ds.config(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}})
+    assert cfg["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+
+def test_attach_errors():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match="AdamW, not dist_cautious.CAdamW"):
+        dc_ds.attach(SimpleNamespace(optimizer=torch.optim.AdamW([p])))
+    with pytest.raises(TypeError, match="no CAdamW found"):
+        dc_ds.attach(SimpleNamespace(optimizer=None))
+    opt = CAdamW([p])
+    assert dc_ds.attach(SimpleNamespace(optimizer=opt)) is opt  # nothing replaced: fine
+    opt.param_groups[0]["params"] = [
+        torch.zeros(4, requires_grad=True)
+    ]  # an unknown wrapper did this
+    with pytest.raises(NotImplementedError, match="does not know how to map"):
+        dc_ds.attach(SimpleNamespace(optimizer=opt))
+
+
+def test_initialize_rejects_other_optimizers():
+    pytest.importorskip("deepspeed")
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match="not dist_cautious.CAdamW"):
+        dc_ds.initialize(model=torch.nn.Linear(2, 2), optimizer=torch.optim.AdamW([p]), config={})
+    with pytest.raises(ValueError, match="'optimizer' section"):
+        dc_ds.initialize(model=None, optimizer=CAdamW([p]), config={"optimizer": {"type": "Adam"}})
+    with pytest.raises(TypeError, match="needs optimizer=CAdamW"):
+        dc_ds.initialize(model=None, config={})
+
+
+def test_flat_layout_steps_like_separate_tensors():
+    """One process: a flat buffer [a | b | pad] with a ZeroFlatLayout steps exactly like
+    CAdamW on a and b separately; padding and a zero-length fragment are left alone."""
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3), torch.randn(7)
+    ga, gb = torch.randn(5, 3), torch.randn(7)
+    flat = torch.nn.Parameter(torch.cat([a.reshape(-1), b, torch.zeros(2)]))
+    frags = [Fragment(0, 15, 0, 0, 15), Fragment(1, 7, 0, 15, 7), Fragment(2, 9, 0, 0, 0)]
+    opt = CAdamW([flat], lr=1e-2, weight_decay=0.1, backend="reference")
+    opt.register_layout(flat, ZeroFlatLayout(frags, None, 24, "test"))
+    pa, pb = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+    ref = CAdamW([pa, pb], lr=1e-2, weight_decay=0.1, backend="reference")
+    for _ in range(3):
+        flat.grad = torch.cat([ga.reshape(-1), gb, torch.ones(2)])
+        pa.grad, pb.grad = ga.clone(), gb.clone()
+        opt.step()
+        ref.step()
+        ga, gb = ga + 0.3 * torch.randn_like(ga), gb + 0.3 * torch.randn_like(gb)
+    assert rel_err(flat.detach()[:15], pa.detach().reshape(-1)) <= 1e-7
+    assert rel_err(flat.detach()[15:22], pb.detach()) <= 1e-7
+    assert torch.equal(flat.detach()[22:], torch.zeros(2))
+    assert torch.equal(opt.state[flat]["exp_avg"][22:], torch.zeros(2))
+
+
+def test_flat_layout_checks():
+    with pytest.raises(RuntimeError, match="overlapping"):
+        ZeroFlatLayout([Fragment(0, 4, 0, 0, 4), Fragment(1, 4, 0, 2, 4)], None, 8, "t")
+    with pytest.raises(RuntimeError, match="outside its tensor"):
+        ZeroFlatLayout([Fragment(0, 4, 2, 0, 4)], None, 8, "t")
+    lay = ZeroFlatLayout([Fragment(0, 4, 0, 0, 4)], None, 8, "t")
+    with pytest.raises(RuntimeError, match="re-partitioned"):
+        lay.reserve(torch.zeros(9), None)
