@@ -49,6 +49,7 @@ ENGINES = ("fsdp2", "hsdp", "ddp", "deepspeed")
 MODES = ("global", "shard", "allgather")
 SCALE_ALIASES = {"both": ("global", "shard"), "all": MODES}
 LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+CHECK_FAILED = 3  # exit status of every rank when --check-against finds a difference
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -136,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast the forward pass (parameters and optimizer stay fp32)",
     )
     p.add_argument(
+        "--grad-reduce-dtype",
+        default="fp32",
+        choices=("fp32", "fp64"),
+        help="fsdp2/hsdp/ddp: reduce gradients in this dtype. fp64 makes the averaged gradient the "
+        "correctly rounded fp32 mean whatever the summation order, so engines with different "
+        "reduction orders (world > 2) produce bitwise-comparable runs (default fp32)",
+    )
+    p.add_argument(
         "--hsdp-shard",
         type=int,
         default=None,
@@ -214,6 +223,10 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)(str(Path(__file__).resolve()), *argv)
     except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {CHECK_FAILED}:
+            print("bench.py: --check-against found a difference (see above)", file=sys.stderr)
+            return CHECK_FAILED
         print(f"bench.py: a worker failed:\n{e.format_msg()}", file=sys.stderr)
         return 1
     return 0
@@ -307,6 +320,23 @@ def make_optimizer(ctx: Ctx, groups: list[dict], mode: str, lr: float) -> Any:
     return CAdamW(groups, scale=mode, backend=a.backend, **kw)
 
 
+def fp64_allreduce_hook(state, bucket):  # no annotations: DDP inspects them
+    """DDP comm hook: average the bucket in float64 (sum order then cannot change the result)."""
+    import torch
+    import torch.distributed as dist
+
+    buf = bucket.buffer()
+    wide = buf.to(torch.float64)
+    fut = dist.all_reduce(wide, async_op=True).get_future()
+
+    def done(f: Any) -> Any:
+        out = f.value()[0].div_(dist.get_world_size())
+        buf.copy_(out)
+        return buf
+
+    return fut.then(done)
+
+
 class Run:
     """One engine + optimizer on a fresh model; the training step and parameter access."""
 
@@ -322,14 +352,11 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = model.to(ctx.device)
-            if mode == "allgather":
-                raise SystemExit(
-                    "--scale allgather is the all-gather baseline for sharded (DTensor) parameters; "
-                    "under --engine ddp the tensors are already whole: use fsdp2 or hsdp"
-                )
             self.opt = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
             self.module = model
             self.wrapped = DDP(model, device_ids=[ctx.device.index] if ctx.cuda else None)
+            if a.grad_reduce_dtype == "fp64":
+                self.wrapped.register_comm_hook(None, fp64_allreduce_hook)
         elif engine in ("fsdp2", "hsdp"):
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -344,9 +371,14 @@ class Run:
                     ctx.device.type, hsdp_shape(ctx), mesh_dim_names=("replicate", "shard")
                 )
             model = model.to(ctx.device)
+            kw: dict[str, Any] = {}
+            if a.grad_reduce_dtype == "fp64":
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                kw["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float64)
             for layer in model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, **kw)
+            fully_shard(model, mesh=mesh, **kw)
             self.opt = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
             self.module = self.wrapped = model
         elif engine == "deepspeed":
@@ -361,6 +393,11 @@ class Run:
                 raise SystemExit(
                     f"--engine deepspeed needs dist_cautious.deepspeed and deepspeed ({e})"
                 ) from None
+            import logging
+
+            import deepspeed
+
+            deepspeed.utils.logger.setLevel(logging.WARNING)
             model = model.to(ctx.device)
             client = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
             conf = dc_ds.config(
@@ -576,6 +613,9 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
 
     meter = CommMeter(ctx.cuda)
     opt_time = [0.0]
+    # Mask counts of the current training step, summed over optimizer.step() calls
+    # (DeepSpeed ZeRO calls step() once per param group / sub-group).
+    mask_acc: list[Any] = [None]
     orig_step = run.opt.step
 
     def timed_step(*args: Any, **kwargs: Any) -> Any:
@@ -588,6 +628,9 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
             meter.active = False
             sync(ctx)
             opt_time[0] += time.perf_counter() - t0
+            ms = step_mask_stats(run.opt)
+            if ms is not None:
+                mask_acc[0] = ms if mask_acc[0] is None else mask_acc[0] + ms
 
     run.opt.step = timed_step  # DeepSpeed's ZeRO wrapper calls this instance attribute too
 
@@ -609,6 +652,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
             run.set_lr(lr_at(step, a.steps, peak_lr))
             meter.reset()
             opt_time[0] = 0.0
+            mask_acc[0] = None
             t0 = time.perf_counter()
             loss = run.train_step(tokens)
             sync(ctx)
@@ -622,7 +666,8 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
                 per_step["calls"].append(meter.calls)
                 per_step["bytes"].append(meter.bytes)
             if bar.wants_values(step):
-                kf = getattr(run.opt, "kept_fraction", None)
+                acc = mask_acc[0]
+                kf = float(acc[0] / acc[1]) if acc is not None and acc[1] > 0 else None
                 bar.update(step, float(loss), kf)
             else:
                 bar.update(step, None, None)
@@ -641,7 +686,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         [per_step[k] for k in ("opt", "comm", "compute", "step")], dtype=torch.float64, device=dev
     ).reshape(4, n)
     dist.all_reduce(timing, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
-    stats = opt_mask_stats(run.opt, dev)
+    stats = mask_acc[0].to(dev) if mask_acc[0] is not None else None
     if stats is not None:
         dist.all_reduce(stats)  # ratio: replicas scale both counts alike
     mem, mem_kind = peak_memory(ctx)
@@ -695,18 +740,14 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
     return result, params
 
 
-def opt_mask_stats(opt: Any, dev: Any) -> Any:
+def step_mask_stats(opt: Any) -> Any:
+    """(kept, elements) of the optimizer's last ``step()`` call, float64, on its device."""
     import torch
 
     ms = getattr(opt, "mask_stats", None)
-    if ms is not None:
-        return torch.stack(
-            [ms["kept"].sum().to(torch.float64), ms["elements"].sum().to(torch.float64)]
-        ).to(dev)
-    kf = getattr(opt, "kept_fraction", None)
-    if kf is None:
+    if ms is None:
         return None
-    return torch.tensor([kf, 1.0], dtype=torch.float64, device=dev)
+    return torch.stack([ms["kept"].sum(), ms["elements"].sum()]).to(torch.float64)
 
 
 def checksum(params: dict[str, Any]) -> dict[str, float]:
@@ -815,10 +856,14 @@ def footnotes(results: list[dict]) -> list[str]:
 
 
 def worker(args: argparse.Namespace) -> int:
+    import warnings
+
     import torch
     import torch.distributed as dist
     from model import MarkovLanguage, count_params, preset
 
+    # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor name on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
     ctx = Ctx(args)
     torch.manual_seed(args.seed)
     cfg = preset(args.preset)
@@ -849,10 +894,11 @@ def worker(args: argparse.Namespace) -> int:
         ref_results = []
         check = {"against": args.check_against, "tolerance_global": args.check_tol, "modes": {}}
         for mode in args.scale:
-            if mode == "allgather" and args.check_against in ("ddp", "deepspeed"):
+            if mode == "allgather" and args.check_against == "deepspeed":
                 continue
             r, p = run_mode(ctx, args.check_against, mode, cfg, lang)
             ref_results.append(r)
+            params[(args.check_against, mode)] = p
             if ctx.rank == 0:
                 rel, where = compare(params[(args.engine, mode)], p)
                 check["modes"][mode] = {"max_rel_diff": rel, "worst_tensor": where}
@@ -878,7 +924,7 @@ def worker(args: argparse.Namespace) -> int:
                 )
                 c["pass"] = ok
                 if mode != "shard" and not ok:
-                    status = 1
+                    status = CHECK_FAILED
         if args.json_out:
             out = {
                 "preset": args.preset,

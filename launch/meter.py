@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 C10D_OPS = (
     "all_reduce",
@@ -161,24 +160,37 @@ class CommMeter:
         return wrapper
 
     def install(self) -> CommMeter:
+        """Wrap the entry points where torch defines them and wherever a module imported
+        them by name (DTensor's ``from ...distributed_c10d import scatter``, ...)."""
+        import sys
+
         import torch.distributed._functional_collectives as funcol
         import torch.distributed.distributed_c10d as c10d
 
+        targets: list[tuple[Callable, Callable]] = []
         for name in C10D_OPS:
             fn = getattr(c10d, name, None)
-            if fn is None:
-                continue
-            w = self._wrap_c10d(name, fn)
-            for mod in (c10d, dist):
-                if getattr(mod, name, None) is fn:
-                    self._saved.append((mod, name, fn))
-                    setattr(mod, name, w)
+            if fn is not None:
+                targets.append((fn, self._wrap_c10d(name, fn)))
         for name in FUNCOL_OPS:
             fn = getattr(funcol, name, None)
-            if fn is None:
+            if fn is not None:
+                targets.append((fn, self._wrap_funcol(name, fn)))
+        by_id = {id(fn): w for fn, w in targets}
+        for modname, mod in list(sys.modules.items()):
+            if mod is None or not modname.startswith(
+                ("torch.distributed", "dist_cautious", "deepspeed")
+            ):
                 continue
-            self._saved.append((funcol, name, fn))
-            setattr(funcol, name, self._wrap_funcol(name, fn))
+            try:
+                items = list(vars(mod).items())
+            except TypeError:
+                continue
+            for attr, val in items:
+                w = by_id.get(id(val))
+                if w is not None:
+                    self._saved.append((mod, attr, val))
+                    setattr(mod, attr, w)
         return self
 
     def uninstall(self) -> None:
