@@ -356,3 +356,23 @@ def test_flat_layout_checks():
     lay = ZeroFlatLayout([Fragment(0, 4, 0, 0, 4)], None, 8, "t")
     with pytest.raises(RuntimeError, match="re-partitioned"):
         lay.reserve(torch.zeros(9), None)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [2])
+def test_hf_trainer_recipe(tmp_path, stage):
+    """docs/deepspeed.md's HF Trainer recipe (runs only where transformers is installed)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "hf.json"
+    torchrun(
+        WORKER.parent / "ds_hf_trainer.py",
+        2,
+        [out, stage],
+        timeout=300,
+        extra_env={"DS_ACCELERATOR": "cpu"},
+    )
+    r = json.loads(out.read_text())
+    assert r["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer"], r
+    assert r["layouts"] == 2 and r["state_steps"] == [4], r

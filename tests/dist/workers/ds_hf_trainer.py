@@ -1,0 +1,140 @@
+"""HF Trainer + DeepSpeed + CAdamW (torchrun, gloo on CPU): the recipe of docs/deepspeed.md.
+
+usage: ds_hf_trainer.py OUT.json STAGE
+
+Trains a tiny model for a few steps with ``transformers.Trainer`` and a DeepSpeed config,
+CAdamW built by a ``Trainer.create_optimizer`` override and registered by a
+``TrainerCallback`` that calls ``dist_cautious.deepspeed.attach``. Rank 0 writes what it saw.
+Needs ``transformers`` and ``accelerate`` (the test skips without them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dist_cautious import CAdamW  # noqa: E402
+from dist_cautious import deepspeed as dc_ds  # noqa: E402
+
+MAX_STEPS = 4
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(13, 17)
+        self.l2 = nn.Linear(17, 5)
+
+    def forward(self, x, labels=None):
+        out = self.l2(torch.tanh(self.l1(x)))
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(64, 13, generator=g), torch.randn(64, 5, generator=g)
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+# --- the recipe (docs/deepspeed.md) ------------------------------------------------------
+
+
+class CAdamWTrainer(Trainer):
+    """Under DeepSpeed the Trainer drops ``optimizers=(...)`` and calls create_optimizer."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            m = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(m))
+            params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+            self.optimizer = CAdamW(
+                [
+                    {
+                        "params": [p for n, p in params if n in decay],
+                        "weight_decay": self.args.weight_decay,
+                    },
+                    {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+                ],
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+
+class AttachCAdamW(TrainerCallback):
+    """Registers the ZeRO layouts once DeepSpeed has wrapped the optimizer."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        dc_ds.attach(optimizer)
+
+
+# -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    out, stage = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    ds_config = dc_ds.config(
+        {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": stage},
+        }
+    )
+    args = TrainingArguments(
+        output_dir=str(Path(out).parent / "hf_out"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=MAX_STEPS,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # must match the config's gradient_clipping (0.0)
+        deepspeed=ds_config,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = CAdamWTrainer(
+        model=Net(), args=args, train_dataset=Data(), callbacks=[AttachCAdamW()]
+    )
+    trainer.train()
+    chain, o = [], trainer.optimizer
+    while not isinstance(o, CAdamW):
+        chain.append(type(o).__name__)
+        o = o.optimizer
+    res = {
+        "chain": chain,
+        "layouts": len(o._layouts),
+        "state_steps": sorted({int(s["step"]) for s in o.state.values()}),
+        "kept_fraction": o.kept_fraction,
+    }
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
