@@ -15,9 +15,13 @@ device); the kept-mask statistics are device tensors read only when you ask for 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from itertools import repeat
+from operator import attrgetter, is_
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -73,6 +77,104 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str) -
         raise ValueError(
             f"{where}: invalid weight_decay={weight_decay!r}; it must be a float >= 0"
         )
+
+
+_GRAD = attrgetter("grad")
+_IS_SPARSE = attrgetter("is_sparse")
+
+
+def _drop_plan(optimizer: Optimizer, state_dict: Any) -> None:
+    """``load_state_dict`` pre-hook: the cached step plan refers to the old state."""
+    optimizer._plan = None  # type: ignore[attr-defined]
+
+
+class _Entry:
+    """A parameter with a gradient in a step plan."""
+
+    __slots__ = ("param", "state", "exp_avg", "exp_avg_sq", "token", "gi", "step")
+
+    def __init__(
+        self,
+        param: Tensor,
+        state: dict[str, Any],
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        token: object,
+        gi: int,
+        step: int,
+    ) -> None:
+        self.param, self.state, self.token, self.gi = param, state, token, gi
+        self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
+        self.step: Any = step  # the int step while planning; the counter view once frozen
+
+
+class _Bucket:
+    """Pieces stepped by one backend call: one param group, step value, device and dtypes."""
+
+    def __init__(self, gi: int, step: int, backend: ModuleType) -> None:
+        self.gi, self.step, self.backend = gi, step, backend
+        self.pieces: list[Piece] = []
+        self.params: list[Tensor] = []
+        self.exp_avgs: list[Tensor] = []
+        self.exp_avg_sqs: list[Tensor] = []
+        self.src: list[int] = []  # entry index of each piece
+        self.dynamic: list[Piece] | None = None  # DTensor buckets: pieces refreshed per step
+        self.device: torch.device | None = None
+        self.grad_dtype: torch.dtype | None = None
+        self.all_entries = False  # src == every entry, in order: the gradient list as is
+
+    def add(self, pc: Piece, entry: int) -> None:
+        self.pieces.append(pc)
+        self.params.append(pc.param)
+        self.exp_avgs.append(pc.exp_avg)
+        self.exp_avg_sqs.append(pc.exp_avg_sq)
+        self.src.append(entry)
+        self.device = pc.param.device
+        self.grad_dtype = pc.grad.dtype
+
+
+class _Plan:
+    """Everything a step needs except the gradients (see the comment above ``step``)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.groups: list[dict[str, Any]] = kw["groups"]
+        self.param_ids: list[tuple[int, ...]] = kw["param_ids"]
+        self.params: list[Tensor] = kw["params"]
+        self.none_pattern: list[bool] = kw["none_pattern"]
+        self.entries: list[_Entry] = kw["entries"]
+        self.table: SlotTable = kw["table"]
+        self.home: torch.device = kw["home"]
+        self.buckets: list[_Bucket] = kw["buckets"]
+        self.state_obj: Any = kw["state_obj"]
+        self.settings: tuple = kw["settings"]
+        self.pieces = [pc for b in self.buckets for pc in b.pieces]
+        self.piece_group = [b.gi for b in self.buckets for _ in b.pieces]
+        self.grad_index = [i for i, none in enumerate(self.none_pattern) if not none]
+        self.states = [e.state for e in self.entries]
+        self.ms = [e.exp_avg for e in self.entries]
+        self.vs = [e.exp_avg_sq for e in self.entries]
+        self.steps: list[Tensor] = []
+        n = len(self.entries)
+        for b in self.buckets:
+            b.all_entries = b.src == list(range(n))
+        self.step_buf: Tensor | None = None
+        self.step_version = -1
+
+    def freeze(self) -> None:
+        """Make the plan reusable: drop gradient references, share the step counters."""
+        for b in self.buckets:
+            b.pieces = [dataclasses.replace(pc, grad=None) for pc in b.pieces]
+            if any(is_dtensor(self.entries[i].param) for i in b.src):
+                b.dynamic = list(b.pieces)
+        self.pieces = [pc for b in self.buckets for pc in b.pieces]
+        buf = torch.tensor([float(e.step) for e in self.entries], dtype=torch.float32)
+        for j, e in enumerate(self.entries):
+            view = buf[j]
+            e.state["step"] = view
+            e.step = view
+        self.steps = [e.step for e in self.entries]
+        self.step_buf = buf
+        self.step_version = buf._version
 
 
 class CAdamW(Optimizer):
@@ -151,11 +253,13 @@ class CAdamW(Optimizer):
         self._known_params: set[int] = set()
         self._layouts: dict[int, ParamLayout] = {}
         self._stats: ReducedCounts | None = None
+        self._plan: _Plan | None = None  # cached step plan, see step()
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize
         )
         defaults.update(_ADAMW_GROUP_KEYS)
         super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(_drop_plan)
 
     # ------------------------------------------------------------------ set-up
 
@@ -186,6 +290,7 @@ class CAdamW(Optimizer):
         """
         self._layouts[id(param)] = layout
         self._known_params.add(id(param))
+        self._plan = None
 
     def _layout_for(self, p: Tensor) -> ParamLayout:
         layout = self._layouts.get(id(p))
@@ -194,12 +299,13 @@ class CAdamW(Optimizer):
         if id(p) not in self._known_params:
             raise RuntimeError(
                 f"CAdamW is asked to step a tensor it was never given (shape {tuple(p.shape)}, "
-                f"dtype {p.dtype}). DeepSpeed ZeRO does this when it swaps the model's "
-                "parameters for flat partitions that mix slices of many tensors; a factor "
-                "computed on them would be per-partition, not per-tensor. Call "
-                "dist_cautious.deepspeed.attach(engine) after deepspeed.initialize(...) "
-                "(or use dist_cautious.deepspeed.initialize). If you changed param_groups "
-                "by hand, use optimizer.add_param_group instead."
+                f"dtype {p.dtype}). DeepSpeed does this when it swaps the model's parameters "
+                "for flat ZeRO partitions that mix slices of many tensors (a factor computed "
+                "on them would be per-partition, not per-tensor) or for fp32 master copies. "
+                "Use dist_cautious.deepspeed.initialize(...) instead of "
+                "deepspeed.initialize(...), or call dist_cautious.deepspeed.attach(engine) "
+                "right after it (see docs/deepspeed.md). If you changed param_groups by hand, "
+                "use optimizer.add_param_group instead."
             )
         return DEFAULT_LAYOUT
 
@@ -256,6 +362,19 @@ class CAdamW(Optimizer):
             )
 
     # ------------------------------------------------------------------ step
+    #
+    # A step is planned (walk every parameter: layouts, slots, state, pieces, buckets) and
+    # then executed (count pass, reduce, factor, update pass). Planning is Python work per
+    # parameter; at LLaMA-60M shapes it would cost more than the kernels. So a plan whose
+    # parameters all use the default layout (plain tensors, DDP, DTensors) is cached and
+    # reused while nothing it depends on changed: the same param_groups (same dicts, same
+    # parameters in the same order), the same gradient presence pattern, the same state
+    # objects (``load_state_dict`` and ``register_layout`` drop the plan), unchanged step
+    # counters (checked through their version counter) and the same ``scale`` / ``backend``
+    # / ``state_dtype``. Reusing a plan then costs O(1) work per parameter: read ``.grad``
+    # and compare identities. Step counters of a cached plan are 0-d views of one float32
+    # buffer (``state["step"]`` keeps its meaning and its value), incremented by one op.
+    # Layouts registered by adapters (DeepSpeed ZeRO) are planned every step.
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -265,19 +384,43 @@ class CAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        plan = getattr(self, "_plan", None)
+        grads = self._reuse(plan) if plan is not None else None
+        if grads is None:
+            self._plan = None
+            plan, grads = self._make_plan()
+            if plan is None:
+                return loss
+        self._execute(plan, grads)  # gradients are held by locals only, never by the plan
+        return loss
+
+    def _settings(self) -> tuple:
+        return (self.scale, self.backend, self.state_dtype, len(self.param_groups))
+
+    def _make_plan(self) -> tuple[_Plan | None, list[list[Tensor]] | None]:
+        """Walk every parameter (the reference path); cache the plan when it may be reused."""
         table = SlotTable()
-        buckets: dict[tuple, list[tuple[Piece, int]]] = defaultdict(list)
+        buckets: dict[tuple, _Bucket] = {}
+        bucket_grads: dict[tuple, list[Tensor]] = defaultdict(list)
         home: torch.device | None = None
+        params: list[Tensor] = []
+        none_pattern: list[bool] = []
+        entries: list[_Entry] = []
+        cacheable = True
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
             table.current_group = gi
             for p in group["params"]:
                 layout = self._layout_for(p)
+                if layout is not DEFAULT_LAYOUT:
+                    cacheable = False
                 # Reserve slots for every parameter, gradient or not (see reduce.py).
                 token = layout.reserve(p, table) if self.scale == "global" else None
                 if home is None:
                     home = (p.to_local() if is_dtensor(p) else p).device
                 g = p.grad
+                params.append(p)
+                none_pattern.append(g is None)
                 if g is None:
                     continue
                 if g.is_sparse:
@@ -288,6 +431,10 @@ class CAdamW(Optimizer):
                 state = self._state_for(p)
                 state["step"] += 1
                 step = int(state["step"].item())  # a CPU tensor: no device sync
+                ei = len(entries)
+                entries.append(
+                    _Entry(p, state, state["exp_avg"], state["exp_avg_sq"], token, gi, step)
+                )
                 for pc in layout.pieces(p, g, state["exp_avg"], state["exp_avg_sq"], token):
                     if pc.param.numel() == 0:
                         continue  # its slot (if any) stays reserved and contributes 0
@@ -299,66 +446,139 @@ class CAdamW(Optimizer):
                         pc.grad.dtype,
                         pc.exp_avg.dtype,
                     )
-                    buckets[key].append((pc, gi))
+                    b = buckets.get(key)
+                    if b is None:
+                        be = kernels.get_backend(kernels.resolve(self.backend, pc.param.device))
+                        b = buckets[key] = _Bucket(gi, step, be)
+                    b.add(pc, ei)
+                    bucket_grads[key].append(pc.grad)
 
-        if not buckets and not table.sizes:
-            return loss
-        if home is None:
-            return loss
-
-        # Pass 1: moments and local counts, one backend call per bucket.
-        ordered: list[tuple[tuple, list[Piece]]] = []
-        counts_parts = []
-        for key, items in buckets.items():
-            gi = key[0]
-            ps = [pc for pc, _ in items]
-            beta1 = self.param_groups[gi]["betas"][0]
-            maximize = bool(self.param_groups[gi]["maximize"])
-            be = kernels.get_backend(kernels.resolve(self.backend, ps[0].param.device))
-            c = be.count_pass([pc.grad for pc in ps], [pc.exp_avg for pc in ps], beta1, maximize)
-            counts_parts.append(c.to(home))
-            ordered.append((key, ps))
-
-        pieces = [pc for _, ps in ordered for pc in ps]
-        piece_group = [key[0] for key, ps in ordered for _ in ps]
-        local_counts = (
-            torch.cat(counts_parts) if counts_parts else torch.zeros(0, dtype=torch.int64, device=home)
+        if home is None or (not buckets and not table.sizes):
+            return None, None
+        order = list(buckets)
+        plan = _Plan(
+            groups=list(self.param_groups),
+            param_ids=[tuple(map(id, g["params"])) for g in self.param_groups],
+            params=params,
+            none_pattern=none_pattern,
+            entries=entries,
+            table=table,
+            home=home,
+            buckets=[buckets[k] for k in order],
+            state_obj=self.state,
+            settings=self._settings(),
         )
+        grads = [bucket_grads[k] for k in order]
+        if cacheable:
+            plan.freeze()
+            self._plan = plan
+        return plan, grads
+
+    def _reuse(self, plan: _Plan) -> list[list[Tensor]] | None:
+        """The per-bucket gradients if ``plan`` still describes this step, else None."""
+        if plan.state_obj is not self.state or plan.settings != self._settings():
+            return None
+        for group, g0, ids in zip(self.param_groups, plan.groups, plan.param_ids):
+            if group is not g0 or tuple(map(id, group["params"])) != ids:
+                return None
+        buf = plan.step_buf
+        if buf is None or buf._version != plan.step_version:
+            return None  # a step counter was changed in place
+        # C-level loops (map/operator): this runs for every parameter on every step.
+        pgrads = list(map(_GRAD, plan.params))
+        if list(map(is_, pgrads, repeat(None))) != plan.none_pattern:
+            return None
+        states = plan.states
+        for key, objs in (("step", plan.steps), ("exp_avg", plan.ms), ("exp_avg_sq", plan.vs)):
+            if not all(map(is_, map(dict.get, states, repeat(key)), objs)):
+                return None  # a state tensor was replaced
+        egrads = list(map(pgrads.__getitem__, plan.grad_index))
+        if any(map(_IS_SPARSE, egrads)):
+            return None  # the full path raises the error
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+        # Valid: this step is the cached one with every counter one further.
+        buf.add_(1)
+        plan.step_version = buf._version
+        for b in plan.buckets:
+            b.step += 1
+        out = []
+        for b in plan.buckets:
+            if b.dynamic is None:
+                out.append(egrads if b.all_entries else list(map(egrads.__getitem__, b.src)))
+            else:  # DTensors: fresh local views (and the layout's checks) every step
+                for j, i in enumerate(b.src):
+                    e = plan.entries[i]
+                    pcs = [
+                        pc
+                        for pc in DEFAULT_LAYOUT.pieces(
+                            e.param, egrads[i], e.exp_avg, e.exp_avg_sq, e.token
+                        )
+                        if pc.param.numel() > 0
+                    ]
+                    if len(pcs) != 1 or pcs[0].grad.dtype != b.grad_dtype:
+                        plan.step_buf.sub_(1)  # undo; the full path re-plans this step
+                        plan.step_version = buf._version
+                        for bb in plan.buckets:
+                            bb.step -= 1
+                        return None
+                    b.dynamic[j] = pcs[0]
+                out.append([pc.grad for pc in b.dynamic])
+                b.params = [pc.param for pc in b.dynamic]
+                b.exp_avgs = [pc.exp_avg for pc in b.dynamic]
+                b.exp_avg_sqs = [pc.exp_avg_sq for pc in b.dynamic]
+                for pc in b.dynamic:
+                    pc.grad = None  # type: ignore[assignment]
+        return out
+
+    def _execute(self, plan: _Plan, grads: list[list[Tensor]]) -> None:
+        home = plan.home
+        # Pass 1: moments and local counts, one backend call per bucket.
+        counts_parts = []
+        for b, gs in zip(plan.buckets, grads):
+            group = self.param_groups[b.gi]
+            c = b.backend.count_pass(gs, b.exp_avgs, group["betas"][0], bool(group["maximize"]))
+            counts_parts.append(c if c.device == home else c.to(home))
+        if len(counts_parts) == 1:
+            local_counts = counts_parts[0]
+        elif counts_parts:
+            local_counts = torch.cat(counts_parts)
+        else:
+            local_counts = torch.zeros(0, dtype=torch.int64, device=home)
 
         # Reduce counts over shards (no-op for whole tensors and for scale="shard").
         red = reduce_counts(
-            pieces, piece_group, local_counts, table, len(self.param_groups), self.scale
+            plan.pieces,
+            plan.piece_group,
+            local_counts,
+            plan.table,
+            len(self.param_groups),
+            self.scale,
         )
         self._stats = red
         alphas = cautious_factor(red.counts, red.numels, self.formula, self.clamp)
 
         # Pass 2: second moment, weight decay and the masked, rescaled step.
         start = 0
-        for key, ps in ordered:
-            gi, step = key[0], key[1]
-            group = self.param_groups[gi]
+        single = len(plan.buckets) == 1
+        for b, gs in zip(plan.buckets, grads):
+            group = self.param_groups[b.gi]
             h = UpdateHyper(
                 lr=float(group["lr"]),
                 beta1=group["betas"][0],
                 beta2=group["betas"][1],
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                step=step,
+                step=b.step,
                 maximize=bool(group["maximize"]),
             )
-            a = alphas[start : start + len(ps)]
-            start += len(ps)
-            dev = ps[0].param.device
-            be = kernels.get_backend(kernels.resolve(self.backend, dev))
-            be.update_pass(
-                [pc.param for pc in ps],
-                [pc.grad for pc in ps],
-                [pc.exp_avg for pc in ps],
-                [pc.exp_avg_sq for pc in ps],
-                a.to(dev),
-                h,
+            n = len(b.params)
+            a = alphas if single else alphas[start : start + n]
+            start += n
+            dev = b.device
+            b.backend.update_pass(
+                b.params, gs, b.exp_avgs, b.exp_avg_sqs, a if a.device == dev else a.to(dev), h
             )
-        return loss
 
     # ------------------------------------------------------------------ statistics
 
