@@ -562,10 +562,10 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
 
     * ``"zero_allow_untested_optimizer": True`` is set (DeepSpeed refuses client
       optimizers under ZeRO without it);
-    * ``"gradient_clipping": 0.0`` is set unless given. DeepSpeed's engine clips when this
-      is > 0 (and several launchers/templates put 1.0 there); we default to no clipping so
-      that the result equals plain single-GPU C-AdamW, as ``torch.optim`` does. Set it
-      explicitly to clip: C-AdamW then sees the clipped gradient, like any optimizer.
+    * ``"gradient_clipping": 0.0`` is set unless given. DeepSpeed (0.19) clips at 1.0 when
+      the key is absent; we default to no clipping so that the result equals plain
+      single-GPU C-AdamW, as ``torch.optim`` does. Set it explicitly to clip: C-AdamW then
+      sees the clipped gradient, like any optimizer.
 
     Raises (see :func:`check_config`) for an ``optimizer`` section (the optimizer is passed
     to ``deepspeed.initialize``), optimizer offload to CPU/NVMe, NVMe parameter offload,
