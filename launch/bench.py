@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -638,6 +639,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         k: [] for k in ("opt", "comm", "compute", "step", "calls", "bytes")
     }
     losses = []
+    ops_total: Counter[str] = Counter()
     label = f"{engine}/{mode}"
     bar = Progress(ctx, a.steps, label)
     dist.barrier()
@@ -665,6 +667,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
                 per_step["step"].append(dt)
                 per_step["calls"].append(meter.calls)
                 per_step["bytes"].append(meter.bytes)
+                ops_total.update(meter.by_op)
             if bar.wants_values(step):
                 acc = mask_acc[0]
                 kf = float(acc[0] / acc[1]) if acc is not None and acc[1] > 0 else None
@@ -727,7 +730,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         "opt_compute_ms": med(2),
         "collectives_per_step": (sum(calls) / n) if n else float("nan"),
         "bytes_per_step": (sum(per_step["bytes"]) / n) if n else float("nan"),
-        "collectives_by_op": dict(meter.by_op),
+        "collectives_by_op": {k: v / n for k, v in sorted(ops_total.items())} if n else {},
         "sharded_tensors": sharded,
         "peak_memory_bytes": int(ints[0].item()),
         "peak_memory_kind": mem_kind,
