@@ -14,19 +14,19 @@ group for MoE param groups) in one all-reduce per ``optimizer.step()`` call.
 
 Usage::
 
-    import deepspeed
     from dist_cautious import CAdamW
-    from dist_cautious import deepspeed as dc_ds
+    from dist_cautious import deepspeed as dsc
 
     opt = CAdamW(param_groups, lr=3e-4, weight_decay=0.1)
-    engine, opt_wrapper, _, _ = dc_ds.initialize(
+    engine, opt_wrapper, _, _ = dsc.initialize(
         model=model, optimizer=opt,
-        config=dc_ds.config({"train_micro_batch_size_per_gpu": 8,
-                             "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+        config=dsc.config({"train_micro_batch_size_per_gpu": 8,
+                           "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
 
 or call :func:`attach` on the engine after a plain ``deepspeed.initialize``.
 
-Supported wrappers (DeepSpeed 0.16 .. 0.19): ``DeepSpeedZeroOptimizer`` (ZeRO 1 and 2, any
+Supported wrappers (written and tested against DeepSpeed 0.19.8; attributes that older
+versions lack have fallbacks, untested): ``DeepSpeedZeroOptimizer`` (ZeRO 1 and 2, any
 dtype, round-robin gradients, parameter alignment), ``DeepSpeedZeroOptimizer_Stage3``
 (ZeRO 3, any ``sub_group_size``), ``BF16_Optimizer`` (ZeRO 1 + bf16 with fp32 gradient
 accumulation), ``FP16_UnfusedOptimizer`` (fp16/bf16 without ZeRO) and no wrapper (fp32

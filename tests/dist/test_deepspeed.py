@@ -52,10 +52,12 @@ W2 = [
     "z1.global.fp32.gas2",
     "z1.shard.fp32",
     "z1.global.bf16acc32.ckpt",
+    "z1.global.bf16.align",  # parameter_alignment: padding between tensors
     # ZeRO-2, also against FSDP2 in the same launch, round-robin gradients, bf16
     "z2.global.fp32.fsdp.ckpt",
     "z2.shard.fp32",
     "z2.global.fp32.rr",
+    "z2.shard.fp32.align",
     "z2.global.bf16",
     # ZeRO-3: several sub-groups (step() per sub-group), bf16, parameter offload to CPU
     "z3.global.fp32.sub10.gas2",
@@ -174,7 +176,7 @@ def _trained(res: dict) -> list[dict]:
 @pytest.mark.dist
 def test_world2_matches_references(w2):
     rs = _trained(w2)
-    assert len(rs) == 14
+    assert len(rs) == len([s for s in W2 if "forgot" not in s])
     for r in rs:
         _check(r)
         _check_trajectory(r)

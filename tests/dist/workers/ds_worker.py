@@ -151,24 +151,35 @@ def rows_of(rank: int, world: int, k: int) -> slice:
 # Written from DeepSpeed's documented partitioning rules, independently of the adapter.
 
 
-def expected_flat(numels: list[int], world: int) -> tuple[list[list[tuple]], int]:
-    """ZeRO-1/2 and BF16_Optimizer: tensors concatenated in order, padded at the end to a
-    multiple of 2 * world; rank r owns [r P, (r+1) P). Returns per rank a list of
-    (tensor k, lp_start, hp_start, length) and P."""
-    total = sum(numels)
+def expected_flat(numels: list[int], world: int, pad: int = 1) -> tuple[list[list[tuple]], int]:
+    """ZeRO-1/2 and BF16_Optimizer: tensors concatenated in order (with ZeRO-1/2
+    ``parameter_alignment``, each but the last padded to a multiple of ``pad`` elements),
+    padded at the end to a multiple of 2 * world; rank r owns [r P, (r+1) P). Returns per
+    rank a list of (tensor k, lp_start, hp_start, length) and P."""
+    offsets, total = [], 0
+    for k, n in enumerate(numels):
+        offsets.append(total)
+        total += n + (0 if k == len(numels) - 1 else (-(total + n)) % pad)
     align = 2 * world
     padded = math.ceil(total / align) * align
     P = padded // world
     out = []
     for r in range(world):
-        frs, off = [], 0
-        for k, n in enumerate(numels):
+        frs = []
+        for k, (n, off) in enumerate(zip(numels, offsets)):
             lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
             if hi > lo:
                 frs.append((k, lo - off, lo - r * P, hi - lo))
-            off += n
         out.append(frs)
     return out, P
+
+
+def pad_of(c: dict) -> int:
+    """ZeRO-1/2 ``parameter_alignment``: tensors start at 16-byte boundaries of the model
+    dtype (4 fp32 / 8 bf16 elements); 1 otherwise."""
+    if not c["align"] or c["stage"] not in (1, 2):
+        return 1
+    return 4 if c["dtype"] == "fp32" else 8
 
 
 def expected_stage3(numels: list[int], world: int) -> tuple[list[list[tuple]], int]:
@@ -419,6 +430,7 @@ def parse(spec: str) -> dict:
         forgot=False,
         moe=False,
         ckpt=False,
+        align=False,
     )
     for tok in spec.split("."):
         if tok.startswith("z"):
@@ -431,7 +443,7 @@ def parse(spec: str) -> dict:
             c["gas"] = int(tok[3:])
         elif tok.startswith("sub"):
             c["sub"] = int(tok[3:])
-        elif tok in ("rr", "offp", "fsdp", "forgot", "moe", "ckpt"):
+        elif tok in ("rr", "align", "offp", "fsdp", "forgot", "moe", "ckpt"):
             c[tok] = True
         else:
             raise ValueError(f"unknown token {tok!r} in {spec!r}")
@@ -440,6 +452,8 @@ def parse(spec: str) -> dict:
 
 def ds_config(c: dict, world: int) -> dict:
     zero: dict = {"stage": c["stage"]}
+    if c["align"]:
+        zero["parameter_alignment"] = True
     if c["rr"]:
         zero["round_robin_gradients"] = True
     if c["sub"]:
@@ -486,7 +500,7 @@ def specs_for(engine, opt: CAdamW, net: nn.Module, c: dict, orig: list[dict]) ->
             pg = dp_group(g)
             ws = dist.get_world_size(pg)
             order = round_robin(g["names"], ws) if c["rr"] else g["names"]
-            frs, _ = expected_flat([named[n].numel() for n in order], ws)
+            frs, _ = expected_flat([named[n].numel() for n in order], ws, pad_of(c))
             flat_groups.append((wrapper.single_partition_of_fp32_groups[i], order, frs, False, pg))
     elif kind == "BF16_Optimizer":
         for i, g in enumerate(orig):
@@ -575,7 +589,7 @@ def fragments_of(net: nn.Module, c: dict, world: int) -> dict[str, list[tuple[in
         return out
     for names in group_names(net).values():
         order = round_robin(names, world) if c["rr"] else names
-        frs, _ = expected_flat([named[n].numel() for n in order], world)
+        frs, _ = expected_flat([named[n].numel() for n in order], world, pad_of(c))
         for r in range(world):
             for k, lp, _, ln in frs[r]:
                 out[order[k]].append((lp, lp + ln))
