@@ -534,11 +534,19 @@ class CAdamW(Optimizer):
     def _execute(self, plan: _Plan, grads: list[list[Tensor]]) -> None:
         home = plan.home
         # Pass 1: moments and local counts, one backend call per bucket.
+        # A backend that can defer the exp_avg write to pass 2 (triton: pass 1 becomes
+        # read-only) is asked to; it says whether it did.
         counts_parts = []
+        deferred = []
         for b, gs in zip(plan.buckets, grads):
             group = self.param_groups[b.gi]
-            c = b.backend.count_pass(gs, b.exp_avgs, group["betas"][0], bool(group["maximize"]))
+            beta1, maximize = group["betas"][0], bool(group["maximize"])
+            if getattr(b.backend, "DEFER_EXP_AVG", False):
+                c, d = b.backend.count_pass(gs, b.exp_avgs, beta1, maximize, defer_exp_avg=True)
+            else:
+                c, d = b.backend.count_pass(gs, b.exp_avgs, beta1, maximize), False
             counts_parts.append(c if c.device == home else c.to(home))
+            deferred.append(d)
         if len(counts_parts) == 1:
             local_counts = counts_parts[0]
         elif counts_parts:
@@ -561,7 +569,7 @@ class CAdamW(Optimizer):
         # Pass 2: second moment, weight decay and the masked, rescaled step.
         start = 0
         single = len(plan.buckets) == 1
-        for b, gs in zip(plan.buckets, grads):
+        for b, gs, d in zip(plan.buckets, grads, deferred):
             group = self.param_groups[b.gi]
             h = UpdateHyper(
                 lr=float(group["lr"]),
@@ -576,9 +584,13 @@ class CAdamW(Optimizer):
             a = alphas if single else alphas[start : start + n]
             start += n
             dev = b.device
-            b.backend.update_pass(
-                b.params, gs, b.exp_avgs, b.exp_avg_sqs, a if a.device == dev else a.to(dev), h
-            )
+            a = a if a.device == dev else a.to(dev)
+            if d:
+                b.backend.update_pass(
+                    b.params, gs, b.exp_avgs, b.exp_avg_sqs, a, h, exp_avg_pending=True
+                )
+            else:
+                b.backend.update_pass(b.params, gs, b.exp_avgs, b.exp_avg_sqs, a, h)
 
     # ------------------------------------------------------------------ statistics
 

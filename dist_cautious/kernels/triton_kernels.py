@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
+from operator import attrgetter
 
 import torch
 import triton
@@ -62,6 +63,27 @@ def _interpreted() -> bool:
 # --------------------------------------------------------------------------- kernels
 
 
+@triton.jit
+def _cast_out(x, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # fp32 -> storage dtype, round to nearest even. The interpreter truncates in its bf16
+    # conversion, so under it (SOFT_BF16) bf16 rounding is done on the bits.
+    if SOFT_BF16 and DT == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _lerp(m, g, w, LERP_HI: tl.constexpr):
+    # torch.lerp(m, g, w): the formula switches at w = 0.5 (same rounding as torch).
+    if LERP_HI:
+        return g - (g - m) * (1.0 - w)
+    else:
+        return m + w * (g - m)
+
+
 @triton.jit(do_not_specialize=["nc", "n"])
 def _count_kernel(
     G,
@@ -73,11 +95,14 @@ def _count_kernel(
     w,
     MAXIMIZE: tl.constexpr,
     LERP_HI: tl.constexpr,
+    WRITE_M: tl.constexpr,
     VG: tl.constexpr,
     VM: tl.constexpr,
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    LOAD_EV: tl.constexpr,
+    STORE_CM: tl.constexpr,
 ):
     CHUNK: tl.constexpr = BLOCK * TILES
     pid = tl.program_id(0)
@@ -95,15 +120,17 @@ def _count_kernel(
         mp = M + (om // VM) * VM
         for i in range(TILES):
             idx = i * BLOCK + idx0
-            g = tl.load(gp + idx, eviction_policy="evict_first").to(tl.float32)
-            m = tl.load(mp + idx, eviction_policy="evict_first").to(tl.float32)
+            g = tl.load(gp + idx, eviction_policy=LOAD_EV).to(tl.float32)
+            m = tl.load(mp + idx, eviction_policy=LOAD_EV).to(tl.float32)
             if MAXIMIZE:
                 g = -g
-            if LERP_HI:
-                m_new = g - (g - m) * (1.0 - w)
-            else:
-                m_new = m + w * (g - m)
-            tl.store(mp + idx, _cast_out(m_new, M.dtype.element_ty, SOFT_BF16))
+            m_new = _lerp(m, g, w, LERP_HI)
+            if WRITE_M:
+                tl.store(
+                    mp + idx,
+                    _cast_out(m_new, M.dtype.element_ty, SOFT_BF16),
+                    cache_modifier=STORE_CM,
+                )
             acc += (m_new * g > 0).to(tl.int32)
     else:
         for i in range(TILES):
@@ -113,33 +140,17 @@ def _count_kernel(
             m = tl.load(M + om + idx, mask=live, other=0.0).to(tl.float32)
             if MAXIMIZE:
                 g = -g
-            if LERP_HI:
-                m_new = g - (g - m) * (1.0 - w)
-            else:
-                m_new = m + w * (g - m)
-            tl.store(M + om + idx, _cast_out(m_new, M.dtype.element_ty, SOFT_BF16), mask=live)
+            m_new = _lerp(m, g, w, LERP_HI)
+            if WRITE_M:
+                tl.store(M + om + idx, _cast_out(m_new, M.dtype.element_ty, SOFT_BF16), mask=live)
             acc += ((m_new * g > 0) & live).to(tl.int32)
     total = tl.sum(acc, axis=0).to(tl.int64)
     tl.atomic_add(counts + t, total, sem="relaxed")
 
 
 @triton.jit
-def _cast_out(x, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
-    # fp32 -> storage dtype, round to nearest even. The interpreter truncates in its bf16
-    # conversion, so under it (SOFT_BF16) bf16 rounding is done on the bits.
-    if SOFT_BF16 and DT == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DT)
-
-
-@triton.jit
-def _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, MAXIMIZE, DECAY):
-    # Same order as reference.update_pass.
-    if MAXIMIZE:
-        g = -g
+def _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY):
+    # Same order as reference.update_pass (g already negated under maximize).
     v_new = v * beta2 + omb2 * g * g
     if DECAY:
         p = p * decay
@@ -159,6 +170,7 @@ def _update_kernel(
     alphas,
     nc,
     n,
+    w,
     beta2,
     omb2,
     decay,
@@ -167,6 +179,8 @@ def _update_kernel(
     eps,
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,
+    LERP_M: tl.constexpr,
+    LERP_HI: tl.constexpr,
     VP: tl.constexpr,
     VG: tl.constexpr,
     VM: tl.constexpr,
@@ -174,7 +188,11 @@ def _update_kernel(
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    LOAD_EV: tl.constexpr,
+    STORE_CM: tl.constexpr,
 ):
+    # LERP_M: the count pass left exp_avg as it was (deferred): update it here, with the
+    # same helper, so the mask applied is the mask counted.
     CHUNK: tl.constexpr = BLOCK * TILES
     pid = tl.program_id(0)
     t = tl.load(tab + pid)
@@ -195,15 +213,20 @@ def _update_kernel(
         vp = V + (ov // VV) * VV
         for i in range(TILES):
             idx = i * BLOCK + idx0
-            g = tl.load(gp + idx, eviction_policy="evict_first").to(tl.float32)
-            m = tl.load(mp + idx, eviction_policy="evict_first").to(tl.float32)
-            v = tl.load(vp + idx, eviction_policy="evict_first").to(tl.float32)
-            p = tl.load(pp + idx, eviction_policy="evict_first").to(tl.float32)
-            p, v = _adam_math(
-                p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, MAXIMIZE, DECAY
-            )
-            tl.store(vp + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16))
-            tl.store(pp + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16))
+            g = tl.load(gp + idx, eviction_policy=LOAD_EV).to(tl.float32)
+            m = tl.load(mp + idx, eviction_policy=LOAD_EV).to(tl.float32)
+            v = tl.load(vp + idx, eviction_policy=LOAD_EV).to(tl.float32)
+            p = tl.load(pp + idx, eviction_policy=LOAD_EV).to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            if LERP_M:
+                m = _lerp(m, g, w, LERP_HI)
+                tl.store(
+                    mp + idx, _cast_out(m, M.dtype.element_ty, SOFT_BF16), cache_modifier=STORE_CM
+                )
+            p, v = _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY)
+            tl.store(vp + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16), cache_modifier=STORE_CM)
+            tl.store(pp + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16), cache_modifier=STORE_CM)
     else:
         for i in range(TILES):
             idx = i * BLOCK + idx0
@@ -212,49 +235,83 @@ def _update_kernel(
             m = tl.load(M + om + idx, mask=live, other=0.0).to(tl.float32)
             v = tl.load(V + ov + idx, mask=live, other=0.0).to(tl.float32)
             p = tl.load(P + op + idx, mask=live, other=0.0).to(tl.float32)
-            p, v = _adam_math(
-                p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, MAXIMIZE, DECAY
-            )
+            if MAXIMIZE:
+                g = -g
+            if LERP_M:
+                m = _lerp(m, g, w, LERP_HI)
+                tl.store(M + om + idx, _cast_out(m, M.dtype.element_ty, SOFT_BF16), mask=live)
+            p, v = _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY)
             tl.store(V + ov + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16), mask=live)
             tl.store(P + op + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16), mask=live)
 
 
 # --------------------------------------------------------------------------- configuration
 
-_DEFAULT = {"block": 1024, "tiles": 8, "num_warps": 4}
-_CONFIG = dict(_DEFAULT)
+_PASSES = ("count", "update")
+# Chosen on an H100 (benchmarks/kernel.py --sweep, see docs/kernels.md).
+_DEFAULT = {
+    "count": {"block": 1024, "tiles": 4, "num_warps": 4, "load_ev": "evict_first", "store_cm": ""},
+    "update": {"block": 1024, "tiles": 4, "num_warps": 4, "load_ev": "evict_first", "store_cm": ""},
+}
+_CONFIG = {k: dict(v) for k, v in _DEFAULT.items()}
+# Deferred exp_avg: the count pass only reads g and m (8 B/param, read-only) and the update
+# pass writes m (28 B/param, AdamW's traffic) instead of 12 + 24. Same bytes, better DRAM
+# efficiency; see count_pass(defer_exp_avg=...).
+DEFER_EXP_AVG = True
+SUPPORTS_DEFERRED_EXP_AVG = True
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 32
-_tables: OrderedDict[tuple, tuple[Tensor, int, Tensor]] = OrderedDict()
+_tables: OrderedDict[tuple, tuple[Tensor, int, list[Tensor]]] = OrderedDict()
 _warned: set[str] = set()
 
 
-def config() -> dict[str, int]:
-    """The current launch configuration (``block``, ``tiles``, ``num_warps``)."""
-    return dict(_CONFIG)
+def config() -> dict[str, dict]:
+    """The current launch configuration per pass (``count``, ``update``)."""
+    return {k: dict(v) for k, v in _CONFIG.items()}
 
 
 def configure(
-    block: int | None = None, tiles: int | None = None, num_warps: int | None = None
+    block: int | None = None,
+    tiles: int | None = None,
+    num_warps: int | None = None,
+    *,
+    which: str | None = None,
+    load_ev: str | None = None,
+    store_cm: str | None = None,
+    reset: bool = False,
 ) -> None:
-    """Change the launch configuration (tests use small blocks; benchmarks sweep).
+    """Change the launch configuration of one pass (``which="count"|"update"``) or both.
 
     ``block`` (power of two, >= 16): elements per tile; ``tiles``: tiles per program
-    (a chunk is ``block * tiles`` elements); ``num_warps``: warps per program.
-    Clears the table cache.
+    (a chunk is ``block * tiles`` elements); ``num_warps``: warps per program;
+    ``load_ev``: eviction policy of the full-chunk loads (``""``, ``"evict_first"``,
+    ``"evict_last"``); ``store_cm``: cache modifier of their stores (``""``, ``".cs"``,
+    ``".cg"``, ``".wb"``). ``reset=True`` restores the defaults first. Clears the table cache.
+    Tests use small blocks; ``benchmarks/kernel.py --sweep`` times alternatives.
     """
-    new = dict(_CONFIG)
-    for k, val in (("block", block), ("tiles", tiles), ("num_warps", num_warps)):
-        if val is not None:
-            new[k] = int(val)
-    b = new["block"]
-    if b < 16 or b & (b - 1):
-        raise ValueError(f"block={b!r} must be a power of two >= 16")
-    if new["tiles"] < 1:
-        raise ValueError(f"tiles={new['tiles']!r} must be >= 1")
-    if new["num_warps"] not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"num_warps={new['num_warps']!r} must be a power of two <= 32")
-    _CONFIG.update(new)
+    if which is not None and which not in _PASSES:
+        raise ValueError(f"which={which!r}: use 'count', 'update' or None (both)")
+    for w in (which,) if which else _PASSES:
+        new = dict(_DEFAULT[w]) if reset else dict(_CONFIG[w])
+        for k, val in (("block", block), ("tiles", tiles), ("num_warps", num_warps)):
+            if val is not None:
+                new[k] = int(val)
+        if load_ev is not None:
+            new["load_ev"] = load_ev
+        if store_cm is not None:
+            new["store_cm"] = store_cm
+        b = new["block"]
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block={b!r} must be a power of two >= 16")
+        if new["tiles"] < 1:
+            raise ValueError(f"tiles={new['tiles']!r} must be >= 1")
+        if new["num_warps"] not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps={new['num_warps']!r} must be a power of two <= 32")
+        if new["load_ev"] not in ("", "evict_first", "evict_last"):
+            raise ValueError(f"load_ev={new['load_ev']!r}: use '', 'evict_first' or 'evict_last'")
+        if new["store_cm"] not in ("", ".cs", ".cg", ".wb"):
+            raise ValueError(f"store_cm={new['store_cm']!r}: use '', '.cs', '.cg' or '.wb'")
+        _CONFIG[w] = new
     _tables.clear()
 
 
@@ -286,13 +343,16 @@ def _check_device(device: torch.device) -> None:
         )
 
 
+_IS_SPARSE = attrgetter("is_sparse")
+_DATA_PTR = Tensor.data_ptr
+_NUMEL = Tensor.numel
 _VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}  # elements per 16 bytes
 
 
-def _build_table(lists: list[list[Tensor]], numels: tuple[int, ...], device: torch.device):
+def _build_table(
+    lists: list[list[Tensor]], numels: tuple[int, ...], device: torch.device, chunk: int
+):
     """Host-side chunk/offset table for ``lists`` (operands x tensors); returns (table, nc, bases)."""
-    block, tiles = _CONFIG["block"], _CONFIG["tiles"]
-    chunk = block * tiles
     n = len(numels)
     bases: list[Tensor] = []
     offs: list[list[int]] = []
@@ -345,9 +405,11 @@ def _table(kind: str, lists: list[list[Tensor]], device: torch.device):
     """Cached (table, nc, bases) for ``lists``, or None when the fused path cannot take them."""
     first = lists[0]
     dtypes = tuple(lst[0].dtype for lst in lists)
-    ptrs = tuple(tuple(t.data_ptr() for t in lst) for lst in lists)
-    numels = tuple(t.numel() for t in first)
-    key = (kind, device, dtypes, ptrs, numels, _CONFIG["block"], _CONFIG["tiles"])
+    ptrs = tuple(tuple(map(_DATA_PTR, lst)) for lst in lists)
+    numels = tuple(map(_NUMEL, first))
+    cfg = _CONFIG[kind]
+    chunk = cfg["block"] * cfg["tiles"]
+    key = (kind, device, dtypes, ptrs, numels, chunk)
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
@@ -362,7 +424,7 @@ def _table(kind: str, lists: list[list[Tensor]], device: torch.device):
                 )
             if not t.is_contiguous():
                 return None
-    hit = _build_table(lists, numels, device)
+    hit = _build_table(lists, numels, device, chunk)
     _tables[key] = hit
     if len(_tables) > _CACHE_SIZE:
         _tables.popitem(last=False)
@@ -380,49 +442,75 @@ def _usable(state_dtype: torch.dtype, other: tuple[torch.dtype, ...]) -> str | N
 # --------------------------------------------------------------------------- passes
 
 
-def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximize: bool) -> Tensor:
-    """``m <- lerp(m, g, 1 - beta1)`` in place; int64 counts of ``m_new * g > 0`` per tensor."""
+def _fused_ok(grads: list[Tensor]) -> bool:
+    """Per-call check of the gradients (the table cache covers the other operands)."""
+    if any(map(_IS_SPARSE, grads)):
+        raise RuntimeError(
+            "triton backend: sparse gradients are not supported (CAdamW raises before this)"
+        )
+    if all(map(Tensor.is_contiguous, grads)):
+        return True
+    _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
+    return False
+
+
+def count_pass(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    beta1: float,
+    maximize: bool,
+    *,
+    defer_exp_avg: bool = False,
+) -> Tensor | tuple[Tensor, bool]:
+    """``m <- lerp(m, g, 1 - beta1)`` in place; int64 counts of ``m_new * g > 0`` per tensor.
+
+    ``defer_exp_avg=True`` (used by :class:`~dist_cautious.CAdamW`): count without writing
+    ``m`` and return ``(counts, deferred)``; when ``deferred`` is True the caller must pass
+    ``exp_avg_pending=True`` to the :func:`update_pass` that follows, which then updates
+    ``m`` with the same arithmetic (so the mask applied is the mask counted). ``deferred``
+    is False when this call fell back to the foreach backend (``m`` already updated).
+    """
     if not exp_avgs:
-        return torch.zeros(0, dtype=torch.int64)
+        counts = torch.zeros(0, dtype=torch.int64)
+        return (counts, False) if defer_exp_avg else counts
     device = exp_avgs[0].device
     _check_device(device)
     why = _usable(exp_avgs[0].dtype, (grads[0].dtype,))
+    hit = None
     if why is not None:
         _warn_once(why, f"triton backend: {why} are stepped by the foreach backend (same math)")
-        return _foreach.count_pass(grads, exp_avgs, beta1, maximize)
-    if any(g.is_sparse for g in grads):
-        raise RuntimeError("triton backend: sparse gradients are not supported")
-    hit = _table("count", [grads, exp_avgs], device)
+    elif _fused_ok(grads):
+        hit = _table("count", [grads, exp_avgs], device)
     if hit is None:
-        _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
-        return _foreach.count_pass(grads, exp_avgs, beta1, maximize)
-    if any(not g.is_contiguous() for g in grads):  # a new grad at an old address
-        _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
-        return _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+        counts = _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+        return (counts, False) if defer_exp_avg else counts
     table, nc, (gb, mb) = hit
     n = len(exp_avgs)
     counts = torch.zeros(n, dtype=torch.int64, device=device)
-    if nc == 0:
-        return counts
-    w = 1.0 - beta1
-    _count_kernel[(nc,)](
-        gb,
-        mb,
-        table,
-        counts,
-        nc,
-        n,
-        w,
-        MAXIMIZE=bool(maximize),
-        LERP_HI=not (w < 0.5),
-        VG=_VEC[gb.dtype],
-        VM=_VEC[mb.dtype],
-        BLOCK=_CONFIG["block"],
-        TILES=_CONFIG["tiles"],
-        SOFT_BF16=INTERPRETED,
-        num_warps=_CONFIG["num_warps"],
-    )
-    return counts
+    if nc > 0:
+        cfg = _CONFIG["count"]
+        w = 1.0 - beta1
+        _count_kernel[(nc,)](
+            gb,
+            mb,
+            table,
+            counts,
+            nc,
+            n,
+            w,
+            MAXIMIZE=bool(maximize),
+            LERP_HI=not (w < 0.5),
+            WRITE_M=not defer_exp_avg,
+            VG=_VEC[gb.dtype],
+            VM=_VEC[mb.dtype],
+            BLOCK=cfg["block"],
+            TILES=cfg["tiles"],
+            SOFT_BF16=INTERPRETED,
+            LOAD_EV=cfg["load_ev"],
+            STORE_CM=cfg["store_cm"],
+            num_warps=cfg["num_warps"],
+        )
+    return (counts, True) if defer_exp_avg else counts
 
 
 def update_pass(
@@ -432,19 +520,27 @@ def update_pass(
     exp_avg_sqs: list[Tensor],
     alphas: Tensor,
     h: UpdateHyper,
+    *,
+    exp_avg_pending: bool = False,
 ) -> None:
-    """Second moment, decoupled weight decay and the masked, rescaled step, in place."""
+    """Second moment, decoupled weight decay and the masked, rescaled step, in place.
+
+    ``exp_avg_pending=True``: ``m`` still holds the previous step's value (a deferred
+    :func:`count_pass`); it is updated here first, with ``h.beta1``.
+    """
     if not params:
         return
     device = params[0].device
     _check_device(device)
     why = _usable(exp_avgs[0].dtype, (params[0].dtype, grads[0].dtype, exp_avg_sqs[0].dtype))
+    hit = None
     if why is not None:
         _warn_once(why, f"triton backend: {why} are stepped by the foreach backend (same math)")
-        return _foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
-    hit = _table("update", [params, grads, exp_avgs, exp_avg_sqs], device)
-    if hit is None or any(not g.is_contiguous() for g in grads):
-        _warn_once("contig", "triton backend: non-contiguous tensors are stepped by foreach")
+    elif _fused_ok(grads):
+        hit = _table("update", [params, grads, exp_avgs, exp_avg_sqs], device)
+    if hit is None:
+        if exp_avg_pending:  # bring m up to date first, as the count pass would have
+            _foreach.count_pass(grads, exp_avgs, h.beta1, h.maximize)
         return _foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
     table, nc, (pb, gb, mb, vb) = hit
     if nc == 0:
@@ -454,6 +550,8 @@ def update_pass(
         alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
     if alphas.numel() != n:
         raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
+    cfg = _CONFIG["update"]
+    w = 1.0 - h.beta1
     _update_kernel[(nc,)](
         pb,
         gb,
@@ -463,6 +561,7 @@ def update_pass(
         alphas,
         nc,
         n,
+        w,
         h.beta2,
         1.0 - h.beta2,
         1.0 - h.lr * h.weight_decay,
@@ -471,14 +570,18 @@ def update_pass(
         h.eps,
         MAXIMIZE=bool(h.maximize),
         DECAY=h.weight_decay != 0,
+        LERP_M=bool(exp_avg_pending),
+        LERP_HI=not (w < 0.5),
         VP=_VEC[pb.dtype],
         VG=_VEC[gb.dtype],
         VM=_VEC[mb.dtype],
         VV=_VEC[vb.dtype],
-        BLOCK=_CONFIG["block"],
-        TILES=_CONFIG["tiles"],
+        BLOCK=cfg["block"],
+        TILES=cfg["tiles"],
         SOFT_BF16=INTERPRETED,
-        num_warps=_CONFIG["num_warps"],
+        LOAD_EV=cfg["load_ev"],
+        STORE_CM=cfg["store_cm"],
+        num_warps=cfg["num_warps"],
     )
 
 
