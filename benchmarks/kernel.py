@@ -231,8 +231,22 @@ def bench_case(
 # --------------------------------------------------------------------------- sweep / parity
 
 
-def sweep(device: torch.device, timer: Timer, configs: list[tuple[int, int, int]]) -> list[dict]:
-    """Time the two Triton passes over LLaMA-1B fp32 tensors for several launch configs."""
+SWEEP_CONFIGS = [
+    (512, 8, 4),
+    (1024, 2, 4),
+    (1024, 4, 4),
+    (1024, 8, 4),
+    (2048, 2, 4),
+    (2048, 4, 8),
+    (4096, 2, 8),
+    (4096, 1, 8),
+]
+
+
+def sweep(device: torch.device, timer: Timer) -> dict:
+    """Time each Triton pass alone over LLaMA-1B fp32 tensors, per launch config, in both
+    exp_avg modes (written by pass 1, or deferred to pass 2), then cache hints on the best
+    configs; returns the rows and the best choice (mode, config per pass)."""
     from dist_cautious.kernels import triton_kernels as tk
 
     shapes = SHAPES["llama-1b"]
@@ -246,26 +260,120 @@ def sweep(device: torch.device, timer: Timer, configs: list[tuple[int, int, int]
     )
     alphas = torch.ones(len(shapes), device=device)
     h = UpdateHyper(lr=1e-3, beta2=0.999, eps=1e-8, weight_decay=0.1, step=10, beta1=0.9)
-    out = []
-    for block, tiles, warps in configs:
-        tk.configure(block=block, tiles=tiles, num_warps=warps)
-        t1 = statistics.median(timer.time(lambda: tk.count_pass(t["g"], t["m"], 0.9, False), 10, 2))
-        t2 = statistics.median(
-            timer.time(lambda: tk.update_pass(t["p"], t["g"], t["m"], t["v"], alphas, h), 10, 2)
-        )
+    # bytes per param: (count, update) for mode written / deferred
+    nbytes = {False: (12, 24), True: (8, 28)}
+
+    def run(which: str, defer: bool) -> float:
+        if which == "count":
+            fn = lambda: tk.count_pass(t["g"], t["m"], 0.9, False, defer_exp_avg=defer)  # noqa: E731
+        else:
+            fn = lambda: tk.update_pass(  # noqa: E731
+                t["p"], t["g"], t["m"], t["v"], alphas, h, exp_avg_pending=defer
+            )
+        return statistics.median(timer.time(fn, 10, 2))
+
+    rows = []
+
+    def record(which, defer, cfg, ms):
         row = dict(
-            block=block,
-            tiles=tiles,
-            num_warps=warps,
-            count_ms=t1,
-            update_ms=t2,
-            total_ms=t1 + t2,
-            count_gbs=12 * n / (t1 * 1e-3) / 1e9,
-            update_gbs=24 * n / (t2 * 1e-3) / 1e9,
+            pass_=which,
+            deferred=defer,
+            **cfg,
+            ms=ms,
+            gbs=nbytes[defer][0 if which == "count" else 1] * n / (ms * 1e-3) / 1e9,
         )
         print(json.dumps(row), flush=True)
-        out.append(row)
+        rows.append(row)
+
+    best: dict = {}
+    for which in ("count", "update"):
+        for defer in (False, True):
+            for block, tiles, warps in SWEEP_CONFIGS:
+                tk.configure(block=block, tiles=tiles, num_warps=warps, which=which, reset=True)
+                record(which, defer, tk.config()[which], run(which, defer))
+            top = min(
+                (r for r in rows if r["pass_"] == which and r["deferred"] == defer),
+                key=lambda r: r["ms"],
+            )
+            cfg = {k: top[k] for k in ("block", "tiles", "num_warps")}
+            hints = (
+                [dict(load_ev=""), dict(load_ev="evict_last")]
+                if which == "count"
+                else [dict(store_cm=".cs"), dict(store_cm=".cg"), dict(load_ev="")]
+            )
+            for hint in hints:
+                tk.configure(**cfg, which=which, reset=True, **hint)
+                record(which, defer, tk.config()[which], run(which, defer))
+            top = min(
+                (r for r in rows if r["pass_"] == which and r["deferred"] == defer),
+                key=lambda r: r["ms"],
+            )
+            best[(which, defer)] = top
+    total = {d: best[("count", d)]["ms"] + best[("update", d)]["ms"] for d in (False, True)}
+    defer = total[True] < total[False]
+    choice = dict(
+        deferred=defer,
+        total_ms={str(k): v for k, v in total.items()},
+        count=best[("count", defer)],
+        update=best[("update", defer)],
+    )
+    print("best", json.dumps(choice), flush=True)
     t.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(rows=rows, choice=choice)
+
+
+def apply_choice(choice: dict) -> None:
+    from dist_cautious.kernels import triton_kernels as tk
+
+    tk.DEFER_EXP_AVG = bool(choice["deferred"])
+    for which in ("count", "update"):
+        c = choice[which]
+        tk.configure(
+            block=c["block"],
+            tiles=c["tiles"],
+            num_warps=c["num_warps"],
+            load_ev=c["load_ev"],
+            store_cm=c["store_cm"],
+            which=which,
+            reset=True,
+        )
+
+
+def profile_step(device: torch.device, shape_name: str, pdt: torch.dtype) -> dict:
+    """torch.profiler over a few CAdamW(triton) steps: GPU time per kernel, host time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = SHAPES[shape_name]
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=pdt)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = CAdamW(params, **HYPER, backend="triton")
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            opt.step()
+        torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+    print(text, flush=True)
+    out = dict(
+        shapes=shape_name,
+        dtype=str(pdt).replace("torch.", ""),
+        host_ms_per_step_median=statistics.median(host),
+        profile_table=text,
+    )
+    print(json.dumps({k: v for k, v in out.items() if k != "profile_table"}), flush=True)
+    del opt, params
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -398,7 +506,9 @@ def main() -> None:
     ap.add_argument("--optimizers", default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--config", default=None, help="triton block,tiles,num_warps")
+    ap.add_argument("--config", default=None, help="triton block,tiles,num_warps (both passes)")
+    ap.add_argument("--no-defer", action="store_true", help="triton: write exp_avg in pass 1")
+    ap.add_argument("--profile", action="store_true", help="profile CAdamW(triton) steps")
     ap.add_argument("--sweep", action="store_true", help="sweep triton configs, use the best")
     ap.add_argument("--parity", action="store_true", help="full-size parity checks (CUDA)")
     ap.add_argument("--out", default=None, help="JSON output path")
@@ -449,22 +559,22 @@ def main() -> None:
         if args.config:
             b, t, w = (int(x) for x in args.config.split(","))
             tk.configure(block=b, tiles=t, num_warps=w)
+        if args.no_defer:
+            tk.DEFER_EXP_AVG = False
         if args.sweep:
-            configs = [
-                (1024, 8, 4),
-                (1024, 16, 4),
-                (2048, 4, 8),
-                (2048, 8, 8),
-                (4096, 4, 8),
-                (512, 16, 4),
-                (1024, 4, 4),
-            ]
-            result["sweep"] = sweep(device, timer, configs)
+            result["sweep"] = sweep(device, timer)
             save()
-            best = min(result["sweep"], key=lambda r: r["total_ms"])
-            tk.configure(block=best["block"], tiles=best["tiles"], num_warps=best["num_warps"])
+            apply_choice(result["sweep"]["choice"])
         result["triton_config"] = tk.config()
+        result["triton_defer_exp_avg"] = tk.DEFER_EXP_AVG
         print("triton config", tk.config(), flush=True)
+
+    if args.profile and cuda:
+        result["profile"] = [
+            profile_step(device, "llama-60m", torch.float32),
+            profile_step(device, "llama-1b", torch.float32),
+        ]
+        save()
 
     copy_gbs = copy_bandwidth(device, timer)
     result["copy_gbs"] = copy_gbs
