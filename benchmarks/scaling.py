@@ -52,7 +52,7 @@ FIELDS = (
 )
 
 
-def run_world(world: int, args: argparse.Namespace) -> dict:
+def run_world(world: int, args: argparse.Namespace) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [
@@ -85,7 +85,13 @@ def run_world(world: int, args: argparse.Namespace) -> dict:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            proc = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=args.timeout
+            )
+        except subprocess.TimeoutExpired:
+            print(f"world {world}: timed out after {args.timeout:.0f} s; skipped", flush=True)
+            return None
         if proc.returncode != 0:
             raise SystemExit(
                 f"world {world}: bench.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -283,6 +289,8 @@ def main() -> int:
     rows: list[dict] = []
     for w in worlds:  # files are rewritten after every world size: a cut-off sweep keeps its rows
         doc = run_world(w, args)
+        if doc is None:
+            continue
         for r in doc["results"]:  # keep the file small: drop per-step loss curves
             r.pop("loss_curve", None)
         meta["runs"].append(doc)
