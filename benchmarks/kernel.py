@@ -366,6 +366,20 @@ def profile_step(device: torch.device, shape_name: str, pdt: torch.dtype) -> dic
         torch.cuda.synchronize()
     text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
     print(text, flush=True)
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(20):
+        opt.step()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+    text += "\n" + buf.getvalue()
+    print(buf.getvalue(), flush=True)
     out = dict(
         shapes=shape_name,
         dtype=str(pdt).replace("torch.", ""),

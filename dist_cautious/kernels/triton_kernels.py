@@ -250,8 +250,14 @@ def _update_kernel(
 _PASSES = ("count", "update")
 # Chosen on an H100 (benchmarks/kernel.py --sweep, see docs/kernels.md).
 _DEFAULT = {
-    "count": {"block": 1024, "tiles": 4, "num_warps": 4, "load_ev": "evict_first", "store_cm": ""},
-    "update": {"block": 1024, "tiles": 4, "num_warps": 4, "load_ev": "evict_first", "store_cm": ""},
+    "count": {"block": 4096, "tiles": 1, "num_warps": 8, "load_ev": "evict_first", "store_cm": ""},
+    "update": {
+        "block": 2048,
+        "tiles": 4,
+        "num_warps": 8,
+        "load_ev": "evict_first",
+        "store_cm": ".cs",
+    },
 }
 _CONFIG = {k: dict(v) for k, v in _DEFAULT.items()}
 # Deferred exp_avg: the count pass only reads g and m (8 B/param, read-only) and the update

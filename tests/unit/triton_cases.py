@@ -178,9 +178,9 @@ def main() -> None:
         res["noncontig_deferred_fallback"] = compare([p, g, m, v], defer=True)
     res["fallback_warnings"] = sorted({str(w.message) for w in wlog})
 
-    # Default launch configuration (block 1024, tiles 4): one full chunk plus a tail.
+    # Default launch configuration (chunks of 4096 and 8192): full chunks and tails.
     tk.configure(reset=True)
-    res["default_config"] = compare(_state([4096 + 5, 1, 4096], f32, f32, gen), defer=True)
+    res["default_config"] = compare(_state([8192 + 5, 1, 8192, 4096], f32, f32, gen), defer=True)
 
     # The optimizer end to end (cached plan, deferred exp_avg) against the float64 oracle.
     tk.configure(block=64, tiles=2, num_warps=4)
