@@ -39,6 +39,7 @@ FIELDS = (
     "opt_step_ms",
     "opt_compute_ms",
     "opt_comm_ms",
+    "opt_comm_min_ms",
     "step_ms",
     "collectives_per_step",
     "bytes_per_step",
@@ -127,6 +128,7 @@ def rows_from(docs: list[dict]) -> list[dict]:
                     "opt_step_ms": r["opt_step_ms"],
                     "opt_compute_ms": r["opt_compute_ms"],
                     "opt_comm_ms": r["opt_comm_ms"],
+                    "opt_comm_min_ms": r.get("opt_comm_min_ms", ""),
                     "step_ms": r["step_ms"],
                     "collectives_per_step": r["collectives_per_step"],
                     "bytes_per_step": r["bytes_per_step"],
@@ -303,7 +305,8 @@ def main() -> int:
         if r["mode"] == "global":
             print(
                 f"world {r['world']:2d}: global/shard = {r['global_over_shard']:.3f}x  "
-                f"(global {r['opt_step_ms']:.2f} ms, of which {r['opt_comm_ms']:.2f} ms in 1 all-reduce)"
+                f"(global {r['opt_step_ms']:.2f} ms, of which {r['opt_comm_ms']:.2f} ms in 1 all-reduce "
+                f"on the rank that waited most, {r['opt_comm_min_ms']:.2f} ms on the last to arrive)"
             )
     return 0
 
