@@ -244,6 +244,222 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- all-reduce probe
+
+
+def probe_worker(sizes: list[int], iters: int) -> None:
+    """Under torchrun: median latency of back-to-back gloo all-reduces of each size."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out = {}
+    for nbytes in sizes:
+        t = torch.zeros(max(1, nbytes // 8), dtype=torch.int64)
+        for _ in range(20):
+            dist.all_reduce(t)
+        dist.barrier()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            times.append(time.perf_counter() - t0)
+        v = torch.tensor([statistics.median(times)], dtype=torch.float64)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        out[nbytes] = v.item() * 1e6
+    if dist.get_rank() == 0:
+        print("PROBE " + json.dumps(out), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def probe(worlds: list[int], sizes: list[int], iters: int, out: Path) -> list[dict]:
+    rows = []
+    for w in worlds:
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={w}",
+            str(Path(__file__).resolve()),
+            "--probe-worker",
+            "--sizes",
+            ",".join(map(str, sizes)),
+            "--iters",
+            str(iters),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(
+                f"probe world {w} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
+        lat = json.loads(line[6:])
+        for nbytes, us in lat.items():
+            rows.append({"world": w, "bytes": int(nbytes), "allreduce_us": us})
+        print(
+            f"world {w:2d}: " + "  ".join(f"{b} B {us:.1f} us" for b, us in lat.items()), flush=True
+        )
+    with out.open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=("world", "bytes", "allreduce_us"))
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({**r, "allreduce_us": f"{r['allreduce_us']:.2f}"})
+    return rows
+
+
+def fit_hops(rows: list[dict], nbytes: int) -> tuple[float, float, float]:
+    """Least-squares fit of T(W) = a + h * 2(W-1) (a ring all-reduce's step count) for W >= 2;
+    returns (a, h, max relative residual)."""
+    pts = [
+        (2 * (r["world"] - 1), r["allreduce_us"])
+        for r in rows
+        if r["bytes"] == nbytes and r["world"] >= 2
+    ]
+    n = len(pts)
+    if n < 2:
+        return float("nan"), float("nan"), float("nan")
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    h = sum((x - mx) * (y - my) for x, y in pts) / max(1e-12, sum((x - mx) ** 2 for x, _ in pts))
+    a = my - h * mx
+    res = max(abs(a + h * x - y) / y for x, y in pts)
+    return a, h, res
+
+
+# ----------------------------------------------------------------------------- projection (a model)
+
+# NCCL's own cost model for the LL protocol (what NCCL selects for messages of a few KB):
+# NVIDIA/nccl, src/graph/tuning.cc (commit b6475625, NCCL 2.18-2.21 era): baseLat (Tree LL
+# 6.8 us, Ring LL 6.6 us), hwLat NVLink (Tree LL 0.6, Ring LL 0.6 us), hwLat NET (Tree LL
+# 5.0, Ring LL 2.7 us), getNetOverhead (1.0 us for Intel and Arm hosts, 2.0 us for AMD).
+NCCL_LL = {
+    "base_tree": 6.8,
+    "base_ring": 6.6,
+    "nvl_tree": 0.6,
+    "nvl_ring": 0.6,
+    "net_tree": 5.0,
+    "net_ring": 2.7,
+}
+
+CLUSTERS = {
+    # DGX A100: 8 A100-SXM4-80GB, NVSwitch, NVLink 3 (600 GB/s per GPU, both directions),
+    # 8x 200 Gb/s HDR InfiniBand, AMD EPYC hosts; HBM2e 2,039 GB/s (NVIDIA A100 datasheet).
+    "A100": {
+        "gpus_per_node": 8,
+        "nvlink_GBs": 600,
+        "nic_Gbps": 200,
+        "hbm_TBs": 2.039,
+        "net_overhead_us": 2.0,
+    },
+    # GH200 nodes of 4 superchips (the quad-GH200 node design of e.g. JUPITER / Alps; an
+    # assumption, sites differ), NVLink 4 (900 GB/s per GPU), one 400 Gb/s NDR NIC per GPU
+    # (assumption), Arm (Grace) hosts; HBM3 4.0 TB/s (GH200 96 GB datasheet).
+    "GH200": {
+        "gpus_per_node": 4,
+        "nvlink_GBs": 900,
+        "nic_Gbps": 400,
+        "hbm_TBs": 4.0,
+        "net_overhead_us": 1.0,
+    },
+}
+HBM_EFFICIENCY = 3.0 / 3.35  # H100: 3.0 TB/s measured copy (DEVELOPERS.md) / 3.35 TB/s datasheet
+STEP_FLOOR_US = 20.0  # assumption: fixed cost of a fused multi-tensor step (a few launches)
+BYTES_PER_PARAM = 36  # exact two-pass C-AdamW, fp32 (DEVELOPERS.md)
+MODELS = {"LLaMA-60M": (58_073_600, 75), "LLaMA-1B": (1_339_082_752, 219)}
+
+
+def allreduce_us(world: int, c: dict, nbytes: int, group: int | None = None) -> tuple[float, str]:
+    """alpha-beta model of one all-reduce of ``nbytes`` over ``group`` ranks (default all):
+    NCCL's LL latency model (alpha) plus bytes over half the bottleneck link (beta: LL sends
+    a 4-byte flag with every 4 bytes of data)."""
+    w = group or world
+    if w <= 1:
+        return 0.0, "-"
+    g = c["gpus_per_node"]
+    nodes = max(1, -(-w // g))
+    ppn = min(w, g)
+    nv, net = c["nvlink_GBs"] / 2, c["nic_Gbps"] / 8  # GB/s per direction
+    link = nv if nodes == 1 else min(nv, net)
+    to_us = 1e-3  # bytes / (GB/s) -> ns; * 1e-3 -> us
+    if nodes == 1:
+        tree = NCCL_LL["base_tree"] + 2 * (ppn - 1) * NCCL_LL["nvl_tree"]
+        ring = NCCL_LL["base_ring"] + 2 * (w - 1) * NCCL_LL["nvl_ring"]
+    else:
+        intra = max(NCCL_LL["nvl_ring"], c["net_overhead_us"])
+        n_inter = 2 * nodes
+        ring = (
+            NCCL_LL["base_ring"] + (2 * (w - 1) - n_inter) * intra + n_inter * NCCL_LL["net_ring"]
+        )
+        tree = NCCL_LL["base_tree"] + 2 * (
+            (ppn - 1) * NCCL_LL["nvl_tree"] + (nodes.bit_length() - 1) * NCCL_LL["net_tree"]
+        )
+    ring += 2 * (w - 1) / w * nbytes / (0.5 * link) * to_us
+    tree += 2 * nbytes / (0.5 * link) * to_us
+    return (tree, "tree") if tree <= ring else (ring, "ring")
+
+
+def projection(worlds: list[int]) -> list[dict]:
+    rows = []
+    for cname, c in CLUSTERS.items():
+        for mname, (params, tensors) in MODELS.items():
+            nbytes = 16 * tensors
+            for w in worlds:
+                shard_us = (
+                    BYTES_PER_PARAM * params / w / (HBM_EFFICIENCY * c["hbm_TBs"] * 1e12) * 1e6
+                    + STEP_FLOOR_US
+                )
+                for layout, group in (
+                    ("FSDP2/ZeRO (all ranks)", w),
+                    ("HSDP (shard = node)", c["gpus_per_node"]),
+                ):
+                    ar, algo = allreduce_us(w, c, nbytes, group)
+                    rows.append(
+                        {
+                            "cluster": cname,
+                            "model": mname,
+                            "world": w,
+                            "layout": layout,
+                            "bytes": nbytes,
+                            "allreduce_us": ar,
+                            "algorithm": algo,
+                            "shard_step_us": shard_us,
+                            "global_over_shard": (shard_us + ar) / shard_us,
+                        }
+                    )
+    return rows
+
+
+def print_projection(rows: list[dict]) -> None:
+    print(
+        "| cluster | model (bytes) | layout | "
+        + " | ".join(f"{w} GPUs" for w in sorted({r["world"] for r in rows}))
+        + " |"
+    )
+    keys = []
+    for r in rows:
+        k = (r["cluster"], r["model"], r["layout"])
+        if k not in keys:
+            keys.append(k)
+    ws = sorted({r["world"] for r in rows})
+    print("|---|---|---|" + "---|" * len(ws))
+    for k in keys:
+        cells = []
+        for w in ws:
+            r = next(
+                x for x in rows if (x["cluster"], x["model"], x["layout"]) == k and x["world"] == w
+            )
+            cells.append(
+                f"+{r['allreduce_us']:.0f} us / {r['shard_step_us']:.0f} us = {r['global_over_shard']:.3f}x"
+            )
+        nbytes = next(x["bytes"] for x in rows if (x["cluster"], x["model"]) == k[:2])
+        print(f"| {k[0]} | {k[1]} ({nbytes} B) | {k[2]} | " + " | ".join(cells) + " |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", default="1,2,4,8,16", help="comma list of world sizes")
@@ -265,7 +481,53 @@ def main() -> int:
     )
     p.add_argument("--title", default=None)
     p.add_argument("--plot-only", default=None, help="re-plot an existing CSV")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="measure gloo all-reduce latency vs world size and message size (no model training)",
+    )
+    p.add_argument("--probe-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default="8,1200,3504,262144", help="probe: message sizes in bytes")
+    p.add_argument("--iters", type=int, default=300, help="probe: all-reduces per size")
+    p.add_argument(
+        "--project",
+        action="store_true",
+        help="print the A100/GH200 alpha-beta projection (a model) and write <out>_projection.csv",
+    )
+    p.add_argument("--project-worlds", default="8,16,32,64,128,256")
     args = p.parse_args()
+
+    if args.probe_worker:
+        probe_worker([int(x) for x in args.sizes.split(",")], args.iters)
+        return 0
+    if args.probe:
+        out = Path(args.out + "_probe.csv")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = probe(
+            [int(w) for w in args.worlds.split(",")],
+            [int(x) for x in args.sizes.split(",")],
+            args.iters,
+            out,
+        )
+        for nbytes in sorted({r["bytes"] for r in rows}):
+            a, h, res = fit_hops(rows, nbytes)
+            print(
+                f"{nbytes:7d} B: T(W) = {a:.1f} us + {h:.2f} us x 2(W-1)   (max relative residual {res:.0%})"
+            )
+        print(f"wrote {out}")
+        return 0
+    if args.project:
+        rows = projection([int(w) for w in args.project_worlds.split(",")])
+        print_projection(rows)
+        out = Path(args.out + "_projection.csv")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+        print(f"wrote {out}")
+        return 0
 
     if args.plot_only:
         src = Path(args.plot_only)
