@@ -4,17 +4,24 @@ Same math as :mod:`.reference`, expressed as a few horizontal ops over the whole
 instead of a Python loop of small ops. Lists are grouped by dtype and device by the caller
 (:mod:`dist_cautious.kernels`).
 
-Two savings against a literal transcription (each pass over memory counts on CPU):
+Savings against a literal transcription (each pass over memory counts on CPU):
 
-* the mask ``m * g > 0`` computed by :func:`count_pass` is kept (1 byte per element) and
-  reused by :func:`update_pass` when that is called next with the same, unmodified tensors
-  (checked by identity and version counters); otherwise it is recomputed;
+* the mask ``m * g > 0`` computed by :func:`count_pass` (0/1 in the compute dtype, in the
+  buffer of the product) is kept and reused by :func:`update_pass` when that is called
+  next with the same, unmodified tensors (checked by identity and version counters);
+  otherwise it is recomputed;
+* on CPU that mask and the denominator live in scratch buffers kept between steps (8 bytes
+  per element of CPU memory, like AdamW's per-step temporaries but allocated once): a fresh
+  large CPU allocation costs page faults on every step, several times the op itself;
 * on CPU the per-tensor factor is folded into the ``addcdiv`` scalar
-  (``p + (-lr/bc1 * alpha) * (m * mask / denom)``, a rounding-level difference from the
-  reference order); on other devices ``alpha`` stays a device tensor (no host sync).
+  (``p + (-lr/bc1 * alpha) * (m * mask / denom)``, equal up to rounding to the reference
+  order, and bitwise AdamW's update where nothing is masked and alpha is 1); on other
+  devices ``alpha`` stays a device tensor (no host sync).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -46,6 +53,43 @@ def _fingerprint(grads: list[Tensor], exp_avgs: list[Tensor]) -> tuple:
     )
 
 
+def _count(mask: Tensor) -> Tensor:
+    """Exact number of ones in a 0/1 float tensor: a float32 sum is exact while every partial
+    sum stays below 2**24; larger tensors are summed in float64."""
+    if mask.numel() < (1 << 24) and mask.dtype == torch.float32:
+        return mask.sum()
+    return mask.sum(dtype=torch.float64)
+
+
+# CPU: one scratch buffer per exp_avg, kept between steps (freshly allocated large CPU
+# buffers cost page faults on every step, several times the op itself). Keyed by id, checked
+# by a weak reference, dropped when the exp_avg dies.
+_scratch: dict[tuple[int, int], tuple[weakref.ref, Tensor]] = {}
+
+
+def _scratch_for(m: Tensor, dt: torch.dtype, slot: int = 0) -> Tensor:
+    key = (id(m), slot)
+    hit = _scratch.get(key)
+    if hit is not None and hit[0]() is m and hit[1].shape == m.shape and hit[1].dtype == dt:
+        return hit[1]
+    buf = torch.empty(m.shape, dtype=dt)
+    _scratch[key] = (weakref.ref(m, lambda _, k=key: _scratch.pop(k, None)), buf)
+    return buf
+
+
+def _mask_products(exp_avgs: list[Tensor], gs: list[Tensor], dt: torch.dtype) -> list[Tensor]:
+    """``(m * g > 0)`` as 0/1 in the compute dtype (CPU: in the scratch buffers)."""
+    if exp_avgs[0].device.type == "cpu":
+        masks = [_scratch_for(m, dt) for m in exp_avgs]
+        for m, g, x in zip(exp_avgs, gs, masks):
+            torch.mul(m, g, out=x)
+    else:
+        masks = torch._foreach_mul(exp_avgs, gs)
+    for x in masks:
+        x.gt_(0)
+    return masks
+
+
 def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximize: bool) -> Tensor:
     _last.clear()
     if not exp_avgs:
@@ -53,10 +97,12 @@ def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximi
     dt = compute_dtype(exp_avgs[0])
     gs = _grads(grads, dt, maximize)
     torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
-    prods = torch._foreach_mul(exp_avgs, gs)
-    masks = [torch.gt(x, 0) for x in prods]
-    del prods
-    counts = torch.stack([mk.sum(dtype=torch.int64) for mk in masks])
+    masks = _mask_products(exp_avgs, gs, dt)
+    sums = [_count(x) for x in masks]
+    if masks[0].device.type == "cpu":  # exact integer-valued floats; .item() is free here
+        counts = torch.tensor([int(x.item()) for x in sums], dtype=torch.int64)
+    else:
+        counts = torch.stack([x.to(torch.float64) for x in sums]).to(torch.int64)
     _last.update(key=_fingerprint(grads, exp_avgs), maximize=maximize, masks=masks)
     return counts
 
@@ -68,7 +114,7 @@ def _masks(grads: list[Tensor], exp_avgs: list[Tensor], gs: list[Tensor], maximi
             _last.clear()
             return masks
     _last.clear()
-    return [torch.gt(x, 0) for x in torch._foreach_mul(exp_avgs, gs)]
+    return _mask_products(exp_avgs, gs, compute_dtype(exp_avgs[0]))
 
 
 def update_pass(
@@ -91,15 +137,22 @@ def update_pass(
     if h.weight_decay != 0:
         torch._foreach_mul_(ps, 1 - h.lr * h.weight_decay)
 
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, h.bias_correction2_sqrt)
-    torch._foreach_add_(denom, h.eps)
-
-    upd = torch._foreach_mul(exp_avgs, _masks(grads, exp_avgs, gs, h.maximize))  # m * mask
-    if alphas.device.type == "cpu":
+    upd = _masks(grads, exp_avgs, gs, h.maximize)
+    torch._foreach_mul_(upd, exp_avgs)  # m * mask, in the mask buffer
+    if exp_avg_sqs[0].device.type == "cpu":
+        # No fresh allocation (see _scratch). With alpha = 1 this is bitwise AdamW's
+        # foreach update (same denominator, same addcdiv).
+        denom = [_scratch_for(v, dt, slot=1) for v in exp_avg_sqs]
+        for v, d in zip(exp_avg_sqs, denom):
+            torch.sqrt(v, out=d)
+        torch._foreach_div_(denom, h.bias_correction2_sqrt)
+        torch._foreach_add_(denom, h.eps)
         scal = [-h.step_size * a for a in alphas.tolist()]
         torch._foreach_addcdiv_(ps, upd, denom, scal)
-    else:
+    else:  # as the reference orders it; alpha stays on the device (no host sync)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, h.bias_correction2_sqrt)
+        torch._foreach_add_(denom, h.eps)
         torch._foreach_mul_(upd, list(alphas.to(dt).unbind()))
         torch._foreach_addcdiv_(ps, upd, denom, -h.step_size)
     if low_precision:
