@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from . import kernels
 from .kernels import UpdateHyper, cautious_factor
 from .layout import DEFAULT_LAYOUT, ParamLayout, Piece, SlotTable, is_dtensor, zeros_state
-from .reduce import ReducedCounts, reduce_counts
+from .reduce import ReducedCounts, device_index, reduce_counts
 
 SCALES = ("global", "shard")
 FORMULAS = ("clamp", "paper")
@@ -159,6 +159,7 @@ class _Plan:
             b.all_entries = b.src == list(range(n))
         self.step_buf: Tensor | None = None
         self.step_version = -1
+        self.local_numels: dict[torch.device, Tensor] = {}  # per-piece numels on the device
 
     def freeze(self) -> None:
         """Make the plan reusable: drop gradient references, share the step counters."""
@@ -554,17 +555,33 @@ class CAdamW(Optimizer):
         else:
             local_counts = torch.zeros(0, dtype=torch.int64, device=home)
 
-        # Reduce counts over shards (no-op for whole tensors and for scale="shard").
-        red = reduce_counts(
-            plan.pieces,
-            plan.piece_group,
-            local_counts,
-            plan.table,
-            len(self.param_groups),
-            self.scale,
+        # When no count crosses ranks (whole tensors, or scale="shard") and every bucket's
+        # backend can compute the factor inside its update kernel (triton), the update is
+        # launched straight from the local counts and the statistics are reduced after it:
+        # the factor's small launches leave the critical path. Same numbers either way.
+        fuse = (self.scale == "shard" or not plan.table.sizes) and all(
+            getattr(b.backend, "SUPPORTS_FUSED_FACTOR", False) and b.device == home
+            for b in plan.buckets
         )
-        self._stats = red
-        alphas = cautious_factor(red.counts, red.numels, self.formula, self.clamp)
+        if fuse:
+            numels = plan.local_numels.get(home)
+            if numels is None:
+                numels = device_index(tuple(pc.param.numel() for pc in plan.pieces), home)
+                plan.local_numels[home] = numels
+            red = None
+            alphas = None
+        else:
+            # Reduce counts over shards (no-op for whole tensors and for scale="shard").
+            red = reduce_counts(
+                plan.pieces,
+                plan.piece_group,
+                local_counts,
+                plan.table,
+                len(self.param_groups),
+                self.scale,
+            )
+            self._stats = red
+            alphas = cautious_factor(red.counts, red.numels, self.formula, self.clamp)
 
         # Pass 2: second moment, weight decay and the masked, rescaled step.
         start = 0
@@ -581,16 +598,26 @@ class CAdamW(Optimizer):
                 maximize=bool(group["maximize"]),
             )
             n = len(b.params)
-            a = alphas if single else alphas[start : start + n]
-            start += n
-            dev = b.device
-            a = a if a.device == dev else a.to(dev)
-            if d:
-                b.backend.update_pass(
-                    b.params, gs, b.exp_avgs, b.exp_avg_sqs, a, h, exp_avg_pending=True
-                )
+            kw: dict[str, Any] = {"exp_avg_pending": True} if d else {}
+            if fuse:
+                sl = slice(None) if single else slice(start, start + n)
+                kw["factor"] = (local_counts[sl], numels[sl], self.formula, self.clamp)
+                a = None
             else:
-                b.backend.update_pass(b.params, gs, b.exp_avgs, b.exp_avg_sqs, a, h)
+                a = alphas if single else alphas[start : start + n]
+                a = a if a.device == b.device else a.to(b.device)
+            start += n
+            b.backend.update_pass(b.params, gs, b.exp_avgs, b.exp_avg_sqs, a, h, **kw)
+
+        if fuse:  # the statistics (kept / stepped elements per group); no collective here
+            self._stats = reduce_counts(
+                plan.pieces,
+                plan.piece_group,
+                local_counts,
+                plan.table,
+                len(self.param_groups),
+                self.scale,
+            )
 
     # ------------------------------------------------------------------ statistics
 

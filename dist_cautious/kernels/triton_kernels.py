@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import foreach as _foreach
-from .common import UpdateHyper
+from .common import UpdateHyper, cautious_factor
 
 __all__ = ["count_pass", "update_pass", "configure", "config", "INTERPRETED"]
 
@@ -168,6 +168,9 @@ def _update_kernel(
     V,
     tab,
     alphas,
+    counts,
+    numels,
+    fparams,
     nc,
     n,
     w,
@@ -190,7 +193,10 @@ def _update_kernel(
     SOFT_BF16: tl.constexpr,
     LOAD_EV: tl.constexpr,
     STORE_CM: tl.constexpr,
+    FACTOR: tl.constexpr,
 ):
+    # FACTOR: 0 = read alphas[t]; 1 = "clamp", 2 = "paper": alpha from the int64 counts and
+    # numels, in float64 exactly as common.cautious_factor (fparams[0] = clamp, float64).
     # LERP_M: the count pass left exp_avg as it was (deferred): update it here, with the
     # same helper, so the mask applied is the mask counted.
     CHUNK: tl.constexpr = BLOCK * TILES
@@ -204,7 +210,16 @@ def _update_kernel(
     om = tl.load(base + 2 * n + t) + c * CHUNK
     ov = tl.load(base + 3 * n + t) + c * CHUNK
     rem = tl.load(base + 4 * n + t) - c * CHUNK
-    alpha = tl.load(alphas + t).to(tl.float32)
+    if FACTOR == 0:
+        alpha = tl.load(alphas + t).to(tl.float32)
+    else:
+        cnt = tl.load(counts + t).to(tl.float64)
+        num = tl.load(numels + t).to(tl.float64)
+        if FACTOR == 1:
+            a64 = num / tl.maximum(cnt, tl.load(fparams) * num)
+        else:
+            a64 = num / (cnt + 1.0)
+        alpha = a64.to(tl.float32)  # num > 0: tensors without elements have no program
     idx0 = tl.arange(0, BLOCK)
     if full != 0:
         pp = P + (op // VP) * VP
@@ -265,6 +280,7 @@ _CONFIG = {k: dict(v) for k, v in _DEFAULT.items()}
 # efficiency; see count_pass(defer_exp_avg=...).
 DEFER_EXP_AVG = True
 SUPPORTS_DEFERRED_EXP_AVG = True
+SUPPORTS_FUSED_FACTOR = True  # update_pass(..., factor=(counts, numels, formula, clamp))
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 32
 _tables: OrderedDict[tuple, tuple[Tensor, int, list[Tensor]]] = OrderedDict()
@@ -528,12 +544,23 @@ def update_pass(
     h: UpdateHyper,
     *,
     exp_avg_pending: bool = False,
+    factor: tuple[Tensor, Tensor, str, float] | None = None,
 ) -> None:
     """Second moment, decoupled weight decay and the masked, rescaled step, in place.
 
     ``exp_avg_pending=True``: ``m`` still holds the previous step's value (a deferred
     :func:`count_pass`); it is updated here first, with ``h.beta1``.
+    ``factor=(counts, numels, formula, clamp)`` (``alphas`` then None): compute each
+    tensor's factor inside the kernel from int64 ``counts`` and ``numels`` (device tensors),
+    bit for bit as :func:`~dist_cautious.kernels.common.cautious_factor` does, which saves
+    the small launches of a separate factor computation.
     """
+    if factor is not None:
+        counts, numels, formula, clamp = factor
+        if alphas is not None or formula not in ("clamp", "paper"):
+            raise ValueError(
+                "update_pass: give either alphas or factor=(counts, numels, formula, clamp)"
+            )
     if not params:
         return
     device = params[0].device
@@ -547,15 +574,31 @@ def update_pass(
     if hit is None:
         if exp_avg_pending:  # bring m up to date first, as the count pass would have
             _foreach.count_pass(grads, exp_avgs, h.beta1, h.maximize)
+        if factor is not None:
+            alphas = cautious_factor(counts, numels, formula, clamp)
         return _foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
     table, nc, (pb, gb, mb, vb) = hit
     if nc == 0:
         return
     n = len(params)
-    if alphas.dtype != torch.float32 or alphas.device != device or not alphas.is_contiguous():
-        alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
-    if alphas.numel() != n:
-        raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
+    if factor is None:
+        if alphas.dtype != torch.float32 or alphas.device != device or not alphas.is_contiguous():
+            alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
+        if alphas.numel() != n:
+            raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
+        counts = numels = fparams = alphas  # unused pointers
+        fmode = 0
+    else:
+        for name, x in (("counts", counts), ("numels", numels)):
+            if x.dtype != torch.int64 or x.device != device or x.numel() != n:
+                raise ValueError(
+                    f"update_pass: {name} must be int64[{n}] on {device}, got "
+                    f"{x.dtype}[{x.numel()}] on {x.device}"
+                )
+        counts, numels = counts.contiguous(), numels.contiguous()
+        fparams = _clamp_tensor(float(clamp), device)
+        alphas = counts  # unused pointer
+        fmode = 1 if formula == "clamp" else 2
     cfg = _CONFIG["update"]
     w = 1.0 - h.beta1
     _update_kernel[(nc,)](
@@ -565,6 +608,9 @@ def update_pass(
         vb,
         table,
         alphas,
+        counts,
+        numels,
+        fparams,
         nc,
         n,
         w,
@@ -587,8 +633,22 @@ def update_pass(
         SOFT_BF16=INTERPRETED,
         LOAD_EV=cfg["load_ev"],
         STORE_CM=cfg["store_cm"],
+        FACTOR=fmode,
         num_warps=cfg["num_warps"],
     )
+
+
+_clamps: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def _clamp_tensor(clamp: float, device: torch.device) -> Tensor:
+    """``clamp`` as a float64 device scalar (Triton passes Python floats as float32), made
+    once per value and device."""
+    key = (clamp, device)
+    t = _clamps.get(key)
+    if t is None:
+        t = _clamps[key] = torch.full((1,), clamp, dtype=torch.float64, device=device)
+    return t
 
 
 INTERPRETED = _interpreted()

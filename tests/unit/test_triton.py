@@ -81,6 +81,11 @@ def test_deferred_exp_avg(r, case):
     _ok(c, p_tol=LOW_TOL if "bf16" in case else FP32_TOL)
 
 
+@pytest.mark.parametrize("case", ["clamp_0.001", "clamp_0.25", "paper_0.001"])
+def test_factor_inside_update_kernel_is_bitwise_cautious_factor(r, case):
+    assert r[f"fused_factor_{case}"] is True
+
+
 def test_table_cache(r):
     assert r["cache"] == {"hit_adds_nothing": True, "new_tensors_add_one": True}
 

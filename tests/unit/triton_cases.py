@@ -158,6 +158,19 @@ def main() -> None:
         _state([65, 200], f32, f32, gen), h=UpdateHyper(**{**H.__dict__, "weight_decay": 0.0})
     )
 
+    # The factor computed inside the update kernel equals common.cautious_factor bit for bit:
+    # clamp formula with the clamp active (tiny counts), the paper formula.
+    for formula, clamp in (("clamp", 1e-3), ("clamp", 0.25), ("paper", 1e-3)):
+        a = _state([300, 65, 128, 7], f32, f32, gen)
+        b = [[t.clone() for t in x] for x in a]
+        counts = torch.tensor([0, 3, 128, 2], dtype=torch.int64)
+        numels = torch.tensor([t.numel() for t in a[0]], dtype=torch.int64)
+        tk.update_pass(*a, cautious_factor(counts, numels, formula, clamp), H)
+        tk.update_pass(*b, None, H, factor=(counts, numels, formula, clamp))
+        res[f"fused_factor_{formula}_{clamp}"] = all(
+            torch.equal(x, y) for i in (0, 3) for x, y in zip(a[i], b[i])
+        )
+
     # The table cache: same tensors hit, a new tensor list builds a new table.
     lists = _state([65, 200], f32, f32, gen)
     tk.count_pass(lists[1], lists[2], 0.9, False)
