@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     p.add_argument(
-        "--backend", default="auto", help="CAdamW kernel backend (auto, foreach, triton, reference)"
+        "--backend",
+        default="auto",
+        choices=("auto", "foreach", "triton", "reference"),
+        help="CAdamW kernel backend (default auto: triton on CUDA when available, else foreach)",
     )
     p.add_argument(
         "--amp",
@@ -972,9 +975,32 @@ def worker(args: argparse.Namespace) -> int:
     return int(st.item())
 
 
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject combinations that would silently measure something else (before any launch)."""
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: need at least 1 step")
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch {args.batch}: need at least 1 sequence per rank")
+    if args.seq_len is not None and args.seq_len < 2:
+        p.error(f"--seq-len {args.seq_len}: need at least 2 tokens")
+    engines = {args.engine} | ({args.check_against} if args.check_against else set())
+    if args.grad_reduce_dtype == "fp64" and "deepspeed" in engines:
+        p.error(
+            "--grad-reduce-dtype fp64 is implemented for fsdp2, hsdp and ddp only; DeepSpeed "
+            "reduces in its own communication dtype: drop the flag for --engine deepspeed"
+        )
+    if "allgather" in args.scale and args.engine == "deepspeed":
+        p.error(
+            "--scale allgather is the all-gather baseline for DTensor (FSDP2/HSDP) parameters; "
+            "for --engine deepspeed use --scale global, shard or both"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if under_launcher():
         if args.nproc is not None and args.nproc != int(
             os.environ.get("LOCAL_WORLD_SIZE", args.nproc)

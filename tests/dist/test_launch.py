@@ -116,7 +116,7 @@ def test_synthetic_language_is_seeded_and_world_independent() -> None:
     assert 0.0 < lang.entropy < torch.log(torch.tensor(4.0)).item() + 1e-9
 
 
-def test_scale_parsing_and_bad_flags() -> None:
+def test_scale_parsing_and_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     import bench as b
 
     assert b.parse_scales("both") == ["global", "shard"]
@@ -124,14 +124,24 @@ def test_scale_parsing_and_bad_flags() -> None:
     assert b.parse_scales("shard,global,shard") == ["shard", "global"]
     with pytest.raises(Exception, match="unknown --scale 'gloabl'"):
         b.parse_scales("gloabl")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--engine", "zero"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "invalid choice: 'zero'" in proc.stderr
+    parser = b.build_parser()
+    for argv, msg in (
+        (
+            ["--engine", "deepspeed", "--scale", "all"],
+            "--scale allgather is the all-gather baseline",
+        ),
+        (["--steps", "0"], "--steps 0: need at least 1 step"),
+        (
+            ["--engine", "ddp", "--check-against", "deepspeed", "--grad-reduce-dtype", "fp64"],
+            "--grad-reduce-dtype fp64 is implemented for fsdp2, hsdp and ddp only",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            b.check_args(parser, parser.parse_args(argv))
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--engine", "zero"])
+    assert "invalid choice: 'zero'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- multi-process
