@@ -544,7 +544,7 @@ class Progress:
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  kept {task.fields[kept]}"),
+                TextColumn("loss(rank 0) {task.fields[loss]}  kept {task.fields[kept]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 transient=False,
@@ -579,7 +579,10 @@ class Progress:
             if loss is not None:
                 self.bar.set_postfix(loss=ls, kept=ks)
         elif loss is not None:
-            print(f"[{self.label}] step {step + 1}/{self.total}  loss {ls}  kept {ks}", flush=True)
+            print(
+                f"[{self.label}] step {step + 1}/{self.total}  loss(rank 0) {ls}  kept {ks}",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.kind == "rich":

@@ -11,7 +11,8 @@ functional collective's wait), with a device synchronisation before and after on
 Outside the step (forward, backward, FSDP's own all-gathers) the wrappers only forward.
 
 Payload bytes of one call: the size of its result buffer on this rank (the reduced tensor
-of an all-reduce, the full output of an all-gather, the local shard of a reduce-scatter).
+of an all-reduce, the full output of an all-gather, the local shard of a reduce-scatter or
+scatter; for a gather, the tensor this rank sends).
 """
 
 from __future__ import annotations
@@ -120,8 +121,15 @@ class CommMeter:
                 payload = _nbytes(ts[:1])  # (output, input): the full output
             elif name == "all_to_all":
                 payload = _nbytes(ts) // 2  # (outputs, inputs)
-            elif name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter"):
-                payload = _nbytes(ts[:1])
+            elif name in (
+                "reduce_scatter_tensor",
+                "_reduce_scatter_base",
+                "reduce_scatter",
+                "scatter",
+            ):
+                payload = _nbytes(ts[:1])  # the output shard (scatter: not the source's list)
+            elif name == "gather":
+                payload = _nbytes(ts[:1])  # the tensor this rank contributes
             else:
                 payload = _nbytes(ts)
             meter.calls += 1
