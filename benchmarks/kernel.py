@@ -483,6 +483,42 @@ def parity_optimizer(
     return out
 
 
+def interleaved(shape_name: str, pdt: torch.dtype, names: list[str], reps: int) -> dict:
+    """CPU: the optimizers step their own copies of the same tensors in turn, step after
+    step, so that a change in machine load hits all of them alike; medians per optimizer."""
+    shapes = SHAPES[shape_name]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(pdt) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(pdt) for s in shapes]
+    opts = {}
+    for name in names:
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opts[name] = make_optimizer(name, ps)
+        opts[name].step()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(reps):
+        for name, opt in opts.items():
+            t = time.perf_counter()
+            opt.step()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    out = dict(
+        shapes=shape_name,
+        dtype=str(pdt).replace("torch.", ""),
+        tensors=len(shapes),
+        params=numel(shapes),
+        reps=reps,
+        median_ms=med,
+        min_ms={n: min(ts) for n, ts in times.items()},
+    )
+    if "cadamw-foreach" in med and "adamw-foreach" in med:
+        out["cadamw_foreach_over_adamw_foreach"] = med["cadamw-foreach"] / med["adamw-foreach"]
+    print(json.dumps(out), flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -603,6 +639,11 @@ def main() -> None:
             rows += bench_case(sn, dt, names, device, timer, reps, args.warmup, copy_gbs)
             result["rows"] = rows
             save()
+    if not cuda:
+        result["interleaved"] = [
+            interleaved(sn, dt, names, args.reps or 30) for sn in shapes for dt in dtypes
+        ]
+        save()
     # The copy is measured again after the table; the larger median is the reference.
     copy_after = copy_bandwidth(device, timer)
     result["copy_gbs_before_after"] = [copy_gbs, copy_after]
@@ -626,6 +667,13 @@ def main() -> None:
             save()
     print()
     print(text)
+    for r in result.get("interleaved", []):
+        ratio = r.get("cadamw_foreach_over_adamw_foreach")
+        if ratio is not None:
+            print(
+                f"CPU interleaved {r['shapes']} {r['dtype']}: CAdamW foreach / AdamW foreach "
+                f"= {ratio:.2f} (medians of {r['reps']})"
+            )
 
 
 if __name__ == "__main__":

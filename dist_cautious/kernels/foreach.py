@@ -10,9 +10,11 @@ Savings against a literal transcription (each pass over memory counts on CPU):
   buffer of the product) is kept and reused by :func:`update_pass` when that is called
   next with the same, unmodified tensors (checked by identity and version counters);
   otherwise it is recomputed;
-* on CPU that mask and the denominator live in scratch buffers kept between steps (8 bytes
-  per element of CPU memory, like AdamW's per-step temporaries but allocated once): a fresh
-  large CPU allocation costs page faults on every step, several times the op itself;
+* on CPU that mask and the denominator (and, for bf16/fp16 parameters, their float32
+  copies and the gradients') live in scratch buffers kept between steps (8 bytes per
+  element of CPU memory, 16 with 16-bit parameters; AdamW allocates as much afresh every
+  step): a fresh large CPU allocation costs page faults on every step, several times the
+  op itself;
 * on CPU the per-tensor factor is folded into the ``addcdiv`` scalar
   (``p + (-lr/bc1 * alpha) * (m * mask / denom)``, equal up to rounding to the reference
   order, and bitwise AdamW's update where nothing is masked and alpha is 1); on other
@@ -29,14 +31,29 @@ from torch import Tensor
 from .common import UpdateHyper, compute_dtype
 
 
-def _as_compute(ts: list[Tensor], dt: torch.dtype) -> list[Tensor]:
-    return ts if all(t.dtype == dt for t in ts) else [t.to(dt) for t in ts]
+def _as_compute(
+    ts: list[Tensor], dt: torch.dtype, keys: list[Tensor], slot: int
+) -> tuple[list[Tensor], bool]:
+    """``ts`` in the compute dtype, and whether that is a copy. On CPU the copies go to
+    scratch buffers (keyed by the stable tensors ``keys``, see ``_scratch``)."""
+    if all(t.dtype == dt for t in ts):
+        return ts, False
+    if ts[0].device.type == "cpu":
+        out = [_scratch_for(k, dt, slot) for k in keys]
+        torch._foreach_copy_(out, ts)
+        return out, True
+    return [t.to(dt) for t in ts], True
 
 
-def _grads(grads: list[Tensor], dt: torch.dtype, maximize: bool) -> list[Tensor]:
-    gs = _as_compute(grads, dt)
+def _grads(
+    grads: list[Tensor], dt: torch.dtype, maximize: bool, keys: list[Tensor]
+) -> list[Tensor]:
+    gs, copied = _as_compute(grads, dt, keys, slot=2)
     if maximize:
-        gs = torch._foreach_neg(gs)
+        if copied:
+            torch._foreach_neg_(gs)
+        else:
+            gs = torch._foreach_neg(gs)
     return gs
 
 
@@ -95,7 +112,7 @@ def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximi
     if not exp_avgs:
         return torch.zeros(0, dtype=torch.int64)
     dt = compute_dtype(exp_avgs[0])
-    gs = _grads(grads, dt, maximize)
+    gs = _grads(grads, dt, maximize, exp_avgs)
     torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
     masks = _mask_products(exp_avgs, gs, dt)
     sums = [_count(x) for x in masks]
@@ -128,12 +145,11 @@ def update_pass(
     if not params:
         return
     dt = compute_dtype(exp_avgs[0])
-    gs = _grads(grads, dt, h.maximize)
+    gs = _grads(grads, dt, h.maximize, exp_avgs)
     torch._foreach_mul_(exp_avg_sqs, h.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - h.beta2)
 
-    low_precision = any(p.dtype != dt for p in params)
-    ps = [p.to(dt) for p in params] if low_precision else params
+    ps, low_precision = _as_compute(params, dt, exp_avg_sqs, slot=3)
     if h.weight_decay != 0:
         torch._foreach_mul_(ps, 1 - h.lr * h.weight_decay)
 
