@@ -267,6 +267,13 @@ class Ctx:
                 "or --device cpu"
             )
         use_cuda = args.device == "cuda" or (args.device == "auto" and ngpu >= self.local_world > 0)
+        if args.device == "auto" and 0 < ngpu < self.local_world and self.local_rank == 0:
+            print(
+                f"bench: {self.local_world} ranks on this node but {ngpu} GPU(s): running on CPU "
+                f"with gloo (use --nproc {ngpu} / --nproc-per-node {ngpu} to run on the GPUs)",
+                file=sys.stderr,
+                flush=True,
+            )
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
