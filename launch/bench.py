@@ -999,6 +999,20 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "--grad-reduce-dtype fp64 is implemented for fsdp2, hsdp and ddp only; DeepSpeed "
             "reduces in its own communication dtype: drop the flag for --engine deepspeed"
         )
+    if (
+        "hsdp" in engines
+        and args.hsdp_shard is None
+        and not under_launcher()
+        and (args.nproc if args.nproc is not None else 2) < 4
+    ):
+        p.error(
+            f"--engine hsdp needs a 2-D mesh (replicate x shard): with {args.nproc or 2} "
+            "processes there is none by default; use --nproc 4 (or more) or pass --hsdp-shard"
+        )
+    if args.hsdp_shard is not None and not under_launcher():
+        n = args.nproc if args.nproc is not None else 2
+        if args.hsdp_shard < 1 or n % args.hsdp_shard:
+            p.error(f"--hsdp-shard {args.hsdp_shard} must divide the number of processes ({n})")
     if "allgather" in args.scale and args.engine == "deepspeed":
         p.error(
             "--scale allgather is the all-gather baseline for DTensor (FSDP2/HSDP) parameters; "
@@ -1019,7 +1033,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--nproc {args.nproc} is for starting bench.py directly; under torchrun the "
                 f"launcher sets the workers (here {os.environ.get('LOCAL_WORLD_SIZE')} per node)"
             )
-        return worker(args)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(worker)(args)  # a failing rank's traceback reaches the launcher's summary
     return launch(args.nproc if args.nproc is not None else 2, strip_nproc(argv))
 
 
