@@ -316,17 +316,9 @@ def hsdp_shape(ctx: Ctx) -> tuple[int, int]:
 
 def baseline_class() -> Any:
     """The full-tensor all-gather baseline (what the reference repository does for DTensors)."""
-    try:
-        from dist_cautious import baselines
-    except ImportError as e:
-        raise SystemExit(
-            f"--scale allgather needs dist_cautious.baselines, which cannot be imported ({e})"
-        ) from None
-    for name in ("AllGatherCAdamW", "AllGatherBaseline", "GatherCAdamW"):
-        cls = getattr(baselines, name, None)
-        if cls is not None:
-            return cls
-    raise SystemExit("dist_cautious.baselines defines no all-gather baseline optimizer class")
+    from dist_cautious.baselines import AllGatherCAdamW
+
+    return AllGatherCAdamW
 
 
 def make_optimizer(ctx: Ctx, groups: list[dict], mode: str, lr: float) -> Any:
