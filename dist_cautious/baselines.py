@@ -84,7 +84,7 @@ class AllGatherCAdamW(CAdamW):
                     if maximize:
                         full_g = -full_g
                     mask = (full_m * full_g > 0).to(dt)
-                    n = torch.tensor([mask.numel()], dtype=torch.int64)
+                    n = torch.tensor([mask.numel()], dtype=torch.int64, device=mask.device)
                     nnz = mask.sum(dtype=torch.int64).reshape(1)
                     mask.mul_(cautious_factor(nnz, n, self.formula, self.clamp).to(dt))
                     # ... and the scaled mask sent back to the shards (scatter from rank 0).
