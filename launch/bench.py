@@ -410,6 +410,20 @@ class Run:
 
             deepspeed.utils.logger.setLevel(logging.WARNING)
             model = model.to(ctx.device)
+            if a.zero_stage == 3:
+                # ZeRO-3 wraps the inputs and outputs of *every* submodule in identity autograd
+                # Functions (parameter_offload.py: PostBackwardFunctionModule /
+                # PreBackwardFunctionForModule). A tensor read by three or more ops (the residual
+                # stream x feeds the residual add and, inside RMSNorm, x * rsqrt(.) and x.pow(2))
+                # then gets its gradient summed in another grouping ((n1 + n2) + g instead of
+                # autograd's plain order), so fp32 gradients differ from DDP's in the last bits
+                # and Adam amplifies them. Marking each Block a ZeRO-3 leaf keeps hooks at block
+                # boundaries only (what FSDP2's per-layer fully_shard does): gradients then equal
+                # DDP's bit for bit (docs/benchmarks.md). Parameters are gathered per block.
+                from deepspeed.utils import set_z3_leaf_modules
+                from model import Block
+
+                set_z3_leaf_modules(model, [Block])
             client = make_optimizer(ctx, param_groups(model, a.weight_decay), mode, lr)
             conf = dc_ds.config(
                 {

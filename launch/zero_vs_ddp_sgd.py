@@ -6,10 +6,15 @@ parameters and how many elements differ. Identical gradients give identical para
 
     torchrun --standalone --nproc-per-node 2 launch/zero_vs_ddp_sgd.py --zero-stage 3
 
+    torchrun --standalone --nproc-per-node 2 launch/zero_vs_ddp_sgd.py --zero-stage 3 --leaf-blocks
+
 Measured 2026-11-22 (CPU gloo, 2 ranks, tiny preset, torch 2.13.0, DeepSpeed 0.19.8): ZeRO-2
-equals DDP in every element; ZeRO-3 differs in the last bits on 10 of 21 tensors. This is why
-launch/bench.py's ZeRO-3 run cannot match DDP to 1e-6 after several C-AdamW steps (see
-docs/benchmarks.md).
+equals DDP in every element; plain ZeRO-3 differs in the last bits on 10 of 21 tensors (its
+gradients differ on 15). Cause: ZeRO-3 wraps the inputs of every submodule in an identity
+autograd Function, so the residual stream's gradient (residual add + the two reads of x inside
+RMSNorm) is summed in another grouping. With ``--leaf-blocks`` (each Block a ZeRO-3 leaf
+module, hooks at block boundaries only, as launch/bench.py does) ZeRO-3 equals DDP in every
+element. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ def main() -> None:
     p.add_argument("--zero-stage", type=int, default=3, choices=(1, 2, 3))
     p.add_argument("--preset", default="tiny")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument(
+        "--leaf-blocks",
+        action="store_true",
+        help="ZeRO-3: mark each Block a leaf module (no hooks inside blocks), as bench.py does",
+    )
     args = p.parse_args()
 
     import deepspeed
@@ -44,6 +54,11 @@ def main() -> None:
     tok = tok[rank * cfg.batch : (rank + 1) * cfg.batch]
 
     m = build_model(cfg, 0)
+    if args.leaf_blocks:
+        from deepspeed.utils import set_z3_leaf_modules
+        from model import Block
+
+        set_z3_leaf_modules(m, [Block])
     engine, *_ = deepspeed.initialize(
         model=m,
         optimizer=torch.optim.SGD(m.parameters(), lr=args.lr),
@@ -75,7 +90,7 @@ def main() -> None:
                 f"{n:40s} max |ZeRO-{args.zero_stage} - DDP| {d.max().item():.3e}  elements differing {int((d > 0).sum())}/{d.numel()}"
             )
         print(
-            f"ZeRO-{args.zero_stage} vs DDP after one SGD step: {differ} of {len(ds)} tensors differ"
+            f"ZeRO-{args.zero_stage}{' (leaf blocks)' if args.leaf_blocks else ''} vs DDP after one SGD step: {differ} of {len(ds)} tensors differ"
         )
     dist.barrier()
     dist.destroy_process_group()

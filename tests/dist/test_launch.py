@@ -232,9 +232,11 @@ def test_bench_deepspeed_self_launch_matches_ddp(tmp_path: Path) -> None:
     assert max_rel(p["deepspeed/global"], p["ddp/global"]) <= 1e-6
     assert max_rel(p["deepspeed/shard"], p["ddp/global"]) > 1e-4
 
-    # ZeRO-3: DeepSpeed's stage-3 gradients differ from DDP's in the last bits (measured
-    # with plain SGD, independent of CAdamW); Adam turns that into small parameter
-    # differences, so here we check the run, its collectives and its loss, not 1e-6.
+    # ZeRO-3: bench.py marks each Block a ZeRO-3 leaf module. Without that, ZeRO-3's
+    # identity autograd Functions around every submodule's inputs regroup the fp32 sum of the
+    # residual stream's gradient (last-bit differences on 15 of 21 gradients, 3.4e-2 relative
+    # after two C-AdamW steps where a near-zero gradient flips sign and with it the cautious
+    # mask; docs/benchmarks.md). With it, ZeRO-3 must equal DDP like ZeRO-2.
     bench(
         [
             "--nproc",
@@ -249,10 +251,10 @@ def test_bench_deepspeed_self_launch_matches_ddp(tmp_path: Path) -> None:
             "3",
             "--check-against",
             "ddp",
-            "--check-tol",
-            "1",
             "--json",
             str(out),
+            "--save-params",
+            str(params),
         ],
         timeout=200,
     )
@@ -260,7 +262,9 @@ def test_bench_deepspeed_self_launch_matches_ddp(tmp_path: Path) -> None:
     z3, ddp = r["deepspeed/global"], r["ddp/global"]
     assert z3["zero_stage"] == 3 and z3["bytes_per_step"] == 16 * TINY_TENSORS
     assert z3["collectives_per_step"] >= 1
-    assert max(abs(x - y) for x, y in zip(z3["loss_curve"], ddp["loss_curve"])) <= 1e-5
+    assert max(abs(x - y) for x, y in zip(z3["loss_curve"], ddp["loss_curve"])) <= 1e-6
+    p = torch.load(params)
+    assert max_rel(p["deepspeed/global"], p["ddp/global"]) <= 1e-6
 
 
 def _free_port() -> int:
