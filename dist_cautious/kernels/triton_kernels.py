@@ -20,8 +20,9 @@ and writes p, v (24 B); 36 B in all, the minimum for an exact two-pass C-AdamW.
 bf16/fp16 parameters with fp32 state: 10 + 18 = 28 B.
 
 Tables depend only on the tensors' addresses, sizes and dtypes. They are cached on the
-device keyed by those, and rebuilt (uploaded from pinned memory with
-``non_blocking=True``) only when they change, so a step does no blocking host-to-device
+device per (sizes, dtypes); when only the addresses change (fresh gradient tensors every
+step in a training loop) just the small offsets part is refreshed in place. Uploads come
+from pinned memory with ``non_blocking=True``, so a step does no blocking host-to-device
 copy and no host synchronisation: counts and factors stay on the device.
 
 Arithmetic follows :mod:`.reference` operation by operation in float32 (bf16/fp16 are
@@ -283,7 +284,8 @@ SUPPORTS_DEFERRED_EXP_AVG = True
 SUPPORTS_FUSED_FACTOR = True  # update_pass(..., factor=(counts, numels, formula, clamp))
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 32
-_tables: OrderedDict[tuple, tuple[Tensor, int, list[Tensor]]] = OrderedDict()
+_tables: OrderedDict[tuple, _TableEntry] = OrderedDict()  # noqa: F821 (defined below)
+_chunk_maps: OrderedDict[tuple, tuple] = OrderedDict()
 _warned: set[str] = set()
 
 
@@ -335,6 +337,7 @@ def configure(
             raise ValueError(f"store_cm={new['store_cm']!r}: use '', '.cs', '.cg' or '.wb'")
         _CONFIG[w] = new
     _tables.clear()
+    _chunk_maps.clear()
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -367,32 +370,29 @@ def _check_device(device: torch.device) -> None:
 
 _IS_SPARSE = attrgetter("is_sparse")
 _DATA_PTR = Tensor.data_ptr
+_IS_CONTIGUOUS = Tensor.is_contiguous
 _NUMEL = Tensor.numel
 _VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}  # elements per 16 bytes
 
 
-def _build_table(
-    lists: list[list[Tensor]], numels: tuple[int, ...], device: torch.device, chunk: int
-):
-    """Host-side chunk/offset table for ``lists`` (operands x tensors); returns (table, nc, bases)."""
+def _offsets(lists: list[list[Tensor]], numels: tuple[int, ...], ptrs: tuple[tuple[int, ...], ...]):
+    """Per operand: a base tensor, each tensor's element offset from it, 16-byte alignment."""
     n = len(numels)
     bases: list[Tensor] = []
-    offs: list[list[int]] = []
+    offs: list[int] = []
     aligned = [True] * n
-    for lst in lists:
+    cand = [i for i in range(n) if numels[i] > 0]
+    for lst, pt in zip(lists, ptrs):
         esize = lst[0].element_size()
         vec = 16 // esize
-        ptrs = [t.data_ptr() for t in lst]
         # Base: an aligned, non-empty tensor of the list when there is one.
-        cand = [i for i in range(n) if numels[i] > 0]
-        al = [i for i in cand if ptrs[i] % 16 == 0]
+        al = [i for i in cand if pt[i] % 16 == 0]
         bi = al[0] if al else (cand[0] if cand else 0)
         bases.append(lst[bi])
-        b = ptrs[bi]
-        row = []
-        for i, q in enumerate(ptrs):
+        b = pt[bi]
+        for i, q in enumerate(pt):
             if numels[i] == 0:
-                row.append(0)
+                offs.append(0)
                 continue
             d = q - b
             if d % esize:
@@ -401,42 +401,81 @@ def _build_table(
                     f"({esize} bytes); use backend='foreach' for such tensors"
                 )
             e = d // esize
-            row.append(e)
+            offs.append(e)
             if e % vec:
                 aligned[i] = False
-        offs.append(row)
-    nt = torch.tensor(numels, dtype=torch.int64)
-    nch = (nt + chunk - 1) // chunk
-    nc = int(nch.sum())
-    tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), nch)
-    first = torch.cumsum(nch, 0) - nch
-    cid = torch.arange(nc, dtype=torch.int64) - torch.repeat_interleave(first, nch)
-    al_t = torch.tensor(aligned, dtype=torch.bool)
-    full = (al_t[tid] & ((cid + 1) * chunk <= nt[tid])).to(torch.int64)
-    host = torch.cat([tid, cid, full, torch.tensor(offs, dtype=torch.int64).reshape(-1), nt])
-    if device.type == "cuda":
-        host = host.pin_memory()
-        table = torch.empty(host.shape, dtype=torch.int64, device=device)
-        table.copy_(host, non_blocking=True)  # no blocking host-to-device copy
-    else:
-        table = host
-    return table, nc, bases
+    return bases, offs, tuple(aligned)
+
+
+def _chunks(numels: tuple[int, ...], chunk: int):
+    """Chunk map of a list of sizes (cached: it depends on the sizes only)."""
+    key = (numels, chunk)
+    hit = _chunk_maps.get(key)
+    if hit is None:
+        n = len(numels)
+        nt = torch.tensor(numels, dtype=torch.int64)
+        nch = (nt + chunk - 1) // chunk
+        nc = int(nch.sum())
+        tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), nch)
+        first = torch.cumsum(nch, 0) - nch
+        cid = torch.arange(nc, dtype=torch.int64) - torch.repeat_interleave(first, nch)
+        inrange = (cid + 1) * chunk <= nt[tid]
+        hit = (tid, cid, inrange, nt, nc)
+        _chunk_maps[key] = hit
+        if len(_chunk_maps) > _CACHE_SIZE:
+            _chunk_maps.popitem(last=False)
+    return hit
+
+
+def _upload(host: Tensor, out: Tensor | None, device: torch.device) -> Tensor:
+    """Copy ``host`` into ``out`` (or a new device tensor) without a blocking copy.
+
+    The copy is queued on the current stream, after the kernels that read the old contents,
+    and comes from pinned memory that the caching host allocator keeps alive until it ran."""
+    if device.type != "cuda":
+        if out is None:
+            return host.clone()
+        out.copy_(host)
+        return out
+    if out is None:
+        out = torch.empty(host.shape, dtype=torch.int64, device=device)
+    out.copy_(host.pin_memory(), non_blocking=True)
+    return out
+
+
+class _TableEntry:
+    __slots__ = ("table", "nc", "bases", "ptrs", "aligned", "n_ops")
+
+    def __init__(self, table, nc, bases, ptrs, aligned, n_ops) -> None:  # noqa: ANN001
+        self.table, self.nc, self.bases = table, nc, bases
+        self.ptrs, self.aligned, self.n_ops = ptrs, aligned, n_ops
 
 
 def _table(kind: str, lists: list[list[Tensor]], device: torch.device):
-    """Cached (table, nc, bases) for ``lists``, or None when the fused path cannot take them."""
+    """(table, nc, bases) for ``lists``, or None when the fused path cannot take them.
+
+    Table layout (int64): ``[tid | cid | full | offsets (operand-major) | numels]`` with one
+    entry per chunk in the first three parts. Entries are cached per (kind, sizes, dtypes);
+    when only addresses changed (new gradient tensors every step, the usual case in a
+    training loop) just the small offsets part is re-uploaded, in place.
+    """
     first = lists[0]
     dtypes = tuple(lst[0].dtype for lst in lists)
     ptrs = tuple(tuple(map(_DATA_PTR, lst)) for lst in lists)
     numels = tuple(map(_NUMEL, first))
     cfg = _CONFIG[kind]
     chunk = cfg["block"] * cfg["tiles"]
-    key = (kind, device, dtypes, ptrs, numels, chunk)
-    hit = _tables.get(key)
-    if hit is not None:
+    key = (kind, device, dtypes, numels, chunk)
+    ent = _tables.get(key)
+    if ent is not None:
         _tables.move_to_end(key)
-        return hit
-    for j, lst in enumerate(lists):
+        if ent.ptrs == ptrs:
+            return ent.table, ent.nc, ent.bases
+        # Same sizes and dtypes as a checked call (the caller buckets by device and dtype):
+        # only contiguity can differ.
+        if not all(all(map(_IS_CONTIGUOUS, lst)) for lst in lists):
+            return None
+    for j, lst in enumerate(lists if ent is None else ()):
         for i, t in enumerate(lst):
             if t.dtype != dtypes[j] or t.device != device or t.numel() != numels[i]:
                 raise ValueError(
@@ -446,11 +485,22 @@ def _table(kind: str, lists: list[list[Tensor]], device: torch.device):
                 )
             if not t.is_contiguous():
                 return None
-    hit = _build_table(lists, numels, device, chunk)
-    _tables[key] = hit
+    bases, offs, aligned = _offsets(lists, numels, ptrs)
+    tid, cid, inrange, nt, nc = _chunks(numels, chunk)
+    offs_t = torch.tensor(offs, dtype=torch.int64)
+    if ent is not None and ent.aligned == aligned:
+        # Same sizes and alignment: only the offsets moved.
+        start = 3 * nc
+        _upload(offs_t, ent.table[start : start + offs_t.numel()], device)
+        ent.ptrs, ent.bases = ptrs, bases
+        return ent.table, ent.nc, ent.bases
+    full = inrange if all(aligned) else (torch.tensor(aligned, dtype=torch.bool)[tid] & inrange)
+    host = torch.cat([tid, cid, full.to(torch.int64), offs_t, nt])
+    table = _upload(host, None, device)
+    _tables[key] = _TableEntry(table, nc, bases, ptrs, aligned, len(lists))
     if len(_tables) > _CACHE_SIZE:
         _tables.popitem(last=False)
-    return hit
+    return table, nc, bases
 
 
 def _usable(state_dtype: torch.dtype, other: tuple[torch.dtype, ...]) -> str | None:

@@ -87,7 +87,12 @@ def test_factor_inside_update_kernel_is_bitwise_cautious_factor(r, case):
 
 
 def test_table_cache(r):
-    assert r["cache"] == {"hit_adds_nothing": True, "new_tensors_add_one": True}
+    assert r["cache"] == {
+        "hit_adds_nothing": True,
+        "same_sizes_reuse_entry": True,
+        "new_sizes_add_one": True,
+        "counts_right": True,
+    }
 
 
 def test_fallbacks_match_and_warn(r):

@@ -171,15 +171,35 @@ def main() -> None:
             torch.equal(x, y) for i in (0, 3) for x, y in zip(a[i], b[i])
         )
 
-    # The table cache: same tensors hit, a new tensor list builds a new table.
+    # The table cache: the same tensors hit; new tensors of the same sizes (fresh gradients
+    # every step) refresh the offsets of the same entry in place; new sizes add an entry.
+    # Every call must still count exactly what the reference counts.
+    def counted(st):
+        ref_m = [t.clone() for t in st[2]]
+        want = reference.count_pass(st[1], ref_m, 0.9, False)
+        got = tk.count_pass(st[1], st[2], 0.9, False)
+        return torch.equal(got, want) and all(
+            (x - y).abs().max().item() <= 1e-6 for x, y in zip(st[2], ref_m)
+        )
+
     lists = _state([65, 200], f32, f32, gen)
-    tk.count_pass(lists[1], lists[2], 0.9, False)
+    ok = counted(lists)
     n0 = len(tk._tables)
-    tk.count_pass(lists[1], lists[2], 0.9, False)
+    ok &= counted(lists)
     n1 = len(tk._tables)
-    other = _state([65, 200], f32, f32, gen)
-    tk.count_pass(other[1], other[2], 0.9, False)
-    res["cache"] = dict(hit_adds_nothing=n1 == n0, new_tensors_add_one=len(tk._tables) == n1 + 1)
+    other = _state([65, 200], f32, f32, gen)  # same sizes, other addresses
+    ok &= counted(other)
+    n2 = len(tk._tables)
+    ok &= counted(lists)  # back to the first addresses
+    unaligned, _ = _flat_views([65, 200], f32, f32, gen, start=1)  # same sizes, 4-byte offsets
+    ok &= counted(unaligned)
+    ok &= counted(_state([66, 200], f32, f32, gen))  # new sizes
+    res["cache"] = dict(
+        hit_adds_nothing=n1 == n0,
+        same_sizes_reuse_entry=n2 == n1,
+        new_sizes_add_one=len(tk._tables) == n2 + 1,
+        counts_right=bool(ok),
+    )
 
     # Fallbacks: float64 state and non-contiguous gradients go to foreach (same math), warned.
     with warnings.catch_warnings(record=True) as wlog:
