@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -337,38 +338,23 @@ def _verify(flat: Tensor, layout: ZeroFlatLayout, stage3: bool) -> None:
 # --------------------------------------------------------------------------- finding things
 
 
+_WRAPPERS = {
+    "stage12": ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
+    "stage3": ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
+    "bf16": ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer"),
+    "fp16_unfused": ("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer"),
+    "fp16_fused": ("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer"),
+}
+
+
 def _wrapper_types() -> dict[str, type]:
+    """DeepSpeed's optimizer wrappers this version of DeepSpeed has, by role."""
     out: dict[str, type] = {}
-    try:
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-        out["stage12"] = DeepSpeedZeroOptimizer
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-        out["stage3"] = DeepSpeedZeroOptimizer_Stage3
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-        out["bf16"] = BF16_Optimizer
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-        out["fp16_unfused"] = FP16_UnfusedOptimizer
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-
-        out["fp16_fused"] = FP16_Optimizer
-    except ImportError:  # pragma: no cover
-        pass
+    for role, (module, name) in _WRAPPERS.items():
+        try:
+            out[role] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # pragma: no cover - other DeepSpeed versions
+            pass
     return out
 
 
