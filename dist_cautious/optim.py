@@ -69,14 +69,8 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str) -
             )
     if not isinstance(eps, (int, float)) or math.isnan(eps) or eps <= 0:
         raise ValueError(f"{where}: invalid eps={eps!r}; it must be a float > 0")
-    if (
-        not isinstance(weight_decay, (int, float))
-        or math.isnan(weight_decay)
-        or weight_decay < 0
-    ):
-        raise ValueError(
-            f"{where}: invalid weight_decay={weight_decay!r}; it must be a float >= 0"
-        )
+    if not isinstance(weight_decay, (int, float)) or math.isnan(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{where}: invalid weight_decay={weight_decay!r}; it must be a float >= 0")
 
 
 _GRAD = attrgetter("grad")
@@ -349,7 +343,9 @@ class CAdamW(Optimizer):
 
     @staticmethod
     def _check_group(group: dict[str, Any], gi: int) -> None:
-        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"], f"param group {gi}")
+        _check_hyper(
+            group["lr"], group["betas"], group["eps"], group["weight_decay"], f"param group {gi}"
+        )
         for key, ok in (("amsgrad", False), ("capturable", False), ("differentiable", False)):
             if group.get(key, ok) != ok:
                 raise ValueError(
