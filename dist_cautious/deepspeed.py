@@ -41,6 +41,7 @@ import copy
 import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -203,10 +204,7 @@ def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
         if offs_all:
             offsets = [int(o) for o in offs_all[i]]
         else:  # DeepSpeed < 0.18: no padding between tensors
-            offsets, o = [], 0
-            for n in numels:
-                offsets.append(o)
-                o += n
+            offsets = _packed_offsets(numels)
         if flat.numel() != psize:
             raise RuntimeError(
                 f"ZeRO-1/2 group {i}: fp32 partition has {flat.numel()} elements, "
@@ -237,10 +235,7 @@ def _bf16_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         psize = opt.bf16_groups_flat[i].numel() // world
         numels = [int(p.numel()) for p in group_params]
-        offsets, o = [], 0
-        for n in numels:
-            offsets.append(o)
-            o += n
+        offsets = _packed_offsets(numels)
         if flat.numel() != psize:
             raise RuntimeError(
                 f"BF16_Optimizer group {i}: fp32 partition has {flat.numel()} elements, "
@@ -336,6 +331,11 @@ def _verify(flat: Tensor, layout: ZeroFlatLayout, stage3: bool) -> None:
 
 
 # --------------------------------------------------------------------------- finding things
+
+
+def _packed_offsets(numels: list[int]) -> list[int]:
+    """Start of each tensor in a flat buffer that packs them back to back, no padding."""
+    return [0, *accumulate(numels)][:-1]
 
 
 _WRAPPERS = {

@@ -96,24 +96,38 @@ class CommMeter:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def _timed(self, run: Callable[[], Any], complete: Callable[[Any], None]) -> Any:
+        """Run one collective and wait for it, timing the whole between device syncs.
+        Collectives issued inside another one (DTensor's scatter, ...) are not counted twice."""
+        self._depth += 1
+        try:
+            self._sync()
+            t0 = time.perf_counter()
+            out = run()
+            complete(out)
+            self._sync()
+            self.seconds += time.perf_counter() - t0
+        finally:
+            self._depth -= 1
+        return out
+
+    def _record(self, op: str, payload: int) -> None:
+        self.calls += 1
+        self.bytes += payload
+        self.by_op[op] += 1
+
     def _wrap_c10d(self, name: str, fn: Callable) -> Callable:
         meter = self
+
+        def complete(work: Any) -> None:
+            if work is not None and hasattr(work, "wait"):
+                work.wait()
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not meter.active or meter._depth:
                 return fn(*args, **kwargs)
-            meter._depth += 1
-            try:
-                meter._sync()
-                t0 = time.perf_counter()
-                work = fn(*args, **kwargs)
-                if work is not None and hasattr(work, "wait"):
-                    work.wait()
-                meter._sync()
-                meter.seconds += time.perf_counter() - t0
-            finally:
-                meter._depth -= 1
+            work = meter._timed(lambda: fn(*args, **kwargs), complete)
             ts = _tensors(list(args) + list(kwargs.values()))
             if name == "all_gather":
                 payload = _nbytes(ts[:-1])  # (tensor_list, tensor): the gathered list
@@ -132,9 +146,7 @@ class CommMeter:
                 payload = _nbytes(ts[:1])  # the tensor this rank contributes
             else:
                 payload = _nbytes(ts)
-            meter.calls += 1
-            meter.bytes += payload
-            meter.by_op[name] += 1
+            meter._record(name, payload)
             return work
 
         return wrapper
@@ -142,27 +154,19 @@ class CommMeter:
     def _wrap_funcol(self, name: str, fn: Callable) -> Callable:
         meter = self
 
+        def complete(out: Any) -> None:
+            for t in _tensors(out):
+                if hasattr(t, "wait"):
+                    t.wait()  # AsyncCollectiveTensor: complete it now, keep the wrapper
+                else:
+                    torch.ops._c10d_functional.wait_tensor(t)
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not meter.active or meter._depth:
                 return fn(*args, **kwargs)
-            meter._depth += 1
-            try:
-                meter._sync()
-                t0 = time.perf_counter()
-                out = fn(*args, **kwargs)
-                for t in _tensors(out):
-                    if hasattr(t, "wait"):
-                        t.wait()  # AsyncCollectiveTensor: complete it now, keep the wrapper
-                    else:
-                        torch.ops._c10d_functional.wait_tensor(t)
-                meter._sync()
-                meter.seconds += time.perf_counter() - t0
-            finally:
-                meter._depth -= 1
-            meter.calls += 1
-            meter.bytes += _nbytes(_tensors(out))
-            meter.by_op["funcol." + name] += 1
+            out = meter._timed(lambda: fn(*args, **kwargs), complete)
+            meter._record("funcol." + name, _nbytes(_tensors(out)))
             return out
 
         return wrapper
