@@ -33,6 +33,12 @@ from .kernels import UpdateHyper, cautious_factor
 from .layout import DEFAULT_LAYOUT, ParamLayout, Piece, SlotTable, is_dtensor, zeros_state
 from .reduce import ReducedCounts, device_index, reduce_counts
 
+
+def flat_layout_for(p: Tensor) -> ParamLayout | None:
+    """The layout of an FSDP1 flattened parameter (see :mod:`.fsdp1`), else None."""
+    return None  # filled in by the FSDP1 reader
+
+
 SCALES = ("global", "shard")
 FORMULAS = ("clamp", "paper")
 
@@ -291,6 +297,14 @@ class CAdamW(Optimizer):
         layout = self._layouts.get(id(p))
         if layout is not None:
             return layout
+        layout = flat_layout_for(p)  # FSDP1 FlatParameters and use_orig_params views
+        if layout is not None:
+            return layout
+        if is_dtensor(p):
+            # A DTensor describes its own layout completely (mesh, placements, global
+            # shape), so one swapped into param_groups after construction (HF Accelerate's
+            # FSDP2 path) is stepped exactly, like one given at construction.
+            return DEFAULT_LAYOUT
         if id(p) not in self._known_params:
             raise RuntimeError(
                 f"CAdamW is asked to step a tensor it was never given (shape {tuple(p.shape)}, "
