@@ -39,16 +39,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from itertools import accumulate
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import DEFAULT_LAYOUT, Piece, Reduction, SlotTable
+from .flat import FlatLayout, Fragment, _packed_offsets, _reduction, _window
+from .layout import DEFAULT_LAYOUT
 from .optim import CAdamW
 
 __all__ = [
@@ -65,124 +64,15 @@ __all__ = [
 # --------------------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True)
-class Fragment:
-    """The part of one original tensor that lies in this rank's flat partition.
+# The flat-fragment machinery is shared with FSDP1 (dist_cautious.flat); the name
+# ZeroFlatLayout is kept for compatibility.
+ZeroFlatLayout = FlatLayout
 
-    ``index`` is the tensor's position in DeepSpeed's list for that flat group, ``numel``
-    its element count, ``lp_start`` where the fragment starts inside the flattened original
-    tensor, ``hp_start`` where it starts inside the flat fp32 partition, ``length`` how many
-    elements it has (0: the tensor has nothing on this rank, but it still owns a slot).
-    """
-
-    index: int
-    numel: int
-    lp_start: int
-    hp_start: int
-    length: int
-
-
-class ZeroFlatLayout:
-    """A flat fp32 partition as a list of per-tensor :class:`Fragment` s.
-
-    ``reserve`` takes one slot per original tensor of the flat group, on every rank (so the
-    count vectors of all ranks have the same length and meaning, and the all-reduce cannot
-    mix tensors up); ``pieces`` returns the fragments present on this rank as views of the
-    flat param / grad / exp_avg / exp_avg_sq. Alignment padding belongs to no fragment and is
-    never stepped. ``reduction`` is ``None`` when the partition group has one rank.
-    """
-
-    def __init__(
-        self,
-        fragments: Sequence[Fragment],
-        reduction: Reduction | None,
-        partition_numel: int,
-        where: str,
-        params: Sequence[Tensor] = (),
-    ) -> None:
-        self.fragments = tuple(fragments)
-        self.reduction = reduction
-        self.partition_numel = int(partition_numel)
-        self.where = where
-        self.params = tuple(params)  # the original (low-precision) tensors, for checks
-        end = 0
-        for f in sorted(self.fragments, key=lambda f: f.hp_start):
-            if f.length == 0:
-                continue
-            if f.hp_start < end or f.hp_start + f.length > self.partition_numel:
-                raise RuntimeError(
-                    f"{where}: DeepSpeed's partition metadata gives overlapping or out-of-range "
-                    f"fragments ({f}); this DeepSpeed version's layout is not understood by "
-                    "dist_cautious.deepspeed. Please report it with your DeepSpeed version."
-                )
-            if f.lp_start < 0 or f.lp_start + f.length > f.numel:
-                raise RuntimeError(f"{where}: fragment {f} lies outside its tensor")
-            end = f.hp_start + f.length
-
-    def __repr__(self) -> str:
-        red = "local" if self.reduction is None else self.reduction.describe()
-        return (
-            f"ZeroFlatLayout({self.where}, {len(self.fragments)} tensors, "
-            f"{self.partition_numel} elements, {red})"
-        )
-
-    def _check(self, t: Tensor, what: str) -> None:
-        if t.dim() != 1 or t.numel() != self.partition_numel:
-            raise RuntimeError(
-                f"{self.where}: the {what} has shape {tuple(t.shape)} but the registered flat "
-                f"partition has {self.partition_numel} elements; DeepSpeed re-partitioned the "
-                "optimizer after dist_cautious.deepspeed.attach(...) (call attach again)"
-            )
-
-    def reserve(self, param: Tensor, table: SlotTable) -> object:
-        self._check(param, "flat parameter")
-        if self.reduction is None:
-            return None
-        return tuple(table.reserve(self.reduction, f.numel) for f in self.fragments)
-
-    def pieces(
-        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
-    ) -> list[Piece]:
-        self._check(param, "flat parameter")
-        self._check(grad, "gradient")
-        out = []
-        for k, f in enumerate(self.fragments):
-            if f.length == 0:
-                continue
-            s, n = f.hp_start, f.length
-            out.append(
-                Piece(
-                    param.narrow(0, s, n),
-                    grad.narrow(0, s, n),
-                    exp_avg.narrow(0, s, n),
-                    exp_avg_sq.narrow(0, s, n),
-                    numel=f.numel,
-                    reduction=self.reduction,
-                    slot=token[k] if token is not None else -1,  # type: ignore[index]
-                )
-            )
-        return out
-
-
-def _reduction(group: Any) -> Reduction | None:
-    if group is None:
-        group = dist.group.WORLD
-    return Reduction((group,)) if dist.get_world_size(group) > 1 else None
-
-
-def _window(
-    numels: Sequence[int], offsets: Sequence[int], start: int, size: int
-) -> list[tuple[int, int, int]]:
-    """(lp_start, hp_start, length) of tensors at ``offsets`` in a flat buffer, inside the
-    window ``[start, start + size)`` of that buffer."""
-    out = []
-    for n, off in zip(numels, offsets):
-        lo, hi = max(off, start), min(off + n, start + size)
-        if hi > lo:
-            out.append((lo - off, lo - start, hi - lo))
-        else:
-            out.append((0, 0, 0))
-    return out
+_DS_MESSAGES = dict(
+    source="DeepSpeed",
+    stale_hint="DeepSpeed re-partitioned the optimizer after dist_cautious.deepspeed.attach(...) "
+    "(call attach again)",
+)
 
 
 def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
@@ -218,7 +108,7 @@ def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
             )
         ]
         layout = ZeroFlatLayout(
-            frags, _reduction(pg), psize, f"ZeRO-1/2 param group {i}", group_params
+            frags, _reduction(pg), psize, f"ZeRO-1/2 param group {i}", group_params, **_DS_MESSAGES
         )
         out.append((flat, layout))
     return out
@@ -248,7 +138,12 @@ def _bf16_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
             )
         ]
         layout = ZeroFlatLayout(
-            frags, _reduction(pg), psize, f"BF16_Optimizer param group {i}", group_params
+            frags,
+            _reduction(pg),
+            psize,
+            f"BF16_Optimizer param group {i}",
+            group_params,
+            **_DS_MESSAGES,
         )
         out.append((flat, layout))
     return out
@@ -285,7 +180,12 @@ def _stage3_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
             opt.sub_group_to_group_id.get(s, "?") if hasattr(opt, "sub_group_to_group_id") else "?"
         )
         layout = ZeroFlatLayout(
-            frags, _reduction(pg), off, f"ZeRO-3 sub-group {s} (param group {gid})", params
+            frags,
+            _reduction(pg),
+            off,
+            f"ZeRO-3 sub-group {s} (param group {gid})",
+            params,
+            **_DS_MESSAGES,
         )
         out.append((flat, layout))
     return out
@@ -331,11 +231,6 @@ def _verify(flat: Tensor, layout: ZeroFlatLayout, stage3: bool) -> None:
 
 
 # --------------------------------------------------------------------------- finding things
-
-
-def _packed_offsets(numels: list[int]) -> list[int]:
-    """Start of each tensor in a flat buffer that packs them back to back, no padding."""
-    return [0, *accumulate(numels)][:-1]
 
 
 _WRAPPERS = {
