@@ -133,7 +133,8 @@ def main() -> None:
     }
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(res))
-    dist.barrier()
+    dist.barrier()  # gloo: every rank here before the group goes (else SIGABRT at exit)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
