@@ -69,12 +69,14 @@ class AllGatherCAdamW(CAdamW):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self._state_for(p)
+                state = self._state_for(p, group)
                 state["step"] += 1
                 step = int(state["step"].item())
                 g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
                 pl, gl, ml, vl = _local(p), _local(g), _local(m), _local(v)
-                be = kernels.get_backend("reference" if self.backend == "reference" else "foreach")
+                be = kernels.get_backend(
+                    "reference" if group["backend"] == "reference" else "foreach"
+                )
                 local_count = be.count_pass([gl], [ml], beta1, maximize)  # m updated in place
                 dt = compute_dtype(ml)
                 if isinstance(p, DTensor):
@@ -86,12 +88,12 @@ class AllGatherCAdamW(CAdamW):
                     mask = (full_m * full_g > 0).to(dt)
                     n = torch.tensor([mask.numel()], dtype=torch.int64, device=mask.device)
                     nnz = mask.sum(dtype=torch.int64).reshape(1)
-                    mask.mul_(cautious_factor(nnz, n, self.formula, self.clamp).to(dt))
+                    mask.mul_(cautious_factor(nnz, n, group["formula"], group["clamp"]).to(dt))
                     # ... and the scaled mask sent back to the shards (scatter from rank 0).
                     mask_local = distribute_tensor(mask, p.device_mesh, p.placements).to_local()
                 else:
                     n = torch.tensor([pl.numel()], dtype=torch.int64, device=local_count.device)
-                    a = cautious_factor(local_count, n, self.formula, self.clamp)
+                    a = cautious_factor(local_count, n, group["formula"], group["clamp"])
                     gc = -gl.to(dt) if maximize else gl.to(dt)
                     mask_local = (ml.to(dt) * gc > 0).to(dt) * a.to(pl.device, dt)
                 if pl.numel() == 0:

@@ -327,7 +327,10 @@ def attach(engine: Any, *, verify: bool = True) -> CAdamW:
         # No DeepSpeed optimizer wrapper around CAdamW: it steps the tensors it was given
         # (ZeRO disabled, fp32). Anything else it would be handed is unknown to us.
         unknown = [
-            p for g in opt.param_groups for p in g["params"] if id(p) not in opt._known_params
+            p
+            for g in opt.param_groups
+            for p in g["params"]
+            if id(p) not in opt._given and id(p) not in opt._layouts
         ]
         if unknown:
             raise NotImplementedError(

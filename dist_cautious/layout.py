@@ -76,17 +76,26 @@ class SlotTable:
     sizes: dict[Reduction, int] = field(default_factory=dict)
     numels: dict[Reduction, list[int]] = field(default_factory=dict)
     group_index: dict[Reduction, list[int]] = field(default_factory=dict)
+    # what each slot claims to be (param group, numel, shape / dtype where known): the
+    # ranks' agreement on it is checked inside the count all-reduce (reduce.py)
+    tags: dict[Reduction, list[tuple]] = field(default_factory=dict)
     current_group: int = 0
     # the collective schedule derived from ``sizes`` (reduce.py); reserve() invalidates it
     schedule: list | None = field(default=None, repr=False, compare=False)
+    agreed: bool = field(default=False, repr=False, compare=False)
 
-    def reserve(self, reduction: Reduction, numel: int) -> int:
-        """Reserve one slot for an original tensor of ``numel`` elements; return its index."""
+    def reserve(self, reduction: Reduction, numel: int, tag: tuple = ()) -> int:
+        """Reserve one slot for an original tensor of ``numel`` elements; return its index.
+
+        ``tag`` describes the tensor further (e.g. shape and dtype), for the cross-rank
+        consistency check and its error message."""
         self.schedule = None
+        self.agreed = False
         i = self.sizes.get(reduction, 0)
         self.sizes[reduction] = i + 1
         self.numels.setdefault(reduction, []).append(numel)
         self.group_index.setdefault(reduction, []).append(self.current_group)
+        self.tags.setdefault(reduction, []).append((self.current_group, int(numel), *tag))
         return i
 
 
@@ -162,7 +171,8 @@ class TensorLayout:
         if isinstance(param, DTensor):
             red = shard_reduction(param)
             if red is not None:
-                return (red, table.reserve(red, param.numel()))
+                tag = (tuple(param.shape), str(param.dtype).replace("torch.", ""))
+                return (red, table.reserve(red, param.numel(), tag))
         return None
 
     def pieces(

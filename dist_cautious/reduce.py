@@ -45,10 +45,36 @@ calls ``.item()``. (A gloo group given CUDA counts copies them to the host, whic
 
 Counts are exact integers, so the sum does not depend on the reduction order and the
 factor computed from it is bitwise identical on every rank.
+
+Cross-rank consistency guard (no extra collective per step). The SPMD contract above is
+checked rather than trusted, because breaking it otherwise gives wrong factors without a
+word (same lengths, slots matched by position: parameters listed in another order on one
+rank) or a gloo abort / NCCL hang (different lengths):
+
+* every all-reduce vector starts with ``[h, h*h]``, ``h`` a 16-bit fingerprint of what the
+  collective's slots claim to be (param group, numel, shape, dtype per slot, in order). The
+  ranks agree iff ``w * sum(h*h) == sum(h)**2`` (equality in Cauchy-Schwarz: all ``h``
+  equal); every rank sees the same sums, so every rank decides the same way. Checked on the
+  host when the vector is on the host (gloo); on CUDA only at agreement checks (below), to
+  keep ``step()`` free of host syncs;
+* the first time a collective's signature is seen (the first step, new param groups, a
+  new ZeRO-3 sub-group), :func:`check_agreement` sends one fixed-size ``[n, n*n, h, h*h]``
+  (``n`` the vector length) on that group before anything is stepped, so ranks that
+  disagree on the *number* of slots fail with a message instead of an abort. Signatures
+  agreed on are remembered by the optimizer; a cached plan skips the check;
+* on disagreement every rank raises the same ``RuntimeError``; where the lengths agree, one
+  more all-reduce of per-slot fingerprints names the first slot that differs (all ranks
+  take that path together, since they all saw the same sums).
+
+What it cannot catch: a rank that changes its parameters mid-run *alone* sends the
+fixed-size check while the others send their count vectors (lengths differ: gloo aborts);
+and a rank with no sharded tensor at all on a group issues nothing there (the others wait
+until the process group's timeout).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +97,19 @@ def device_index(values: tuple[int, ...], device: torch.device) -> Tensor:
         t = torch.tensor(values, dtype=torch.int64, device=device)
         _INDEX_CACHE[key] = t
     return t
+
+
+_HEAD = 2  # [h, h*h] at the start of every count vector
+
+
+def _fingerprint(obj: object) -> int:
+    """A 16-bit, process-independent fingerprint (``hash()`` is salted per process)."""
+    return 1 + (zlib.crc32(repr(obj).encode()) & 0xFFFF)
+
+
+def _agree(total: int, total_sq: int, world: int) -> bool:
+    """All ranks sent the same value iff ``world * sum(x^2) == sum(x)^2``."""
+    return world * total_sq == total * total
 
 
 def _all_reduce(vec: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, object]:
@@ -97,6 +136,14 @@ class Collective:
     round: int
     group: dist.ProcessGroup
     reductions: tuple[Reduction, ...]
+    signature: tuple = ()  # what its slots claim to be, in order (see the guard above)
+    fingerprint: int = 0  # 16-bit fingerprint of the signature
+
+    def length(self, table: SlotTable) -> int:
+        return _HEAD + sum(2 * table.sizes[r] for r in self.reductions)
+
+    def slot_tags(self, table: SlotTable) -> list[tuple]:
+        return [t for r in self.reductions for t in table.tags[r]]
 
 
 def plan_schedule(reductions: list[Reduction]) -> list[Collective]:
@@ -130,6 +177,80 @@ def plan_schedule(reductions: list[Reduction]) -> list[Collective]:
     )
 
 
+def _schedule(table: SlotTable) -> list[Collective]:
+    """The table's schedule with each collective's signature (cached on the table)."""
+    if table.schedule is None:
+        out = []
+        for c in plan_schedule(list(table.sizes)):
+            sig = (group_key(c.group), tuple(tuple(table.tags[r]) for r in c.reductions))
+            out.append(
+                Collective(c.round, c.group, c.reductions, sig, _fingerprint(sig))
+            )  # fmt: skip
+        table.schedule = out
+    return table.schedule
+
+
+def _disagreement(c: Collective, table: SlotTable, what: str) -> RuntimeError:
+    w = dist.get_world_size(c.group)
+    return RuntimeError(
+        f"dist_cautious: the ranks of a process group of size {w} disagree on {what}. All "
+        "ranks must build the optimizer with the same parameters, in the same order and the "
+        "same param groups (the SPMD contract FSDP/ZeRO already impose); with different "
+        "ones the per-tensor counts would be summed across different tensors. This rank "
+        f"counts {sum(table.sizes[r] for r in c.reductions)} sharded tensors on this group."
+    )
+
+
+def _name_first_mismatch(c: Collective, table: SlotTable, device: torch.device) -> None:
+    """Every rank is here together (they saw the same sums) and the vector lengths agree:
+    all-reduce per-slot fingerprints and raise naming the first slot that differs."""
+    tags = c.slot_tags(table)
+    fps = [_fingerprint(t) for t in tags]
+    vec = torch.tensor(fps + [f * f for f in fps], dtype=torch.int64, device=device)
+    buf, work = _all_reduce(vec, c.group)
+    work.wait()  # type: ignore[attr-defined]
+    summed = buf.tolist()
+    w = dist.get_world_size(c.group)
+    n = len(fps)
+    for s in range(n):
+        if not _agree(summed[s], summed[n + s], w):
+            gi, numel, *rest = tags[s]
+            desc = f"param group {gi}, {numel} elements" + (f", {rest}" if rest else "")
+            raise _disagreement(
+                c,
+                table,
+                f"sharded tensor number {s} on this group (first mismatch; on this rank: {desc})",
+            )
+    raise _disagreement(c, table, "what the sharded tensors are (fingerprint collision?)")
+
+
+def check_agreement(table: SlotTable, validated: set) -> None:
+    """Before the first step with a new count-vector layout: check that every member of each
+    collective's group has the same layout (module doc); remember agreed signatures."""
+    if table.agreed:
+        return
+    schedule = _schedule(table)
+    device = torch.device("cpu")
+    for r in range(schedule[-1].round + 1 if schedule else 0):
+        started = []
+        for c in schedule:
+            if c.round != r or c.signature in validated:
+                continue
+            n, h = c.length(table), c.fingerprint
+            vec = torch.tensor([n, n * n, h, h * h], dtype=torch.int64, device=device)
+            started.append((c, *_all_reduce(vec, c.group)))
+        for c, buf, work in started:
+            work.wait()  # type: ignore[attr-defined]
+            s_n, s_n2, s_h, s_h2 = buf.tolist()
+            w = dist.get_world_size(c.group)
+            if not _agree(s_n, s_n2, w):
+                raise _disagreement(c, table, "the number of sharded tensors they count")
+            if not _agree(s_h, s_h2, w):
+                _name_first_mismatch(c, table, device)
+            validated.add(c.signature)
+    table.agreed = True
+
+
 @dataclass
 class ReducedCounts:
     counts: Tensor  # int64 per piece: counts over the whole original tensor (or local)
@@ -144,13 +265,15 @@ def reduce_counts(
     local_counts: Tensor,
     table: SlotTable,
     n_groups: int,
-    scale: str,
+    validated: set | None = None,
 ) -> ReducedCounts:
     """Turn local per-piece counts into the counts each piece's factor is computed from.
 
-    ``scale="global"``: sum over the ranks that hold pieces of the same original tensor
-    (one all-reduce per shard process group, see :func:`plan_schedule`). ``scale="shard"``:
-    no communication, local counts over local numels.
+    Pieces with a ``reduction`` (a slot of a sharded tensor) are summed over the ranks that
+    hold pieces of the same original tensor (one all-reduce per shard process group, see
+    :func:`plan_schedule`); pieces without one (whole tensors, and every piece of a
+    ``scale="shard"`` group, which the optimizer gives local numels) count locally.
+    ``validated``: the optimizer's set of agreed signatures (see :func:`check_agreement`).
     """
     device = local_counts.device
     local_numels = device_index(tuple(p.param.numel() for p in pieces), device)
@@ -158,7 +281,7 @@ def reduce_counts(
     kept = torch.zeros(n_groups, dtype=torch.int64, device=device)
     elems = torch.zeros(n_groups, dtype=torch.int64, device=device)
 
-    if scale == "shard" or not table.sizes:
+    if not table.sizes:
         kept.index_add_(0, groups_t, local_counts)
         elems.index_add_(0, groups_t, local_numels)
         return ReducedCounts(local_counts, local_numels, kept, elems)
@@ -194,22 +317,26 @@ def reduce_counts(
         vecs[red] = vec
 
     # One all-reduce per process group; a round's all-reduces all start before any wait.
-    schedule = table.schedule
-    if schedule is None:  # a cached step plan reuses its table, and with it the schedule
-        schedule = table.schedule = plan_schedule(list(table.sizes))
+    check_agreement(table, validated if validated is not None else set())
+    schedule = _schedule(table)  # a cached step plan reuses its table, and the schedule
     for r in range(schedule[-1].round + 1 if schedule else 0):
         started = []
         for c in schedule:
             if c.round != r:
                 continue
-            parts = [vecs[red] for red in c.reductions]
-            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            h = c.fingerprint
+            head = device_index((h, h * h), device)
+            flat = torch.cat([head, *(vecs[red] for red in c.reductions)])
             buf, work = _all_reduce(flat, c.group)
             started.append((c, buf, work))
         for c, buf, work in started:
             work.wait()  # type: ignore[attr-defined]
+            if buf.device.type == "cpu":  # free on the host; on CUDA see the module doc
+                s_h, s_h2 = buf[:_HEAD].tolist()
+                if not _agree(s_h, s_h2, dist.get_world_size(c.group)):
+                    _name_first_mismatch(c, table, torch.device("cpu"))
             summed = buf.to(device, non_blocking=True) if buf.device != device else buf
-            off = 0
+            off = _HEAD
             for red in c.reductions:
                 n = 2 * table.sizes[red]
                 vecs[red] = summed[off : off + n]

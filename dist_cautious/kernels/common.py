@@ -35,13 +35,16 @@ def compute_dtype(state: Tensor) -> torch.dtype:
     return torch.float64 if state.dtype == torch.float64 else torch.float32
 
 
-def cautious_factor(counts: Tensor, numels: Tensor, formula: str, clamp: float) -> Tensor:
+def cautious_factor(
+    counts: Tensor, numels: Tensor, formula: str, clamp: float, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Per-tensor factor ``alpha`` from exact int64 counts, on the counts' device (no sync).
 
     ``formula="clamp"``: ``N / max(nnz, clamp * N)`` (timm and the reference repository);
     ``formula="paper"``: ``N / (nnz + 1)`` (the paper's original listing).
     Empty tensors get 1. The division is done in float64 so that the factor is the
-    correctly rounded value of the exact integer ratio for any tensor size.
+    correctly rounded value of the exact integer ratio for any tensor size; ``dtype`` is the
+    result's (float32 for float32 / 16-bit moments, float64 for float64 moments).
     """
     n = numels.to(torch.float64)
     c = counts.to(torch.float64)
@@ -51,4 +54,4 @@ def cautious_factor(counts: Tensor, numels: Tensor, formula: str, clamp: float) 
         alpha = n / (c + 1)
     else:  # validated by the optimizer; kept for direct callers
         raise ValueError(f"unknown cautious formula {formula!r}; use 'clamp' or 'paper'")
-    return torch.where(n > 0, alpha, torch.ones_like(alpha)).to(torch.float32)
+    return torch.where(n > 0, alpha, torch.ones_like(alpha)).to(dtype)

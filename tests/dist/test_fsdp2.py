@@ -77,7 +77,10 @@ def test_fsdp2_backward_global_matches_single_process(world, w2, w4):
     r = (w2 if world == 2 else w4)["backward"]
     _assert_matches(r)
     _assert_counts(r, 1, [world])
-    assert r["all_reduce_numels"] == [2 * 5]  # [counts | elements] for 5 split tensors
+    # [h, h^2 | counts | elements] for 5 split tensors (h: the cross-rank fingerprint)
+    assert r["all_reduce_numels"] == [2 + 2 * 5]
+    # the one-time agreement check: one [n, n^2, h, h^2] on the shard group, first step only
+    assert [c[1:] for c in r["agreement_checks"]] == [[world, 4]], r
     assert r["state_is_dtensor"]
     assert r["placements"] == ["(Shard(dim=0),)"]
     shapes = r["local_shapes"]

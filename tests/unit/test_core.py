@@ -396,7 +396,10 @@ def test_amsgrad_state_dict_raises():
     p = torch.zeros(2, requires_grad=True)
     ad = torch.optim.AdamW([p], amsgrad=True)
     opt = CAdamW([p])
-    opt.load_state_dict(ad.state_dict())
+    with pytest.raises(ValueError, match="amsgrad=True"):  # at load, before anything changes
+        opt.load_state_dict(ad.state_dict())
+    assert opt.param_groups[0]["amsgrad"] is False
+    opt.param_groups[0]["amsgrad"] = True  # set by hand: refused at the step
     p.grad = torch.ones(2)
     with pytest.raises(ValueError, match="amsgrad=True"):
         opt.step()

@@ -97,6 +97,8 @@ class CollectiveCounter:
 
     def __init__(self) -> None:
         self.all_reduce_calls: list[tuple[str, int, int]] = []
+        # the one-time cross-rank agreement checks (reduce.check_agreement), kept apart
+        self.agreement_calls: list[tuple[str, int, int]] = []
         self.ops: Counter = Counter()
 
     @contextlib.contextmanager
@@ -105,9 +107,12 @@ class CollectiveCounter:
 
         def wrapped(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
             g = group if group is not None else dist.group.WORLD
-            self.all_reduce_calls.append(
-                (str(getattr(g, "group_name", g)), dist.get_world_size(g), tensor.numel())
-            )
+            call = (str(getattr(g, "group_name", g)), dist.get_world_size(g), tensor.numel())
+            # frames: wrapped <- reduce._all_reduce <- its caller
+            if sys._getframe(2).f_code.co_name == "check_agreement":
+                self.agreement_calls.append(call)
+            else:
+                self.all_reduce_calls.append(call)
             return orig(tensor, op=op, group=group, async_op=async_op)
 
         dist.all_reduce = wrapped
@@ -126,7 +131,7 @@ class CollectiveCounter:
     def other_ops(self) -> dict[str, int]:
         """Collective ops other than the all-reduces the wrapper saw."""
         rest = dict(self.ops)
-        n = rest.pop("c10d.allreduce_", 0)
+        n = rest.pop("c10d.allreduce_", 0) - len(self.agreement_calls)
         if n != self.n_all_reduce:
             rest["c10d.allreduce_ (unexplained)"] = n - self.n_all_reduce
         return {k: v for k, v in rest.items() if v}
