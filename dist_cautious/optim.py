@@ -228,6 +228,8 @@ class _Bucket:
 
     def __init__(self, gi: int, step: int, backend: ModuleType, shard: bool) -> None:
         self.gi, self.step, self.backend, self.shard = gi, step, backend, shard
+        # the backend's hand-off between its two passes (foreach: the mask), per bucket
+        self.scratch_kw = {"scratch": {}} if getattr(backend, "TAKES_SCRATCH", False) else {}
         self.pieces: list[Piece] = []
         self.params: list[Tensor] = []
         self.exp_avgs: list[Tensor] = []
@@ -797,7 +799,7 @@ class CAdamW(Optimizer):
             if getattr(b.backend, "DEFER_EXP_AVG", False):
                 c, d = b.backend.count_pass(gs, b.exp_avgs, beta1, maximize, defer_exp_avg=True)
             else:
-                c, d = b.backend.count_pass(gs, b.exp_avgs, beta1, maximize), False
+                c, d = b.backend.count_pass(gs, b.exp_avgs, beta1, maximize, **b.scratch_kw), False
             counts_parts.append(c if c.device == home else c.to(home))
             deferred.append(d)
         if len(counts_parts) == 1:
@@ -843,7 +845,7 @@ class CAdamW(Optimizer):
                 step=b.step,
                 maximize=bool(group["maximize"]),
             )
-            kw: dict[str, Any] = {"exp_avg_pending": True} if d else {}
+            kw: dict[str, Any] = {"exp_avg_pending": True} if d else dict(b.scratch_kw)
             if fuse:
                 kw["factor"] = (local_counts[sl], numels[sl], group["formula"], group["clamp"])
                 a = None

@@ -56,9 +56,9 @@ class Float64CAdamW:
                 live = ~frozen[i]
             m_new = b1 * self.m[i] + (1 - b1) * g
             v_new = b2 * self.v[i] + (1 - b2) * g * g
-            mask = (m_new * g > 0) & live
+            mask = ((m_new * g > 0) & live).to(g.dtype)  # not bool: bool * float is float32
             n = g.numel()
-            nnz = int(mask.sum())
+            nnz = int(mask.sum().item())
             self.kept.append(nnz)
             a = self.alpha(nnz, n)
             u = (m_new / (1 - b1**t)) / ((v_new / (1 - b2**t)).sqrt() + self.eps)

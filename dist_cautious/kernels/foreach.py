@@ -7,9 +7,12 @@ instead of a Python loop of small ops. Lists are grouped by dtype and device by 
 Savings against a literal transcription (each pass over memory counts on CPU):
 
 * the mask ``m * g > 0`` computed by :func:`count_pass` (0/1 in the compute dtype, in the
-  buffer of the product) is kept and reused by :func:`update_pass` when that is called
-  next with the same, unmodified tensors (checked by identity and version counters);
-  otherwise it is recomputed;
+  buffer of the product) is handed to :func:`update_pass` through the caller's
+  ``scratch`` dict (the optimizer keeps one per bucket of its step plan, so buckets of
+  several param groups do not evict each other) and reused when the tensors are the same
+  and unmodified (checked by identity and version counters); otherwise it is recomputed.
+  With 16-bit moments (``state_dtype``) it is always recomputed from the stored moment, as
+  the reference does;
 * on CPU that mask and the denominator (and, for bf16/fp16 parameters, their float32
   copies and the gradients') live in scratch buffers kept between steps (8 bytes per
   element of CPU memory, 16 with 16-bit parameters; AdamW allocates as much afresh every
@@ -57,8 +60,8 @@ def _grads(
     return gs
 
 
-# The masks of the last count pass, with what they were computed from (see module doc).
-_last: dict[str, object] = {}
+# The backend takes a ``scratch`` dict per bucket (see module doc).
+TAKES_SCRATCH = True
 
 
 def _fingerprint(grads: list[Tensor], exp_avgs: list[Tensor]) -> tuple:
@@ -94,10 +97,12 @@ def _scratch_for(m: Tensor, dt: torch.dtype, slot: int = 0) -> Tensor:
     return buf
 
 
-def _mask_products(exp_avgs: list[Tensor], gs: list[Tensor], dt: torch.dtype) -> list[Tensor]:
-    """``(m * g > 0)`` as 0/1 in the compute dtype (CPU: in the scratch buffers)."""
+def _mask_products(
+    exp_avgs: list[Tensor], gs: list[Tensor], dt: torch.dtype, keys: list[Tensor]
+) -> list[Tensor]:
+    """``(m * g > 0)`` as 0/1 in the compute dtype (CPU: in the scratch buffers of ``keys``)."""
     if exp_avgs[0].device.type == "cpu":
-        masks = [_scratch_for(m, dt) for m in exp_avgs]
+        masks = [_scratch_for(k, dt) for k in keys]
         for m, g, x in zip(exp_avgs, gs, masks):
             torch.mul(m, g, out=x)
     else:
@@ -107,31 +112,51 @@ def _mask_products(exp_avgs: list[Tensor], gs: list[Tensor], dt: torch.dtype) ->
     return masks
 
 
-def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximize: bool) -> Tensor:
-    _last.clear()
+def count_pass(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    beta1: float,
+    maximize: bool,
+    scratch: dict | None = None,
+) -> Tensor:
+    if scratch is not None:
+        scratch.clear()
     if not exp_avgs:
         return torch.zeros(0, dtype=torch.int64)
     dt = compute_dtype(exp_avgs[0])
     gs = _grads(grads, dt, maximize, exp_avgs)
-    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
-    masks = _mask_products(exp_avgs, gs, dt)
+    ms, copied = _as_compute(exp_avgs, dt, exp_avgs, slot=4)  # 16-bit moments: fp32 copies
+    torch._foreach_lerp_(ms, gs, 1 - beta1)
+    masks = _mask_products(ms, gs, dt, keys=exp_avgs)
+    if copied:
+        torch._foreach_copy_(exp_avgs, ms)
     sums = [_count(x) for x in masks]
     if masks[0].device.type == "cpu":  # exact integer-valued floats; .item() is free here
         counts = torch.tensor([int(x.item()) for x in sums], dtype=torch.int64)
     else:
         counts = torch.stack([x.to(torch.float64) for x in sums]).to(torch.int64)
-    _last.update(key=_fingerprint(grads, exp_avgs), maximize=maximize, masks=masks)
+    if scratch is not None and not copied:
+        scratch.update(key=_fingerprint(grads, exp_avgs), maximize=maximize, masks=masks)
     return counts
 
 
-def _masks(grads: list[Tensor], exp_avgs: list[Tensor], gs: list[Tensor], maximize: bool):
-    masks = _last.get("masks")
-    if masks is not None and _last.get("maximize") == maximize:
-        if _last.get("key") == _fingerprint(grads, exp_avgs):
-            _last.clear()
-            return masks
-    _last.clear()
-    return _mask_products(exp_avgs, gs, compute_dtype(exp_avgs[0]))
+def _masks(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    ms: list[Tensor],
+    gs: list[Tensor],
+    maximize: bool,
+    scratch: dict | None,
+) -> list[Tensor]:
+    if scratch:
+        masks = scratch.get("masks")
+        hit = scratch.get("maximize") == maximize and scratch.get("key") == _fingerprint(
+            grads, exp_avgs
+        )
+        scratch.clear()  # hand-off only: no mask is kept alive past the update
+        if hit:
+            return masks  # type: ignore[return-value]
+    return _mask_products(ms, gs, compute_dtype(ms[0]), keys=exp_avgs)
 
 
 def update_pass(
@@ -141,32 +166,41 @@ def update_pass(
     exp_avg_sqs: list[Tensor],
     alphas: Tensor,
     h: UpdateHyper,
+    scratch: dict | None = None,
 ) -> None:
     if not params:
+        if scratch is not None:
+            scratch.clear()
         return
     dt = compute_dtype(exp_avgs[0])
     gs = _grads(grads, dt, h.maximize, exp_avgs)
-    torch._foreach_mul_(exp_avg_sqs, h.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - h.beta2)
+    # 16-bit moments (state_dtype): computed in float32 copies, stored rounded; the
+    # denominator uses the unrounded second moment, as the reference does.
+    ms, _ = _as_compute(exp_avgs, dt, exp_avgs, slot=4)
+    vs, v_copied = _as_compute(exp_avg_sqs, dt, exp_avg_sqs, slot=5)
+    torch._foreach_mul_(vs, h.beta2)
+    torch._foreach_addcmul_(vs, gs, gs, 1 - h.beta2)
+    if v_copied:
+        torch._foreach_copy_(exp_avg_sqs, vs)
 
     ps, low_precision = _as_compute(params, dt, exp_avg_sqs, slot=3)
     if h.weight_decay != 0:
         torch._foreach_mul_(ps, 1 - h.lr * h.weight_decay)
 
-    upd = _masks(grads, exp_avgs, gs, h.maximize)
-    torch._foreach_mul_(upd, exp_avgs)  # m * mask, in the mask buffer
-    if exp_avg_sqs[0].device.type == "cpu":
+    upd = _masks(grads, exp_avgs, ms, gs, h.maximize, scratch)
+    torch._foreach_mul_(upd, ms)  # m * mask, in the mask buffer
+    if vs[0].device.type == "cpu":
         # No fresh allocation (see _scratch). With alpha = 1 this is bitwise AdamW's
         # foreach update (same denominator, same addcdiv).
         denom = [_scratch_for(v, dt, slot=1) for v in exp_avg_sqs]
-        for v, d in zip(exp_avg_sqs, denom):
+        for v, d in zip(vs, denom):
             torch.sqrt(v, out=d)
         torch._foreach_div_(denom, h.bias_correction2_sqrt)
         torch._foreach_add_(denom, h.eps)
         scal = [-h.step_size * a for a in alphas.tolist()]
         torch._foreach_addcdiv_(ps, upd, denom, scal)
     else:  # as the reference orders it; alpha stays on the device (no host sync)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
+        denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, h.bias_correction2_sqrt)
         torch._foreach_add_(denom, h.eps)
         torch._foreach_mul_(upd, list(alphas.to(dt).unbind()))
