@@ -1,0 +1,142 @@
+"""CAdamW under FSDP1 (FullyShardedDataParallel), gloo on CPU, against independent references.
+
+Two torchrun launches (tests/dist/workers/fsdp1_worker.py): world 2 (FULL_SHARD,
+SHARD_GRAD_OP, NO_SHARD, scale="shard", unreadable metadata, host cost) and world 4
+(FULL_SHARD with uneven and empty shards, HYBRID_SHARD and _HYBRID_SHARD_ZERO2 2x2), each
+strategy with use_orig_params False and True and two param groups that differ in weight
+decay. The workers train 10 steps with a real backward, feed FSDP1's own gradients to
+single-process CAdamW on whole tensors and to the float64 oracle (tests/oracle.py), and
+compare FSDP1's FULL_STATE_DICT after training; this file asserts on those numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_cautious.flat import Fragment, window_fragments
+from dist_cautious.fsdp1 import layout_for
+from tests.dist.harness import torchrun
+
+pytestmark = pytest.mark.dist
+
+WORKER = Path(__file__).parent / "workers" / "fsdp1_worker.py"
+TOL = 1e-6  # relative, fp32 params after 10 steps
+TOL_DELTA = 5e-5  # relative error of the total update p - p0 against the float64 oracle
+SHARDED = ["FULL_SHARD", "SHARD_GRAD_OP"]
+HYBRID = ["HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"]
+
+
+def _launch(nproc: int, out: Path, scenarios: list[str]) -> dict:
+    torchrun(WORKER, nproc, [out, *scenarios], timeout=150)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def w2(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp1_w2") / "out.json"
+    return _launch(2, out, ["strategies", "shard", "errors", "cost"])
+
+
+@pytest.fixture(scope="module")
+def w4(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp1_w4") / "out.json"
+    return _launch(4, out, ["strategies"])
+
+
+def _assert_exact(r: dict) -> None:
+    assert r["cadamw_param"] <= TOL and r["cadamw_delta"] <= TOL, r
+    assert r["oracle_param"] <= TOL and r["oracle_delta"] <= TOL_DELTA, r
+
+
+def _assert_counts(r: dict, per_step: int, sizes: list[int]) -> None:
+    assert r["all_reduce_per_step"] == per_step, r
+    assert r["all_reduce_group_sizes"] == sizes, r
+    assert r["other_collectives"] == {}, r  # nothing but the count all-reduce in step()
+    assert r["same_sequence_per_group"], r
+
+
+CASES = [(2, s, u) for s in [*SHARDED, "NO_SHARD"] for u in (False, True)]
+CASES += [(4, s, u) for s in ["FULL_SHARD", *HYBRID] for u in (False, True)]
+
+
+@pytest.mark.parametrize("world,strategy,uop", CASES)
+def test_global_matches_single_process(world, strategy, uop, w2, w4):
+    r = (w2 if world == 2 else w4)["strategies"][f"{strategy}.uop={uop}"]
+    _assert_exact(r)
+    if strategy == "NO_SHARD":  # whole tensors on every rank: no collective
+        _assert_counts(r, 0, [])
+        assert r["layouts"] == (["NoneType"] if uop else ["FlatLayout"]), r
+        return
+    # one count all-reduce per step, on the shard group only (HSDP: size 2, not 4)
+    _assert_counts(r, 1, [2 if strategy in HYBRID else world])
+    assert r["layouts"] == ["FlatLayout"], r
+    if strategy in HYBRID:
+        assert r["handle_group"] == r["shard_group"] != r["replicate_group"], r
+        assert r["all_reduce_groups"] == [r["shard_group"]], r
+
+
+def test_uneven_and_empty_shards_really_happen(w2, w4):
+    # use_orig_params=True, 4 ranks, groups [w35, fc1.weight, fc2.bias | w17, fc1.bias,
+    # fc2.weight]: w35 empty on rank 3, w17 on ranks 0-1, fc1.bias / fc2.bias on 0-2
+    r = w4["strategies"]["FULL_SHARD.uop=True"]
+    assert r["local_numels"] == [
+        [6, 60, 0, 0, 0, 73],
+        [6, 60, 0, 0, 0, 73],
+        [3, 60, 0, 2, 0, 73],
+        [0, 20, 6, 5, 40, 63],
+    ]
+    # use_orig_params=False: three FlatParameters per rank, windows of 22 / 240 / 288
+    assert w4["strategies"]["FULL_SHARD.uop=False"]["local_numels"] == [[6, 60, 72]] * 4
+    assert w2["strategies"]["FULL_SHARD.uop=False"]["local_numels"] == [[11, 120, 144]] * 2
+    assert w2["strategies"]["NO_SHARD.uop=False"]["local_numels"] == [[22, 240, 288]] * 2
+
+
+@pytest.mark.parametrize("uop", [False, True])
+def test_scale_shard_is_per_piece(uop, w2):
+    r = w2["shard"][f"uop={uop}"]
+    assert r["piece_oracle_param"] <= TOL, r  # float64 oracle on each local fragment
+    _assert_counts(r, 0, [])
+    assert r["shard_vs_global_delta_rel"] > 0.01, r  # a different algorithm, not rounding
+
+
+def test_unreadable_metadata_raises_instead_of_stepping(w2):
+    r = w2["errors"]
+    for uop in (False, True):
+        missing, corrupt = r[f"missing.uop={uop}"], r[f"corrupt.uop={uop}"]
+        assert missing.startswith("RuntimeError") and "'_shard_numel_padded'" in missing, missing
+        assert corrupt.startswith("RuntimeError") and "_shard_param_infos[0]" in corrupt, corrupt
+        assert "torch 2.13" in missing and "FSDP2" in missing, missing
+        assert r[f"unchanged.uop={uop}"], r  # nothing was stepped
+        assert r[f"restored.uop={uop}"] == "no error", r
+    assert "not in its sharded state" in r["unsharded_view"], r["unsharded_view"]
+    assert "no live FSDP1 FlatParamHandle owns it" in r["orphan"], r["orphan"]
+    assert r["plain_is_none"]
+
+
+def test_host_cost_of_layout_lookup(w2):
+    """300 tiny tensors, FULL_SHARD: the per-step FSDP1 lookup stays a small part of the
+    step (it would not if the handle search ran every step). Numbers go to the report."""
+    for uop in (False, True):
+        r = w2["cost"][f"uop={uop}"]
+        print(f"use_orig_params={uop}:", json.dumps(r))
+        assert r["tensors"] == 300 and r["optimizer_params"] == (300 if uop else 15), r
+        assert r["ms"]["layout_for"] < 0.5 * r["ms"]["fsdp1_step"], r
+
+
+# ------------------------------------------------------------------ no launch
+
+
+def test_layout_for_ignores_unflattened_tensors():
+    assert layout_for(torch.nn.Parameter(torch.randn(3, 4))) is None
+    assert layout_for(torch.randn(5)) is None
+
+
+def test_window_fragments():
+    # tensors of 15 and 7 at offsets 0 and 16 (one element of alignment padding), window 6
+    got = window_fragments([15, 7], [0, 16], 12, 6)
+    assert got == [Fragment(0, 15, 12, 0, 3), Fragment(1, 7, 0, 4, 2)]
+    assert window_fragments([15, 7], [0, 16], 0, 6)[1] == Fragment(1, 7, 0, 0, 0)

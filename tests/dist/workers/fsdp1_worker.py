@@ -1,0 +1,398 @@
+"""FSDP1 (FullyShardedDataParallel) scenarios for CAdamW, run under torchrun (gloo, CPU).
+
+Usage: torchrun --nproc-per-node=N fsdp1_worker.py OUT.json SCENARIO [SCENARIO ...]
+
+Every case trains ``FNet`` (tensors (3, 5), (1, 7), (40, 5), (40,), (6, 47), (6,); one
+FlatParameter for the root and one per Linear) for 10 steps with a real forward/backward,
+different data per rank, and feeds FSDP1's own gradients (all-gathered outside the counted
+step) to the references of tests/dist/workers/fsdp_common.py: single-process CAdamW on
+whole tensors and the float64 oracle, with the same two param groups. The final full
+parameters come from FSDP1's FULL_STATE_DICT. Rank 0 writes {scenario: numbers} to OUT.json;
+tests/dist/test_fsdp1.py asserts on them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from fsdp_common import HYPER, CollectiveCounter, gather_all, gather_max, setup
+from fsdp_worker import counts_summary
+from torch import Tensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+from dist_cautious import CAdamW
+from dist_cautious.fsdp1 import layout_for
+from tests.oracle import Float64CAdamW, rel_err
+
+STEPS = 10
+WD = (0.1, 0.0)  # weight decay of param group 0 / 1: the groups really differ
+CPU = torch.device("cpu")
+
+
+class FNet(nn.Module):
+    """Tensors (3, 5), (1, 7), fc1 (40, 5) + (40,), fc2 (6, 47) + (6,), all in the forward.
+
+    Wrapped with a Linear policy: three FlatParameters (root: w35 + w17; fc1; fc2). On 4
+    ranks the root's 22 (or 24 aligned) elements give windows of 6: w35 has nothing on rank
+    3, w17 nothing on ranks 0 and 1; fc1.bias lies on rank 3 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w35 = nn.Parameter(torch.randn(3, 5) * 0.5)
+        self.w17 = nn.Parameter(torch.randn(1, 7) * 0.5 + 1.0)
+        self.fc1 = nn.Linear(5, 40)
+        self.fc2 = nn.Linear(47, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc1(x @ self.w35))
+        return self.fc2(torch.cat([h, h[:, :7] * self.w17], dim=1))
+
+
+NAMES = ["w35", "w17", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+def batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(6, 3, generator=gen), torch.randn(6, 6, generator=gen)
+
+
+def _clean(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "").replace("_fsdp_wrapped_module", "")
+
+
+def full_grads(model: nn.Module) -> dict[str, Tensor]:
+    """FSDP1's reduced gradients as whole tensors: each unit's sharded flat gradient,
+    all-gathered over its shard group, unflattened (an all-gather: outside counted steps)."""
+    out: dict[str, Tensor] = {}
+    for mname, m in model.named_modules():
+        if not isinstance(m, FSDP) or m._handle is None:
+            continue
+        h = m._handle
+        fp = h.flat_param
+        g = fp.grad.detach()
+        if h.uses_sharded_strategy:
+            buf = g.new_empty(g.numel() * h.world_size)
+            dist.all_gather_into_tensor(buf, g.contiguous(), group=h.process_group)
+            g = buf
+        prefix = _clean(mname)
+        off, k = 0, 0
+        for n, pad in zip(fp._numels_with_padding, fp._is_padding_mask):
+            if not pad:
+                name = fp._fqns[k] if not prefix else f"{prefix}.{fp._fqns[k]}"
+                out[name] = g[off : off + n].reshape(fp._shapes[k]).clone()
+                k += 1
+            off += n
+    return out
+
+
+def full_params(model: nn.Module) -> dict[str, Tensor]:
+    cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+        sd = model.state_dict()
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+class GroupReference:
+    """Single-process CAdamW on whole tensors (two groups: weight decay WD[g]) and the
+    float64 oracle with the same per-tensor weight decays, fed the same global gradients."""
+
+    def __init__(self, init: dict[str, Tensor], group_of: dict[str, int], **hyper) -> None:
+        self.params = [nn.Parameter(init[n].clone()) for n in NAMES]
+        groups = [
+            {"params": [p for n, p in zip(NAMES, self.params) if group_of[n] == gi], "weight_decay": wd}
+            for gi, wd in enumerate(WD)
+        ]  # fmt: skip
+        hyper = {k: v for k, v in hyper.items() if k != "weight_decay"}
+        self.opt = CAdamW(groups, backend="foreach", **hyper)
+        self.oracle = Float64CAdamW(
+            [init[n] for n in NAMES], weight_decays=[WD[group_of[n]] for n in NAMES], **hyper
+        )
+
+    def step(self, grads: dict[str, Tensor]) -> None:
+        for n, p in zip(NAMES, self.params):
+            p.grad = grads[n].clone()
+        self.opt.step()
+        self.oracle.step([grads[n] for n in NAMES])
+
+
+def build(strategy: ShardingStrategy, uop: bool, world: int) -> nn.Module:
+    torch.manual_seed(0)
+    net = FNet()
+    kw: dict = {}
+    if strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
+        kw["device_mesh"] = init_device_mesh(
+            "cpu", (2, world // 2), mesh_dim_names=("rep", "shard")
+        )
+    return FSDP(
+        net,
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+        sharding_strategy=strategy,
+        use_orig_params=uop,
+        device_id=CPU,
+        **kw,
+    )
+
+
+def param_groups(model: nn.Module, uop: bool) -> tuple[list[dict], dict[str, int]]:
+    """Two groups. use_orig_params=True: original tensors split across groups; False:
+    the root's FlatParameter in group 0, the Linears' in group 1."""
+    if uop:
+        group_of = {n: (0 if n in ("w35", "fc1.weight", "fc2.bias") else 1) for n in NAMES}
+        named = {_clean(n): p for n, p in model.named_parameters()}
+        groups = [[named[n] for n in NAMES if group_of[n] == gi] for gi in (0, 1)]
+    else:
+        group_of = {n: (0 if n in ("w35", "w17") else 1) for n in NAMES}
+        groups = [[], []]
+        for mname, m in model.named_modules():
+            if isinstance(m, FSDP) and m._handle is not None:
+                groups[0 if _clean(mname) == "" else 1].append(m._handle.flat_param)
+    return [{"params": g, "weight_decay": wd} for g, wd in zip(groups, WD)], group_of
+
+
+def local_pieces(opt_params: list[Tensor]) -> list[tuple[int, int, int]]:
+    """(param index, offset, length) of every non-empty local piece (per-piece semantics):
+    the FlatParameter's in-shard fragments as FSDP1 records them, or the whole 1-D view."""
+    out = []
+    for i, p in enumerate(opt_params):
+        if isinstance(p, torch.distributed.fsdp._flat_param.FlatParameter):
+            for info in p._shard_param_infos:
+                if info.in_shard and info.numel_in_shard:
+                    out.append((i, info.offset_in_shard, info.numel_in_shard))
+        elif p.numel():
+            out.append((i, 0, p.numel()))
+    return out
+
+
+def run_case(
+    strategy: ShardingStrategy, uop: bool, world: int, scale: str = "global", steps: int = STEPS
+) -> dict:
+    rank = dist.get_rank()
+    model = build(strategy, uop, world)
+    init = full_params(model)
+    groups, group_of = param_groups(model, uop)
+    opt_params = [p for g in groups for p in g["params"]]
+    hyper = {k: v for k, v in HYPER.items() if k != "weight_decay"}
+    opt = CAdamW(groups, scale=scale, **hyper)
+    ref = GroupReference(init, group_of, **HYPER)
+    pieces = local_pieces(opt_params)
+    piece_wd = [WD[next(gi for gi, g in enumerate(groups) if any(q is opt_params[i] for q in g["params"]))] for i, _, _ in pieces]  # fmt: skip
+    piece_oracle = Float64CAdamW(
+        [opt_params[i].detach().reshape(-1)[o : o + n] for i, o, n in pieces],
+        weight_decays=piece_wd,
+        **hyper,
+    )
+    counter = CollectiveCounter()
+    layouts = {type(layout_for(p)).__name__ for p in opt_params}
+    for s in range(steps):
+        x, y = batch(rank, s)
+        ((model(x) - y) ** 2).mean().backward()
+        gfull = full_grads(model)
+        local_grads = [opt_params[i].grad.detach().reshape(-1)[o : o + n] for i, o, n in pieces]
+        with counter.count():
+            opt.step()
+        opt.zero_grad()
+        ref.step(gfull)
+        piece_oracle.step(local_grads)
+    fin = full_params(model)
+    fp = [fin[n].double() for n in NAMES]
+    o = ref.oracle
+    out = {
+        "oracle_param": max(rel_err(a, b) for a, b in zip(fp, o.p)),
+        "oracle_delta": max(
+            rel_err(a - init[n].double(), b - init[n].double()) for a, b, n in zip(fp, o.p, NAMES)
+        ),
+        "cadamw_param": max(rel_err(a, b) for a, b in zip(fp, ref.params)),
+        "cadamw_delta": max(
+            rel_err(a - init[n].double(), b.detach().double() - init[n].double())
+            for a, b, n in zip(fp, ref.params, NAMES)
+        ),
+        "piece_oracle_param": max(
+            (
+                rel_err(opt_params[i].detach().reshape(-1)[off : off + n], piece_oracle.p[j])
+                for j, (i, off, n) in enumerate(pieces)
+            ),
+            default=0.0,
+        ),
+    }
+    out = {k: gather_max(v) for k, v in out.items()}
+    out.update(counts_summary(counter, steps))
+    out["layouts"] = sorted(set().union(*gather_all(sorted(layouts))))
+    out["local_numels"] = gather_all([p.numel() for p in opt_params])
+    out["final"] = {n: fin[n].tolist() for n in NAMES}
+    out["init"] = {n: init[n].tolist() for n in NAMES}
+    if strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
+        h = next(m._handle for m in model.modules() if isinstance(m, FSDP) and m._handle)
+        mesh = model._device_mesh
+        out["shard_group"] = str(mesh.get_group("shard").group_name)
+        out["replicate_group"] = str(mesh.get_group("rep").group_name)
+        out["handle_group"] = str(h.process_group.group_name)
+    del model, opt
+    return out
+
+
+def _delta_diff(a: dict, b: dict) -> float:
+    """Relative difference of the total updates of two runs (all tensors together)."""
+    da = torch.cat(
+        [(torch.tensor(a["final"][n]) - torch.tensor(a["init"][n])).flatten() for n in NAMES]
+    )
+    db = torch.cat(
+        [(torch.tensor(b["final"][n]) - torch.tensor(b["init"][n])).flatten() for n in NAMES]
+    )
+    return rel_err(da, db)  # fmt: skip
+
+
+SS = ShardingStrategy
+
+
+def sc_strategies(rank: int, world: int) -> dict:
+    """Every strategy that runs at this world size, both use_orig_params settings."""
+    strategies = [SS.FULL_SHARD, SS.SHARD_GRAD_OP, SS.NO_SHARD]
+    if world == 4:
+        strategies = [SS.FULL_SHARD, SS.HYBRID_SHARD, SS._HYBRID_SHARD_ZERO2]
+    out = {}
+    for st in strategies:
+        for uop in (False, True):
+            out[f"{st.name}.uop={uop}"] = run_case(st, uop, world)
+    return out
+
+
+def sc_shard(rank: int, world: int) -> dict:
+    """scale='shard' (per-piece semantics) against scale='global', FULL_SHARD."""
+    out = {}
+    for uop in (False, True):
+        g = run_case(SS.FULL_SHARD, uop, world, "global")
+        s = run_case(SS.FULL_SHARD, uop, world, "shard")
+        s["shard_vs_global_delta_rel"] = _delta_diff(s, g)
+        out[f"uop={uop}"] = s
+    return out
+
+
+def _err(fn) -> str:
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def sc_errors(rank: int, world: int) -> dict:
+    """Unreadable FSDP1 metadata raises instead of stepping (on every rank, no collective)."""
+    out: dict = {}
+    for uop in (False, True):
+        model = build(SS.FULL_SHARD, uop, world)
+        params = list(model.parameters())
+        opt = CAdamW(params, **HYPER)
+        x, y = batch(rank, 0)
+        ((model(x) - y) ** 2).mean().backward()
+        root = model._handle.flat_param
+        before = [p.detach().clone() for p in params]
+        # 1. an attribute missing (another torch version)
+        saved = root._shard_numel_padded
+        del root._shard_numel_padded
+        out[f"missing.uop={uop}"] = _err(opt.step)
+        root._shard_numel_padded = saved
+        # 2. shard infos that disagree with the flattening (corrupted metadata)
+        infos = root._shard_param_infos
+        bad = list(infos)
+        i = next(k for k, f in enumerate(bad) if f.in_shard)
+        bad[i] = bad[i]._replace(intra_param_start_idx=bad[i].intra_param_start_idx + 1)
+        root._shard_param_infos = tuple(bad)
+        out[f"corrupt.uop={uop}"] = _err(opt.step)
+        root._shard_param_infos = infos
+        out[f"unchanged.uop={uop}"] = all(
+            torch.equal(a, b.detach()) for a, b in zip(before, params)
+        )
+        # 3. the metadata restored: the step goes through
+        out[f"restored.uop={uop}"] = _err(opt.step)
+        if uop:  # 4. a sharded view stepped while FSDP1 holds the unsharded parameters
+            opt.zero_grad()
+            with FSDP.summon_full_params(model):
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                out["unsharded_view"] = _err(opt.step)
+        del model, opt
+    # 5. a tensor marked as FSDP1-flattened that no FSDP1 handle owns
+    t = nn.Parameter(torch.randn(12))
+    t._fsdp_flattened = True
+    t.grad = torch.randn(12)
+    out["orphan"] = _err(CAdamW([t], **HYPER).step)
+    out["plain_is_none"] = layout_for(nn.Parameter(torch.randn(3))) is None
+    return out
+
+
+def sc_cost(rank: int, world: int) -> dict:
+    """Host cost of a step on a 300-tensor model (tiny tensors: the step is all host
+    work), FULL_SHARD, against CAdamW on the same tensors unsharded (cached plan)."""
+    out = {}
+    for uop in (False, True):
+        torch.manual_seed(0)
+        layers = [nn.Linear(8, 8) for _ in range(150)]
+        net = nn.Sequential(*[nn.Sequential(*layers[i : i + 10]) for i in range(0, 150, 10)])
+        plain = [nn.Parameter(p.detach().clone()) for p in net.parameters()]
+        model = FSDP(
+            net,
+            auto_wrap_policy=ModuleWrapPolicy({nn.Sequential}),
+            use_orig_params=uop,
+            device_id=CPU,
+        )
+        model(torch.randn(4, 8)).sum().backward()
+        params = list(model.parameters())
+        opt = CAdamW(params, **HYPER)
+        for p in plain:
+            p.grad = torch.randn_like(p)
+        ref = CAdamW(plain, **HYPER)
+        times: dict[str, list[float]] = {"fsdp1_step": [], "plain_step": [], "layout_for": []}
+        for _ in range(12):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            times["fsdp1_step"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ref.step()
+            times["plain_step"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for p in params:
+                layout_for(p)
+            times["layout_for"].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+        out[f"uop={uop}"] = {
+            "tensors": len(plain),
+            "optimizer_params": len(params),
+            "ms": {k: gather_max(v) for k, v in med.items()},
+        }
+        del model, opt
+    return out
+
+
+SCENARIOS = {
+    "strategies": sc_strategies,
+    "shard": sc_shard,
+    "errors": sc_errors,
+    "cost": sc_cost,
+}
+
+
+def main() -> None:
+    from fsdp_common import finish
+
+    out_path, *names = sys.argv[1:]
+    rank, world = setup()
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = SCENARIOS[name](rank, world)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        dist.barrier()
+    finish(results, out_path)
+
+
+if __name__ == "__main__":
+    main()
