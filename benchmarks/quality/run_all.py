@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""One command for the whole quality table (issue 11, docs/quality.md)::
+
+    nice -n 19 python benchmarks/quality/run_all.py
+
+trains, for every seed (default 0,1,2), torch AdamW, CAdamW ``scale="global"`` (single
+process), and CAdamW ``scale="shard"`` under FSDP2 at 2 and 4 gloo ranks, all with the same
+hyperparameters (benchmarks/quality/train.py, ``--preset``, default cpu-small), then writes
+under ``--out`` (default benchmarks/results/quality/):
+
+- ``runs/<optimizer>_<scale>_w<world>_s<seed>.csv`` (+ ``.json``: command, corpus SHA-256,
+  wall time; ``.rows.npz``: per-row kept counts) for every run,
+- ``command.txt`` (this command line), ``summary.json`` / ``summary.md`` and the PNGs
+  (benchmarks/quality/analyze.py; ``--analyze-only`` redoes just that from the CSVs).
+
+Every run is a subprocess with ``OMP_NUM_THREADS=1`` (per rank), ``nice -n 19`` and a
+timeout; ``--jobs`` runs that many at a time. Existing complete runs are kept unless
+``--force`` (so an interrupted table resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TRAIN = HERE / "train.py"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
+
+# (optimizer, scale, world): the table's columns
+CONFIGS = (
+    ("adamw", "", 1),
+    ("cadamw", "global", 1),
+    ("cadamw", "shard", 2),
+    ("cadamw", "shard", 4),
+)
+
+
+def run_name(opt: str, scale: str, world: int, seed: int) -> str:
+    return f"{opt}_{scale or 'na'}_w{world}_s{seed}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="cpu-small")
+    p.add_argument("--seeds", default="0,1,2", help="comma list (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--force", action="store_true", help="rerun runs that already exist")
+    p.add_argument("--analyze-only", action="store_true", help="only (re)write the summary")
+    return p
+
+
+def one_run(cfg: tuple[str, str, int], seed: int, args: argparse.Namespace) -> dict:
+    opt, scale, world = cfg
+    name = run_name(opt, scale, world, seed)
+    csv_path = args.out / "runs" / f"{name}.csv"
+    if not args.force and csv_path.exists() and csv_path.with_suffix(".json").exists():
+        return {"run": name, "status": "kept"}
+    cmd = [sys.executable, str(TRAIN), "--preset", args.preset, "--optimizer", opt]
+    cmd += ["--world", str(world), "--seed", str(seed), "--out", str(csv_path)]
+    cmd += ["--device", args.device]
+    if scale:
+        cmd += ["--scale", scale]
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    if os.name == "posix":
+        cmd = ["nice", "-n", "19", *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = args.out / "runs" / f"{name}.log"
+    t0 = time.time()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout, cwd=ROOT
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    res = {"run": name, "status": "ok" if rc == 0 else f"failed ({rc})"}
+    res["wall_s"] = round(time.time() - t0, 1)
+    print(f"run_all: {name}: {res['status']} in {res['wall_s']} s", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out.resolve()
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if len(seeds) < 1:
+        raise SystemExit("--seeds: give at least one seed")
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    if not args.analyze_only:
+        (args.out / "command.txt").write_text(command + "\n")
+        jobs = [(cfg, s) for s in seeds for cfg in CONFIGS]  # seed-major: partial tables balance
+        t0 = time.time()
+        with ThreadPoolExecutor(max(1, args.jobs)) as ex:
+            results = list(ex.map(lambda j: one_run(j[0], j[1], args), jobs))
+        status = {"command": command, "wall_s": round(time.time() - t0, 1), "runs": results}
+        (args.out / "runs_status.json").write_text(json.dumps(status, indent=1))
+        failed = [r for r in results if r["status"] not in ("ok", "kept")]
+        if failed:
+            print(f"run_all: {len(failed)} run(s) failed: {failed}", file=sys.stderr)
+    sys.path.insert(0, str(HERE))
+    from analyze import analyze
+
+    analyze(args.out, configs=CONFIGS, seeds=seeds, command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
