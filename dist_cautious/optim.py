@@ -278,6 +278,7 @@ class _Plan:
         n = len(self.entries)
         for b in self.buckets:
             b.all_entries = b.src == list(range(n))
+        self.created: list[bool] = []  # per entry: its state was created by this plan
         self.step_buf: Tensor | None = None
         self.step_version = -1
         self.local_numels: dict[torch.device, Tensor] = {}  # per-piece numels on the device
@@ -636,8 +637,24 @@ class CAdamW(Optimizer):
             plan, grads = self._make_plan()
             if plan is None:
                 return loss
+            if plan.table.sizes and not plan.table.agreed:
+                self._check_agreement(plan)
         self._execute(plan, grads)  # gradients are held by locals only, never by the plan
         return loss
+
+    def _check_agreement(self, plan: _Plan) -> None:
+        """The ranks' one-time check that they count the same tensors (see reduce.py), before
+        anything is stepped; on failure the planned step is undone (no state is left)."""
+        try:
+            check_agreement(plan.table, self._validated)
+        except RuntimeError:
+            self._plan = None
+            for e, created in zip(plan.entries, plan.created):
+                if created:
+                    self.state.pop(e.param, None)
+                else:
+                    e.state["step"] = e.state["step"].clone() - 1
+            raise
 
     def _settings(self) -> tuple:
         """What a cached plan depends on besides parameters, gradients and state objects
@@ -653,6 +670,7 @@ class CAdamW(Optimizer):
         params: list[Tensor] = []
         none_pattern: list[bool] = []
         entries: list[_Entry] = []
+        created: list[bool] = []
         cacheable = True
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
@@ -676,6 +694,7 @@ class CAdamW(Optimizer):
                         f"sparse gradient for a parameter of shape {tuple(p.shape)}: CAdamW does "
                         "not support sparse gradients (use torch.optim.SparseAdam for them)"
                     )
+                created.append(not self.state.get(p))
                 state = self._state_for(p, group)
                 state["step"] += 1
                 step = int(state["step"].item())  # a CPU tensor: no device sync
@@ -716,6 +735,7 @@ class CAdamW(Optimizer):
             state_obj=self.state,
             settings=self._settings(),
         )
+        plan.created = created
         grads = [bucket_grads[k] for k in order]
         if cacheable:
             plan.freeze()
@@ -786,8 +806,6 @@ class CAdamW(Optimizer):
     def _execute(self, plan: _Plan, grads: list[list[Tensor]]) -> None:
         home = plan.home
         groups = self.param_groups
-        if plan.table.sizes:  # before anything is stepped (O(1) once agreed, see reduce.py)
-            check_agreement(plan.table, self._validated)
         # Pass 1: moments and local counts, one backend call per bucket.
         # A backend that can defer the exp_avg write to pass 2 (triton: pass 1 becomes
         # read-only) is asked to; it says whether it did.

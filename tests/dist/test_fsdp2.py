@@ -42,7 +42,12 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def w2(tmp_path_factory, ckpt) -> dict:
     out = tmp_path_factory.mktemp("w2") / "out.json"
-    return _launch(2, out, ckpt, ["backward", "handset", "frozen", "ddp", "dcp_save", "errors"])
+    return _launch(
+        2,
+        out,
+        ckpt,
+        ["backward", "handset", "frozen", "ddp", "dcp_save", "errors", "mixed_scale", "guard"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +191,40 @@ def test_schedule_one_all_reduce_per_group_in_rounds():
     assert [(c.round, c.group.group_name) for c in s] == [(0, "world"), (0, "tp"), (1, "dp")]
     assert Reduction((_g("x"),)) == Reduction((_g("x"),))
     assert plan_schedule([]) == []
+
+
+# ------------------------------------------------------------------ per-group scale
+
+
+def test_mixed_global_and_shard_groups(w2):
+    r = w2["mixed_scale"]
+    assert r["global_oracle_param"] <= TOL, r
+    assert r["shard_piece_oracle_param"] <= TOL, r
+    _assert_counts(r, 1, [2])
+    assert r["all_reduce_numels"] == [2 + 2 * 3]  # only the global group's 3 split tensors
+
+
+# ------------------------------------------------------------------ cross-rank guard
+
+
+def test_agreeing_ranks_pass_the_guard(w2):
+    r = w2["guard"]["agree"]
+    assert r["messages"] == ["no error", "no error"], r
+    assert not r["params_unchanged"]
+
+
+@pytest.mark.parametrize(
+    "case, what",
+    [
+        ("groups_swapped", "sharded tensor number 0 on this group"),
+        ("group_missing", "the number of sharded tensors they count"),
+        ("param_missing", "the number of sharded tensors they count"),
+    ],
+)
+def test_disagreeing_ranks_raise_everywhere_before_stepping(w2, case, what):
+    r = w2["guard"][case]
+    for msg in r["messages"]:  # every rank, the same diagnosis
+        assert "disagree on " + what in msg, r
+        assert "same parameters, in the same order and the same param groups" in msg, r
+    assert r["seconds"] < 10, r  # no hang until a process-group timeout
+    assert r["params_unchanged"] and r["no_state"], r  # nothing was stepped

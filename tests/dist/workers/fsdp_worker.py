@@ -454,6 +454,104 @@ def sc_errors(rank: int, world: int, ckpt: str) -> dict:
     return out
 
 
+def sc_mixed_scale(rank: int, world: int, ckpt: str) -> dict:
+    """One param group with scale="global", one with scale="shard" (per-group options): the
+    global group equals the float64 oracle on whole tensors, the shard group the per-piece
+    oracle, with one all-reduce per step carrying only the global group's slots."""
+    mesh = init_device_mesh("cpu", (world,))
+    base, init = fresh_net()
+    shapes = [p.shape for p in init]
+    net = shard_net(copy.deepcopy(base), mesh)
+    params = list(net.parameters())  # w35, w164, fc1.weight, fc2.weight, fc2.bias
+    g_idx, s_idx = [0, 1, 2], [3, 4]
+    opt = CAdamW(
+        [
+            {"params": [params[i] for i in g_idx]},
+            {"params": [params[i] for i in s_idx], "scale": "shard"},
+        ],
+        **HYPER,
+    )
+    oracle = Float64CAdamW([init[i] for i in g_idx], **HYPER)
+    live = [i for i in s_idx if local(params[i]).numel() > 0]
+    piece_oracle = Float64CAdamW([local(params[i]).detach() for i in live], **HYPER)
+    counter = CollectiveCounter()
+    for s in range(STEPS):
+        gs = split_signal_grads(shapes, s)
+        for p, g in zip(params, gs):
+            p.grad = shard_like(g, p)
+        with counter.count():
+            opt.step()
+        oracle.step([gs[i] for i in g_idx])
+        piece_oracle.step([local(params[i].grad) for i in live])
+    out = {
+        "global_oracle_param": gather_max(
+            max(rel_err(full(params[i]), o) for i, o in zip(g_idx, oracle.p))
+        ),
+        "shard_piece_oracle_param": gather_max(
+            max((rel_err(local(params[i]), o) for i, o in zip(live, piece_oracle.p)), default=0.0)
+        ),
+    }
+    out.update(counts_summary(counter, STEPS))
+    return out
+
+
+def sc_guard(rank: int, world: int, ckpt: str) -> dict:
+    """Ranks that disagree on the optimizer's parameters get a clear error on every rank,
+    from the one-time agreement check, before anything is stepped (no hang, no wrong step)."""
+    import time
+
+    mesh = init_device_mesh("cpu", (world,))
+    out: dict = {}
+
+    def attempt(name: str, groups_of) -> None:
+        base, init = fresh_net()
+        net = shard_net(copy.deepcopy(base), mesh)
+        params = list(net.parameters())
+        for p, g in zip(params, seeded_grads([q.shape for q in init], 0)):
+            p.grad = shard_like(g, p)
+        before = [local(p).detach().clone() for p in params]
+        opt = CAdamW(groups_of(params), **HYPER)
+        t0 = time.perf_counter()
+        try:
+            opt.step()
+            msg = "no error"
+        except RuntimeError as e:
+            msg = str(e)
+        unchanged = all(torch.equal(local(p), b) for p, b in zip(params, before))
+        out[name] = {
+            "messages": gather_all(msg),
+            "seconds": gather_max(time.perf_counter() - t0),
+            "params_unchanged": all(gather_all(unchanged)),
+            "no_state": all(gather_all(all(not opt.state.get(p) for p in params))),
+        }
+        dist.barrier()
+
+    a = lambda ps: ps[:3]  # noqa: E731  w35, w164, fc1.weight
+    b = lambda ps: ps[3:]  # noqa: E731  fc2.weight, fc2.bias
+    attempt("agree", lambda ps: [{"params": a(ps)}, {"params": b(ps)}])
+    attempt(
+        "groups_swapped",
+        lambda ps: (
+            [{"params": a(ps)}, {"params": b(ps)}]
+            if rank == 0
+            else [{"params": b(ps)}, {"params": a(ps)}]
+        ),
+    )
+    attempt(
+        "group_missing",
+        lambda ps: [{"params": a(ps)}, {"params": b(ps)}] if rank == 0 else [{"params": a(ps)}],
+    )
+    attempt(
+        "param_missing",
+        lambda ps: (
+            [{"params": a(ps)}, {"params": b(ps)}]
+            if rank == 0
+            else [{"params": a(ps)}, {"params": b(ps)[:1]}]
+        ),
+    )
+    return out
+
+
 SCENARIOS = {
     "backward": sc_backward,
     "handset": sc_handset,
@@ -465,6 +563,8 @@ SCENARIOS = {
     "tp": sc_tp,
     "mixed": sc_mixed,
     "errors": sc_errors,
+    "mixed_scale": sc_mixed_scale,
+    "guard": sc_guard,
 }
 
 
