@@ -1,0 +1,539 @@
+"""CAdamW inside the frameworks people meet FSDP through (torchrun, gloo on CPU).
+
+usage: integrations_worker.py OUT.json SCENARIO [SCENARIO ...]
+
+Scenarios (each trains the same tiny model for ``STEPS`` optimizer steps on 2 ranks):
+
+* ``accel_fsdp2[_shard]``: ``Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(
+  fsdp_version=2))`` + ``accelerator.prepare(model, CAdamW(model.parameters()))``: Accelerate
+  shards the model with ``fully_shard`` *after* the optimizer exists and swaps DTensors into
+  its ``param_groups`` (``fsdp2_switch_optimizer_parameters``).
+* ``trainer_fsdp2_opt`` / ``trainer_fsdp2_cls``: ``transformers.Trainer`` with
+  ``fsdp_config={"fsdp_version": 2}``, the optimizer passed as ``optimizers=(CAdamW(...),
+  None)`` or as ``optimizer_cls_and_kwargs=(CAdamW, {...})``.
+* ``trainer_fsdp1_orig`` / ``trainer_fsdp1_flat``: the Trainer with FSDP1
+  (``fsdp_config={"fsdp_version": 1}``), ``use_orig_params`` True / False,
+  ``optimizer_cls_and_kwargs`` (the optimizer is built on the wrapped model).
+* ``lightning_fsdp`` / ``lightning_mp``: Lightning ``FSDPStrategy`` (FSDP1) and
+  ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``), CAdamW from
+  ``configure_optimizers``.
+
+Accelerate (and so the HF Trainer) refuses FSDP on CPU without a word: with no GPU its
+``AcceleratorState`` picks ``MULTI_CPU`` and drops the plugin (the run is then plain DDP).
+``force_fsdp`` puts back the two fields it would have set on a GPU machine
+(``distributed_type = FSDP``, ``fsdp_plugin``); everything after that -- ``prepare``,
+wrapping, the optimizer swap, backward, step -- is Accelerate's and the Trainer's own code.
+
+Every rank records the batches it trained on; they are gathered and replayed in one
+process by a reference: ``dist_cautious.CAdamW`` on a plain copy of the initial model, the
+loss the mean of the ranks' losses (FSDP averages gradients). Rank 0 writes, per scenario,
+the relative errors of the final full parameters and of the total updates ``p - p0``
+against the reference, the kept fraction of both, and what the optimizer looked like.
+tests/dist/test_integrations.py asserts on those numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_model_state_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dist_cautious import CAdamW  # noqa: E402
+from tests.oracle import rel_err  # noqa: E402
+
+STEPS = 10
+BATCH = 4  # per rank
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+WD = 0.1
+D_IN, D, D_OUT = 5, 7, 3  # 7 rows: uneven shards (4/3) on 2 ranks; gain (1, 7): one empty
+
+
+# --- the model ---------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.fc(self.norm(h)))
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D_IN, D)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.gain = nn.Parameter(1.0 + 0.1 * torch.randn(1, D))
+        self.out = nn.Linear(D, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h * self.gain)
+
+
+def init_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.detach().clone() for k, v in TinyNet().state_dict().items()}
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(BATCH, D_IN, generator=g), torch.randn(BATCH, D_OUT, generator=g)
+
+
+def no_decay(name: str) -> bool:
+    """Biases and norms: the usual decay / no-decay split (two param groups)."""
+    return name.endswith("bias") or ".norm." in name or name == "gain"
+
+
+def groups(named: list[tuple[str, nn.Parameter]]) -> list[dict]:
+    return [
+        {"params": [p for n, p in named if not no_decay(clean(n))], "weight_decay": WD},
+        {"params": [p for n, p in named if no_decay(clean(n))], "weight_decay": 0.0},
+    ]
+
+
+# --- reference and comparison -------------------------------------------------------------
+
+
+def clean(name: str) -> str:
+    for s in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module.", "net.", "model."):
+        name = name.replace(s, "")
+    return name
+
+
+def reference(
+    init: dict[str, torch.Tensor], batches: list[list[tuple]], decay_names: set[str] | None
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Single-process CAdamW on the full model; ``batches[step][rank] = (x, y)``."""
+    net = TinyNet()
+    net.load_state_dict(init)
+    named = list(net.named_parameters())
+    if decay_names is None:
+        opt = CAdamW(groups(named), backend="foreach", **HYPER)
+    else:
+        opt = CAdamW(
+            [
+                {"params": [p for n, p in named if n in decay_names], "weight_decay": WD},
+                {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0},
+            ],
+            backend="foreach",
+            **HYPER,
+        )
+    for per_rank in batches:
+        loss = sum(F.mse_loss(net(x), y) for x, y in per_rank) / len(per_rank)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in named}, opt.kept_fraction
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole parameters by clean name (torch's own full state dict: FSDP1 and FSDP2)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {clean(k): v.detach().clone().float() for k, v in sd.items()}
+
+
+def inner(opt) -> CAdamW:
+    """The CAdamW under Accelerate's / Lightning's wrappers."""
+    chain = []
+    while not isinstance(opt, CAdamW):
+        chain.append(type(opt).__name__)
+        opt = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if opt is None:
+            raise RuntimeError(f"no CAdamW under {chain}")
+    return opt
+
+
+def report(
+    model: nn.Module, opt, batches: list[list[tuple]], decay_names: set[str] | None = None
+) -> dict:
+    init = init_state()
+    got = full_params(model)
+    c = inner(opt)
+    kinds = sorted({type(p).__name__ for g in c.param_groups for p in g["params"]})
+    steps = sorted({int(s["step"]) for s in c.state.values() if "step" in s})
+    kept = c.kept_fraction
+    local = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel()
+        for g in c.param_groups
+        for p in g["params"]
+    )
+    fractions = [None] * dist.get_world_size()
+    dist.all_gather_object(fractions, local / sum(v.numel() for v in got.values()))
+    res: dict = {"kinds": kinds, "state_steps": steps, "n_steps": len(batches)}
+    res["local_fraction"] = fractions  # of all elements, per rank: < 1 means sharded
+    if dist.get_rank() == 0:
+        ref, ref_kept = reference(init, batches, decay_names)
+        missing = sorted(set(ref) - set(got))
+        res["missing"] = missing
+        names = [n for n in ref if n in got]
+        res["param"] = max(rel_err(got[n], ref[n]) for n in names)
+        res["delta"] = max(rel_err(got[n] - init[n], ref[n] - init[n]) for n in names)
+        res["moved"] = min((ref[n] - init[n]).norm().item() for n in names)
+        res["kept"], res["ref_kept"] = kept, ref_kept
+    return res
+
+
+def gather_batches(mine: list[tuple]) -> list[list[tuple]]:
+    """Per-rank lists of (x, y) -> ``[step][rank]``."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, [(x.tolist(), y.tolist()) for x, y in mine])
+    n = min(len(e) for e in everyone)
+    return [[(torch.tensor(e[s][0]), torch.tensor(e[s][1])) for e in everyone] for s in range(n)]
+
+
+# --- HF Accelerate ------------------------------------------------------------------------
+
+
+def force_fsdp(accelerator, plugin) -> bool:
+    """What Accelerate sets on a GPU machine; on CPU it silently drops the FSDP plugin."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    refused = accelerator.state.distributed_type != DistributedType.FSDP
+    if refused:
+        if accelerator.state.distributed_type != DistributedType.MULTI_CPU:
+            raise RuntimeError(f"expected MULTI_CPU, got {accelerator.state.distributed_type}")
+        # AcceleratorState re-reads PartialState's fields whenever it is built again, and on
+        # a GPU machine it writes FSDP there too: set both, as it would.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return refused
+
+
+def fsdp1_cpu_device_id() -> None:
+    """torch's FSDP1 runs on CPU only with ``device_id=torch.device("cpu")`` (no index: else
+    "Inconsistent compute device"; none: "FSDP needs a non-CPU accelerator device").
+    Accelerate passes ``accelerator.device`` (``cpu:0`` on CPU), Lightning passes None on
+    CPU. On a GPU machine both pass the GPU and this is not needed."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if getattr(FSDP.__init__, "_dc_cpu", False):
+        return
+    orig = FSDP.__init__
+
+    def init(self, module, *args, device_id=None, **kwargs):
+        if device_id is None or torch.device(device_id).type == "cpu":
+            device_id = torch.device("cpu")
+        orig(self, module, *args, device_id=device_id, **kwargs)
+
+    init._dc_cpu = True
+    FSDP.__init__ = init
+
+
+def reset_accelerate() -> None:
+    """Forget the last scenario's Accelerator (the process group stays)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
+
+
+def sc_accel(version: int = 2, scale: str = "global") -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    reset_accelerate()
+    rank = dist.get_rank()
+    extra = {} if version == 2 else dict(use_orig_params=True, sync_module_states=False)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=version,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Block"],
+        reshard_after_forward=True if version == 2 else "FULL_SHARD",
+        **extra,
+    )
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    refused = force_fsdp(accelerator, plugin)
+    if version == 1:
+        fsdp1_cpu_device_id()
+    net = TinyNet()
+    net.load_state_dict(init_state())
+    opt = CAdamW(groups(list(net.named_parameters())), scale=scale, **HYPER)
+    net, opt = accelerator.prepare(net, opt)
+    seen = (str(accelerator.distributed_type), accelerator.state.fsdp_plugin.fsdp_version)
+    mine = []
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        mine.append((x, y))
+        loss = F.mse_loss(net(x), y)
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    res = report(net, opt, gather_batches(mine))
+    res["refused_cpu_fsdp"] = refused
+    res["prepared_as"] = seen
+    res["wrapper"] = type(net).__name__
+    reset_accelerate()
+    return res
+
+
+# --- HF Trainer ---------------------------------------------------------------------------
+
+
+def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True) -> dict:
+    from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+
+    reset_accelerate()
+
+    class TinyConfig(PretrainedConfig):
+        model_type = "dc_tiny"
+
+    class TinyModel(PreTrainedModel):
+        config_class = TinyConfig
+        _no_split_modules = ["Block"]
+
+        def __init__(self, config: TinyConfig) -> None:
+            super().__init__(config)
+            self.net = TinyNet()
+            self.seen: list[tuple] = []
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.net.inp
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.net.out
+
+        def forward(self, x, labels=None):
+            if self.training:
+                self.seen.append((x.detach().clone(), labels.detach().clone()))
+            out = self.net(x)
+            return {"loss": F.mse_loss(out, labels), "logits": out}
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(7)
+            n = 2 * BATCH * STEPS
+            self.x, self.y = torch.randn(n, D_IN, generator=g), torch.randn(n, D_OUT, generator=g)
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    class CPUFSDPTrainer(Trainer):
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.refused_cpu_fsdp = force_fsdp(self.accelerator, plugin)
+            if fsdp_version == 1:
+                fsdp1_cpu_device_id()
+            self.is_fsdp_enabled = True
+
+    class CAdamWTrainer(CPUFSDPTrainer):
+        """The recipe: build CAdamW in create_optimizer (under FSDP2 on the unsharded model,
+        before Accelerate shards it and swaps DTensors in; under FSDP1 on the wrapped model)."""
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                m = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(m))
+                named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+                self.optimizer = CAdamW(
+                    [
+                        {"params": [p for n, p in named if n in decay], "weight_decay": WD},
+                        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+                    ],
+                    lr=self.args.learning_rate,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                )
+            return self.optimizer
+
+    model = TinyModel(TinyConfig())
+    model.net.load_state_dict(init_state())
+    fsdp_config: dict = {"fsdp_version": fsdp_version, "transformer_layer_cls_to_wrap": ["Block"]}
+    if fsdp_version == 1:
+        fsdp_config["use_orig_params"] = use_orig_params
+        fsdp_config["sync_module_states"] = False  # Accelerate refuses it on CPU (seeded init)
+    args = TrainingArguments(
+        output_dir=str(Path(os.environ["DC_OUT_DIR"]) / "hf_out"),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        learning_rate=HYPER["lr"],
+        adam_beta1=HYPER["betas"][0],
+        adam_beta2=HYPER["betas"][1],
+        adam_epsilon=HYPER["eps"],
+        weight_decay=WD,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,  # the Trainer clips at 1.0 by default; the reference does not clip
+        fsdp="full_shard",
+        fsdp_config=fsdp_config,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    kw: dict = {}
+    cls = CPUFSDPTrainer
+    if how == "optimizers":  # the Trainer refuses a ready optimizer under FSDP
+        try:
+            cls(
+                model=model,
+                args=args,
+                train_dataset=Data(),
+                optimizers=(CAdamW(model.parameters()), None),
+            )
+        except RuntimeError as e:
+            reset_accelerate()
+            return {"rejected": str(e)}
+        raise RuntimeError("the Trainer accepted optimizers=(...) under FSDP")
+    if how == "override":  # docs/integrations.md: create_optimizer builds CAdamW
+        cls = CAdamWTrainer
+    else:  # the Trainer builds it (its decay / no-decay groups, its lr, betas, eps)
+        # (the Trainer passes only the param groups: lr, betas and eps go in the kwargs)
+        kw["optimizer_cls_and_kwargs"] = (CAdamW, dict(HYPER))
+    trainer = cls(model=model, args=args, train_dataset=Data(), **kw)
+    decay_names = {clean(n) for n in trainer.get_decay_parameter_names(model)}
+    trainer.train()
+    res = report(trainer.model, trainer.optimizer, gather_batches(model.seen), decay_names)
+    res["refused_cpu_fsdp"] = trainer.refused_cpu_fsdp
+    res["wrapper"] = type(trainer.model).__name__
+    reset_accelerate()
+    return res
+
+
+# --- Lightning ----------------------------------------------------------------------------
+
+
+def sc_lightning(strategy_name: str) -> dict:
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    rank = dist.get_rank()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyNet()
+            self.net.load_state_dict(init_state())
+            self.seen: list[tuple] = []
+
+        def configure_model(self) -> None:
+            if strategy_name == "mp":  # FSDP2: the user shards in configure_model
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for b in self.net.blocks:
+                    fully_shard(b, mesh=mesh)
+                fully_shard(self.net, mesh=mesh)
+
+        def training_step(self, b, i):
+            x, y = b
+            self.seen.append((x.detach().clone(), y.detach().clone()))
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return CAdamW(groups(list(self.net.named_parameters())), **HYPER)
+
+    class Data(torch.utils.data.Dataset):  # this rank's batches, in order
+        def __len__(self) -> int:
+            return STEPS * BATCH
+
+        def __getitem__(self, i):
+            x, y = batch(i // BATCH, rank)
+            return x[i % BATCH], y[i % BATCH]
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning refuses ``type(strategy) is FSDPStrategy`` with accelerator="cpu";
+        a subclass is the same strategy past that check."""
+
+    if strategy_name == "fsdp":
+        fsdp1_cpu_device_id()
+        strategy = CPUFSDPStrategy(
+            auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", process_group_backend="gloo"
+        )
+    else:
+        strategy = ModelParallelStrategy(
+            data_parallel_size=dist.get_world_size(), tensor_parallel_size=1
+        )
+    module = Module()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=dist.get_world_size(),
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
+    trainer.fit(module, loader)
+    wrapped = trainer.strategy.model
+    res = report(wrapped, trainer.optimizers[0], gather_batches(module.seen))
+    res["wrapper"] = type(wrapped).__name__
+    return res
+
+
+SCENARIOS = {
+    "accel_fsdp2": lambda: sc_accel(2, "global"),
+    "accel_fsdp2_shard": lambda: sc_accel(2, "shard"),
+    "accel_fsdp1": lambda: sc_accel(1, "global"),
+    "trainer_fsdp2_optimizers": lambda: sc_trainer(2, "optimizers"),
+    "trainer_fsdp2_override": lambda: sc_trainer(2, "override"),
+    "trainer_fsdp1_override": lambda: sc_trainer(1, "override"),
+    "trainer_fsdp2_cls": lambda: sc_trainer(2, "cls"),
+    "trainer_fsdp1_orig": lambda: sc_trainer(1, "cls", use_orig_params=True),
+    "trainer_fsdp1_flat": lambda: sc_trainer(1, "cls", use_orig_params=False),
+    "lightning_fsdp": lambda: sc_lightning("fsdp"),
+    "lightning_mp": lambda: sc_lightning("mp"),
+}
+
+
+def main() -> None:
+    out, names = sys.argv[1], sys.argv[2:]
+    os.environ["DC_OUT_DIR"] = str(Path(out).parent)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results: dict = {}
+    for name in names:
+        try:
+            results[name] = SCENARIOS[name]()
+        except Exception as e:  # reported per scenario: the others still run
+            results[name] = {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1, sort_keys=True))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
