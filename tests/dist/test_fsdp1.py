@@ -1,7 +1,8 @@
 """CAdamW under FSDP1 (FullyShardedDataParallel), gloo on CPU, against independent references.
 
 Two torchrun launches (tests/dist/workers/fsdp1_worker.py): world 2 (FULL_SHARD,
-SHARD_GRAD_OP, NO_SHARD, scale="shard", unreadable metadata, host cost) and world 4
+SHARD_GRAD_OP, NO_SHARD, bf16 mixed precision, scale="shard", unreadable metadata, FSDP1's
+full optimizer state dict, host cost) and world 4
 (FULL_SHARD with uneven and empty shards, HYBRID_SHARD and _HYBRID_SHARD_ZERO2 2x2), each
 strategy with use_orig_params False and True and two param groups that differ in weight
 decay. The workers train 10 steps with a real backward, feed FSDP1's own gradients to
@@ -38,7 +39,7 @@ def _launch(nproc: int, out: Path, scenarios: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def w2(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp1_w2") / "out.json"
-    return _launch(2, out, ["strategies", "shard", "errors", "cost"])
+    return _launch(2, out, ["strategies", "shard", "errors", "ckpt", "cost"])
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,27 @@ def test_global_matches_single_process(world, strategy, uop, w2, w4):
     if strategy in HYBRID:
         assert r["handle_group"] == r["shard_group"] != r["replicate_group"], r
         assert r["all_reduce_groups"] == [r["shard_group"]], r
+
+
+@pytest.mark.parametrize("uop", [False, True])
+def test_bf16_mixed_precision(uop, w2):
+    """MixedPrecision(param_dtype=bf16, reduce_dtype=bf16): the optimizer steps fp32 shards
+    with fp32 gradients; single-process fp32 CAdamW fed the same gradients is matched."""
+    r = w2["strategies"][f"FULL_SHARD.bf16.uop={uop}"]
+    assert r["cadamw_param"] <= TOL and r["cadamw_delta"] <= TOL, r
+    _assert_counts(r, 1, [2])
+
+
+@pytest.mark.parametrize("uop", [False, True])
+def test_full_optim_state_dict_resume(uop, w2):
+    """FSDP.optim_state_dict after 5 steps, optim_state_dict_to_load into a fresh model and
+    CAdamW, 5 more steps: equal to 10 uninterrupted steps."""
+    r = w2["ckpt"][f"uop={uop}"]
+    assert r["resume_vs_straight"] <= 1e-7, r
+    assert r["saved_steps"] == [5.0], r
+    assert r["saved_tensors"] == sorted(
+        ["w35", "w17", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    )
 
 
 def test_uneven_and_empty_shards_really_happen(w2, w4):

@@ -24,7 +24,13 @@ from fsdp_common import HYPER, CollectiveCounter, gather_all, gather_max, setup
 from fsdp_worker import counts_summary
 from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    MixedPrecision,
+    ShardingStrategy,
+    StateDictType,
+)
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -123,10 +129,14 @@ class GroupReference:
         self.oracle.step([grads[n] for n in NAMES])
 
 
-def build(strategy: ShardingStrategy, uop: bool, world: int) -> nn.Module:
+def build(strategy: ShardingStrategy, uop: bool, world: int, mp: bool = False) -> nn.Module:
     torch.manual_seed(0)
     net = FNet()
     kw: dict = {}
+    if mp:  # bf16 compute and gradient reduction; the optimizer steps the fp32 shards
+        kw["mixed_precision"] = MixedPrecision(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16
+        )
     if strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
         kw["device_mesh"] = init_device_mesh(
             "cpu", (2, world // 2), mesh_dim_names=("rep", "shard")
@@ -172,10 +182,15 @@ def local_pieces(opt_params: list[Tensor]) -> list[tuple[int, int, int]]:
 
 
 def run_case(
-    strategy: ShardingStrategy, uop: bool, world: int, scale: str = "global", steps: int = STEPS
+    strategy: ShardingStrategy,
+    uop: bool,
+    world: int,
+    scale: str = "global",
+    steps: int = STEPS,
+    mp: bool = False,
 ) -> dict:
     rank = dist.get_rank()
-    model = build(strategy, uop, world)
+    model = build(strategy, uop, world, mp)
     init = full_params(model)
     groups, group_of = param_groups(model, uop)
     opt_params = [p for g in groups for p in g["params"]]
@@ -261,6 +276,55 @@ def sc_strategies(rank: int, world: int) -> dict:
     for st in strategies:
         for uop in (False, True):
             out[f"{st.name}.uop={uop}"] = run_case(st, uop, world)
+    if world == 2:
+        for uop in (False, True):
+            out[f"FULL_SHARD.bf16.uop={uop}"] = run_case(SS.FULL_SHARD, uop, world, mp=True)
+    return out
+
+
+def _train(model: nn.Module, opt: CAdamW, start: int, stop: int) -> None:
+    for s in range(start, stop):
+        x, y = batch(dist.get_rank(), s)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _fresh(uop: bool, world: int) -> tuple[nn.Module, CAdamW]:
+    model = build(SS.FULL_SHARD, uop, world)
+    groups, _ = param_groups(model, uop)
+    hyper = {k: v for k, v in HYPER.items() if k != "weight_decay"}
+    return model, CAdamW(groups, **hyper)
+
+
+def sc_ckpt(rank: int, world: int) -> dict:
+    """FSDP1's full optimizer state dict: 5 steps, save, load into a fresh model and
+    optimizer, 5 more steps == 10 uninterrupted steps."""
+    out = {}
+    cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    ocfg = FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    full = StateDictType.FULL_STATE_DICT
+    for uop in (False, True):
+        model, opt = _fresh(uop, world)
+        _train(model, opt, 0, STEPS)
+        ref = full_params(model)
+        model, opt = _fresh(uop, world)
+        _train(model, opt, 0, STEPS // 2)
+        with FSDP.state_dict_type(model, full, cfg, ocfg):
+            msd, osd = model.state_dict(), FSDP.optim_state_dict(model, opt)
+        steps_saved = sorted({float(v["step"]) for v in osd["state"].values()})
+        model, opt = _fresh(uop, world)
+        with FSDP.state_dict_type(model, full, cfg, ocfg):
+            model.load_state_dict(msd)
+            opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, osd))
+        _train(model, opt, STEPS // 2, STEPS)
+        fin = full_params(model)
+        out[f"uop={uop}"] = {
+            "resume_vs_straight": gather_max(max(rel_err(fin[n], ref[n]) for n in NAMES)),
+            "saved_steps": steps_saved,
+            "saved_tensors": sorted(osd["state"]),
+        }
+        del model, opt
     return out
 
 
@@ -376,6 +440,7 @@ SCENARIOS = {
     "strategies": sc_strategies,
     "shard": sc_shard,
     "errors": sc_errors,
+    "ckpt": sc_ckpt,
     "cost": sc_cost,
 }
 
