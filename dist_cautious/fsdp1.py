@@ -298,7 +298,10 @@ def _build(o: _Owner, p: Tensor) -> ParamLayout | None:
     if not sharded:  # NO_SHARD: the original parameter, whole, in its own shape
         shape = tuple(h.flat_param._shapes[o.index])
         if tuple(p.shape) != shape:
-            raise _fail(where, f"NO_SHARD parameter has shape {tuple(p.shape)}, not {shape}")
+            raise RuntimeError(
+                f"{where}: the NO_SHARD parameter has shape {tuple(p.shape)}, not its original "
+                f"{shape}; {_STALE}"
+            )
         return None
     # use_orig_params=True: the tensor is this rank's fragment of one original tensor
     one = Fragment(f.index, f.numel, f.lp_start, 0, f.length)
