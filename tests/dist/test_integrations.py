@@ -36,26 +36,34 @@ def _have(*mods: str) -> bool:
 
 HF = _have("transformers", "accelerate")
 LIGHTNING = _have("lightning")
+TITAN = _have("torchtitan")  # not on PyPI: runs where a torchtitan checkout is importable
 FSDP1 = _have("dist_cautious.fsdp1")  # FSDP1 flat layouts (issue 9); per-shard factors before
 
 SCENARIOS = (
-    [
-        "accel_fsdp2",
-        "accel_fsdp2_shard",
-        "accel_fsdp1",
-        "trainer_fsdp2_optimizers",
-        "trainer_fsdp2_override",
-        "trainer_fsdp2_cls",
-        "trainer_fsdp1_override",
-        "trainer_fsdp1_orig",
-        "trainer_fsdp1_flat",
-    ]
-    if HF
-    else []
-) + (["lightning_fsdp", "lightning_mp"] if LIGHTNING else [])
+    (
+        [
+            "accel_fsdp2",
+            "accel_fsdp2_shard",
+            "accel_fsdp1",
+            "trainer_fsdp2_optimizers",
+            "trainer_fsdp2_override",
+            "trainer_fsdp2_cls",
+            "trainer_fsdp1_override",
+            "trainer_fsdp1_orig",
+            "trainer_fsdp1_flat",
+        ]
+        if HF
+        else []
+    )
+    + (["lightning_fsdp", "lightning_mp"] if LIGHTNING else [])
+    + (["titan_fsdp2"] if TITAN else [])
+)
 
 needs_hf = pytest.mark.skipif(not HF, reason="transformers / accelerate not installed")
 needs_lightning = pytest.mark.skipif(not LIGHTNING, reason="lightning not installed")
+needs_titan = pytest.mark.skipif(
+    not TITAN, reason="torchtitan not importable (not on PyPI; see docs/integrations.md)"
+)
 
 
 def _fsdp1() -> None:
@@ -154,3 +162,12 @@ def test_lightning_fsdp_strategy(results):
 def test_lightning_model_parallel_strategy(results):
     """Lightning ModelParallelStrategy (FSDP2: fully_shard in configure_model)."""
     _exact(results["lightning_mp"], "DTensor")
+
+
+@needs_titan
+def test_torchtitan_optimizers_container(results):
+    """torchtitan's OptimizersContainer (built after fully_shard) with a "CAdamW" factory,
+    two ParamGroupConfigs; its flat FQN-keyed state dict holds every tensor's exp_avg."""
+    r = results["titan_fsdp2"]
+    _exact(r, "DTensor")
+    assert r["n_optimizers"] == 1 and r["state_keys"] == 13, r

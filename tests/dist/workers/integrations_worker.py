@@ -502,6 +502,70 @@ def sc_lightning(strategy_name: str) -> dict:
     return res
 
 
+# --- torchtitan ---------------------------------------------------------------------------
+
+
+def cadamw_container():
+    """docs/integrations.md's torchtitan recipe: an OptimizersContainer that also knows
+    "CAdamW" (torchtitan builds it after fully_shard, from ``config.optimizer.build``)."""
+    from dataclasses import dataclass
+
+    from torchtitan.components.optimizer import OptimizersContainer
+
+    class CAdamWOptimizersContainer(OptimizersContainer):
+        @dataclass(kw_only=True, slots=True)
+        class Config(OptimizersContainer.Config):
+            implementation: str = "for-loop"  # CAdamW picks its own backend
+
+        @staticmethod
+        def _resolve_optimizer_factory(name: str):
+            if name == "CAdamW":
+                return CAdamW
+            return OptimizersContainer._resolve_optimizer_factory(name)
+
+    return CAdamWOptimizersContainer
+
+
+def sc_titan() -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    rank = dist.get_rank()
+    net = TinyNet()
+    net.load_state_dict(init_state())
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for b in net.blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    kw = dict(HYPER)
+    config = cadamw_container().Config(
+        param_groups=[  # first match wins: the no-decay split of ``groups``
+            ParamGroupConfig(
+                pattern=r"(bias$|\.norm\.|^gain$)",
+                optimizer_name="CAdamW",
+                optimizer_kwargs={**kw, "weight_decay": 0.0},
+            ),
+            ParamGroupConfig(
+                pattern=r".*", optimizer_name="CAdamW", optimizer_kwargs={**kw, "weight_decay": WD}
+            ),
+        ]
+    )
+    opts = config.build(model_parts=[net])
+    mine = []
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        mine.append((x, y))
+        F.mse_loss(net(x), y).backward()
+        opts.step()
+        opts.zero_grad()
+    res = report(net, opts.optimizers[0], gather_batches(mine))
+    sd = opts.state_dict()  # torchtitan's flat, FQN-keyed optimizer state (for DCP)
+    res["n_optimizers"] = len(opts.optimizers)
+    res["state_keys"] = sum(1 for k in sd if k.startswith("state.") and k.endswith("exp_avg"))
+    return res
+
+
 SCENARIOS = {
     "accel_fsdp2": lambda: sc_accel(2, "global"),
     "accel_fsdp2_shard": lambda: sc_accel(2, "shard"),
@@ -514,6 +578,7 @@ SCENARIOS = {
     "trainer_fsdp1_flat": lambda: sc_trainer(1, "cls", use_orig_params=False),
     "lightning_fsdp": lambda: sc_lightning("fsdp"),
     "lightning_mp": lambda: sc_lightning("mp"),
+    "titan_fsdp2": sc_titan,
 }
 
 
