@@ -39,6 +39,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -313,6 +315,15 @@ def attach(engine: Any, *, verify: bool = True) -> CAdamW:
     ``NotImplementedError`` for wrappers or options this adapter does not support.
     """
     parent, opt = _find(engine)
+    cfg = getattr(engine, "_config", None)  # a DeepSpeedEngine's parsed config
+    name = getattr(cfg, "optimizer_name", None)
+    if name is not None:
+        raise ValueError(
+            f"the DeepSpeed config has an 'optimizer' section (type {name!r}) next to the client "
+            "CAdamW: DeepSpeed then steps CAdamW with CAdamW's own lr while its config (and "
+            "its LR scheduler) report another. Remove the 'optimizer' section; set lr and "
+            "betas on CAdamW(...) (dist_cautious.deepspeed.config() checks this for you)"
+        )
     kinds = _wrapper_types()
     if parent is not None:
         why = _unsupported(parent, kinds)
@@ -434,8 +445,13 @@ def check_config(cfg: dict) -> None:
                 "remove it"
             )
     clip = cfg.get("gradient_clipping", 0.0)
+    if clip == "auto":  # filled in by the HF Trainer (from TrainingArguments.max_grad_norm)
+        return
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
-        raise ValueError(f"gradient_clipping={clip!r}; use a float >= 0 (0.0 disables clipping)")
+        raise ValueError(
+            f"gradient_clipping={clip!r}; use a float >= 0 (0.0 disables clipping), or "
+            "'auto' when the HF Trainer fills the config (it uses max_grad_norm, default 1.0)"
+        )
 
 
 def config(base: dict | None = None, **overrides: Any) -> dict:
@@ -446,7 +462,8 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
 
     * ``"zero_allow_untested_optimizer": True`` is set (DeepSpeed refuses client
       optimizers under ZeRO without it);
-    * ``"gradient_clipping": 0.0`` is set unless given. DeepSpeed (0.19) clips at 1.0 when
+    * ``"gradient_clipping": 0.0`` is set unless given (``"auto"`` is kept for the HF
+      Trainer, which replaces it by ``TrainingArguments.max_grad_norm``). DeepSpeed (0.19) clips at 1.0 when
       the key is absent; we default to no clipping so that the result equals plain
       single-GPU C-AdamW, as ``torch.optim`` does. Set it explicitly to clip: C-AdamW then
       sees the clipped gradient, like any optimizer.
@@ -502,7 +519,7 @@ def _skip_construction_steps(opt: CAdamW) -> Iterator[dict]:
 def initialize(*args: Any, **kwargs: Any) -> Any:
     """``deepspeed.initialize(*args, **kwargs)`` followed by :func:`attach` on the engine.
 
-    A dict ``config`` / ``config_params`` is checked first (:func:`check_config`); the
+    A ``config`` / ``config_params`` (a dict or a JSON file path) is checked first (:func:`check_config`); the
     optimizer must be a :class:`~dist_cautious.CAdamW` (or a callable returning one).
     Optimizer steps that DeepSpeed takes while it builds its wrapper (the fp16/bf16
     wrapper without ZeRO steps once with zero gradients) are skipped, so training starts
@@ -515,6 +532,9 @@ def initialize(*args: Any, **kwargs: Any) -> Any:
 
     for key in ("config", "config_params"):
         cfg = kwargs.get(key)
+        if isinstance(cfg, (str, os.PathLike)):  # a JSON file, as deepspeed.initialize takes
+            with open(cfg) as f:
+                cfg = json.load(f)
         if isinstance(cfg, dict):
             check_config(cfg)
     opt = kwargs.get("optimizer")
