@@ -405,7 +405,8 @@ class CAdamW(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_given_params"] = list(self._given.values())
+        # a tensor with a registered layout is only known through it (pickle drops layouts)
+        state["_given_params"] = [p for i, p in self._given.items() if i not in self._layouts]
         state["_registered"] = _Registered(
             [(self._layout_params[i], layout) for i, layout in self._layouts.items()]
         )

@@ -330,3 +330,29 @@ def test_two_group_foreach_step_computes_the_mask_once_per_bucket(monkeypatch):
         calls.clear()
         step_with(opt, params, s)
         assert len(calls) == 2, (s, len(calls))
+
+
+def test_copies_of_an_optimizer_with_a_registered_flat_layout():
+    """deepcopy keeps an adapter's layout (the copy steps per original tensor, like the
+    original); pickle cannot carry it (process groups), so the unpickled copy refuses to step
+    the flat tensor instead of computing a per-partition factor."""
+    from dist_cautious.flat import FlatLayout, Fragment
+
+    torch.manual_seed(0)
+    flat = torch.nn.Parameter(torch.randn(22))
+    opt = CAdamW([flat], lr=1e-2)
+    opt.register_layout(
+        flat, FlatLayout([Fragment(0, 15, 0, 0, 15), Fragment(1, 7, 0, 15, 7)], None, 22, "test")
+    )
+    flat2, opt2 = copy.deepcopy((flat, opt))
+    flat3, opt3 = pickle.loads(pickle.dumps((flat, opt)))
+    for s in range(3):
+        g = torch.randn(22) + 0.3 * s
+        for f in (flat, flat2, flat3):
+            f.grad = g.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(flat, flat2)
+    assert opt2._layouts[id(flat2)] is opt._layouts[id(flat)]
+    with pytest.raises(RuntimeError, match="asked to step a tensor it was never given"):
+        opt3.step()
