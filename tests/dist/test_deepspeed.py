@@ -64,6 +64,9 @@ W2 = [
     "z3.shard.fp32",
     "z3.global.bf16",
     "z3.global.fp32.offp.ckpt",
+    # per-group scale: decay group global, no-decay group shard
+    "z2.mixed.fp32",
+    "z3.mixed.fp32",
     # plain deepspeed.initialize without the adapter
     "z0.bf16.forgot",
     "z0.forgot",
@@ -139,10 +142,15 @@ def _check(r: dict) -> None:
     # one all-reduce per step call (per process group), none for shard or without ZeRO
     if stage == 0 or r["spec"].count("shard"):
         assert r["allreduces_per_call"] == [0], (spec, r["allreduces_per_call"])
+    elif "mixed" in tok:  # a call per group: the global group's one all-reduce, none for shard
+        assert r["allreduces_per_call"] == [0, 1], (spec, r["allreduces_per_call"])
     elif wrapper == "BF16_Optimizer" and "moe" in tok:
         assert r["allreduces_per_call"] == [2], r  # dense dp group + expert dp group
     else:
         assert r["allreduces_per_call"] == [1], (spec, r["allreduces_per_call"])
+    # the one-time cross-rank agreement check: once per step-call layout and group, not per step
+    n_groups = 2 if (wrapper == "BF16_Optimizer" and "moe" in tok) else 1
+    assert r["agreement_checks"] <= (0 if stage == 0 or "shard" in spec else per_step * n_groups), r
     # global and shard differ on the tensors that straddle a partition cut
     if stage > 0:
         assert r["other_mode_max_diff"] >= DIFFERS, (spec, r["other_mode_max_diff"])
@@ -313,6 +321,33 @@ def test_attach_errors():
     ]  # an unknown wrapper did this
     with pytest.raises(NotImplementedError, match="does not know how to map"):
         dc_ds.attach(SimpleNamespace(optimizer=opt))
+
+
+def test_attach_refuses_an_engine_with_an_optimizer_section():
+    """deepspeed.initialize(config={"optimizer": ...}, optimizer=CAdamW) then attach: DeepSpeed
+    would step CAdamW with its own lr while its config reports another (issue 10, item 6)."""
+    opt = CAdamW([torch.nn.Parameter(torch.randn(3))])
+    engine = SimpleNamespace(optimizer=opt, _config=SimpleNamespace(optimizer_name="adamw"))
+    with pytest.raises(ValueError, match="'optimizer' section \\(type 'adamw'\\)"):
+        dc_ds.attach(engine)
+    engine._config.optimizer_name = None  # no section: fine
+    assert dc_ds.attach(engine) is opt
+
+
+def test_initialize_checks_a_json_config_file(tmp_path):
+    pytest.importorskip("deepspeed")
+    path = tmp_path / "ds.json"
+    path.write_text('{"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}')
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="'optimizer' section"):
+        dc_ds.initialize(model=None, optimizer=CAdamW([p]), config=str(path))
+
+
+def test_gradient_clipping_auto_is_left_for_the_hf_trainer():
+    cfg = dc_ds.config({"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"})
+    assert cfg["gradient_clipping"] == "auto"
+    with pytest.raises(ValueError, match="gradient_clipping='sometimes'"):
+        dc_ds.config(gradient_clipping="sometimes")
 
 
 def test_initialize_rejects_other_optimizers():
