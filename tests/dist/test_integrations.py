@@ -37,7 +37,6 @@ def _have(*mods: str) -> bool:
 HF = _have("transformers", "accelerate")
 LIGHTNING = _have("lightning")
 TITAN = _have("torchtitan")  # not on PyPI: runs where a torchtitan checkout is importable
-FSDP1 = _have("dist_cautious.fsdp1")  # FSDP1 flat layouts (issue 9); per-shard factors before
 
 SCENARIOS = (
     (
@@ -64,11 +63,6 @@ needs_lightning = pytest.mark.skipif(not LIGHTNING, reason="lightning not instal
 needs_titan = pytest.mark.skipif(
     not TITAN, reason="torchtitan not importable (not on PyPI; see docs/integrations.md)"
 )
-
-
-def _fsdp1() -> None:
-    if not FSDP1:
-        pytest.xfail("dist_cautious.fsdp1 (FSDP1 flat layouts) has not landed: per-shard factors")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +107,6 @@ def test_accelerate_fsdp2_shard_scale_differs(results):
 @needs_hf
 def test_accelerate_fsdp1_prepare(results):
     """FSDP1, use_orig_params=True, optimizer built before prepare (Accelerate keeps it)."""
-    _fsdp1()
     r = results["accel_fsdp1"]
     _exact(r, "Parameter")
     assert r["prepared_as"] == ["DistributedType.FSDP", 1] and r["wrapper"] == (
@@ -142,17 +135,18 @@ def test_trainer_fsdp2(results, how):
 @pytest.mark.parametrize("how", ["override", "orig", "flat"])
 def test_trainer_fsdp1(results, how):
     """Trainer(fsdp_config={"fsdp_version": 1}), use_orig_params True (override, cls) and
-    False (flat: one FlatParameter per wrapped Block)."""
-    _fsdp1()
+    False (flat: one FlatParameter per wrapped Block and one for the root)."""
     r = results[f"trainer_fsdp1_{how}"]
     _exact(r, "Parameter")
     assert r["wrapper"] == "FullyShardedDataParallel", r
+    # The Trainer's decay / no-decay split goes by name: 5 decayed tensors, 8 biases and
+    # norms; with FlatParameters ("..._flat_param") everything lands in the decay group.
+    assert r["group_sizes"] == ([3] if how == "flat" else [5, 8]), r
 
 
 @needs_lightning
 def test_lightning_fsdp_strategy(results):
     """Lightning FSDPStrategy (FSDP1, use_orig_params=True), CAdamW in configure_optimizers."""
-    _fsdp1()
     r = results["lightning_fsdp"]
     _exact(r, "Parameter")
     assert r["wrapper"] == "FullyShardedDataParallel", r

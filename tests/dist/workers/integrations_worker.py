@@ -420,7 +420,16 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True) -> dic
     trainer = cls(model=model, args=args, train_dataset=Data(), **kw)
     decay_names = {clean(n) for n in trainer.get_decay_parameter_names(model)}
     trainer.train()
+    c = inner(trainer.optimizer)
+    sizes = [len(g["params"]) for g in c.param_groups if g["params"]]
+    if not use_orig_params:
+        # The Trainer splits decay / no-decay by parameter *name*; with FlatParameters the
+        # names are "..._flat_param", so every FlatParameter (biases and norms included)
+        # lands in the decay group. That is the Trainer's grouping, not CAdamW's: the
+        # reference decays every tensor too.
+        decay_names = set(init_state())  # every parameter name (TinyNet has no buffers)
     res = report(trainer.model, trainer.optimizer, gather_batches(model.seen), decay_names)
+    res["group_sizes"] = sizes
     res["refused_cpu_fsdp"] = trainer.refused_cpu_fsdp
     res["wrapper"] = type(trainer.model).__name__
     reset_accelerate()
