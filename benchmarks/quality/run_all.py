@@ -26,6 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,7 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--force", action="store_true", help="rerun runs that already exist")
     p.add_argument("--analyze-only", action="store_true", help="only (re)write the summary")
+    p.add_argument(
+        "--library-rev",
+        default="HEAD",
+        help="git revision whose dist_cautious/ and launch/model.py the runs use, exported to a "
+        "temporary directory (default HEAD); 'worktree' uses the checkout as it is",
+    )
     return p
+
+
+def export_library(rev: str, dest: Path) -> str:
+    """Export ``dist_cautious/`` and ``launch/`` of ``rev`` into ``dest``; returns the sha."""
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", sha, "dist_cautious", "launch"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, timeout=120, check=True)
+    return sha
 
 
 def one_run(cfg: tuple[str, str, int], seed: int, args: argparse.Namespace) -> dict:
@@ -79,7 +105,7 @@ def one_run(cfg: tuple[str, str, int], seed: int, args: argparse.Namespace) -> d
         cmd += ["--steps", str(args.steps)]
     if os.name == "posix":
         cmd = ["nice", "-n", "19", *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **args.lib_env)
     log = args.out / "runs" / f"{name}.log"
     t0 = time.time()
     with log.open("w") as f:
@@ -103,17 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     if len(seeds) < 1:
         raise SystemExit("--seeds: give at least one seed")
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    args.lib_env = {}
+    tmp = None
+    if not args.analyze_only and args.library_rev != "worktree":
+        tmp = tempfile.TemporaryDirectory(prefix="quality_lib_")
+        sha = export_library(args.library_rev, Path(tmp.name))
+        args.lib_env = {"QUALITY_LIB_ROOT": tmp.name, "QUALITY_LIB_REV": sha}
+        print(f"run_all: dist_cautious and launch/ from {args.library_rev} = {sha}", flush=True)
     if not args.analyze_only:
-        (args.out / "command.txt").write_text(command + "\n")
+        (args.out / "command.txt").write_text(
+            command + f"\n# library: {args.lib_env.get('QUALITY_LIB_REV', 'worktree')}\n"
+        )
         jobs = [(cfg, s) for s in seeds for cfg in CONFIGS]  # seed-major: partial tables balance
         t0 = time.time()
         with ThreadPoolExecutor(max(1, args.jobs)) as ex:
             results = list(ex.map(lambda j: one_run(j[0], j[1], args), jobs))
         status = {"command": command, "wall_s": round(time.time() - t0, 1), "runs": results}
+        status["library_rev"] = args.lib_env.get("QUALITY_LIB_REV", "worktree")
         (args.out / "runs_status.json").write_text(json.dumps(status, indent=1))
         failed = [r for r in results if r["status"] not in ("ok", "kept")]
         if failed:
             print(f"run_all: {len(failed)} run(s) failed: {failed}", file=sys.stderr)
+    if tmp is not None:
+        tmp.cleanup()
     sys.path.insert(0, str(HERE))
     from analyze import analyze
 

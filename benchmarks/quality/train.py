@@ -40,7 +40,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-for p in (str(HERE), str(ROOT / "launch"), str(ROOT)):
+# Where dist_cautious/ and launch/model.py come from: this checkout, or a frozen export of a
+# commit (run_all.py sets QUALITY_LIB_ROOT so that a table is one library version even while
+# the checkout changes under it).
+LIB_ROOT = Path(os.environ.get("QUALITY_LIB_ROOT", str(ROOT))).resolve()
+for p in (str(LIB_ROOT), str(LIB_ROOT / "launch"), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
@@ -229,6 +233,20 @@ def factor(kept: Any, n: Any) -> Any:
     import torch
 
     return n / torch.maximum(kept, CLAMP * n)
+
+
+def library_info() -> dict[str, Any]:
+    import model
+
+    info: dict[str, Any] = {"lib_root": str(LIB_ROOT), "model_py": model.__file__}
+    info["rev"] = os.environ.get("QUALITY_LIB_REV")
+    try:
+        import dist_cautious
+
+        info["dist_cautious"] = dist_cautious.__file__
+    except ImportError:
+        pass
+    return info
 
 
 # ----------------------------------------------------------------------------- worker
@@ -472,6 +490,7 @@ def worker(args: argparse.Namespace) -> None:
             torch=torch.__version__,
             device=str(device) if not use_cuda else torch.cuda.get_device_name(device),
             corpus=corpus_desc,
+            library=library_info(),
             wall_s=round(time.time() - t0, 1),
             final_val_loss=val_loss,
         )
