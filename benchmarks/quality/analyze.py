@@ -123,14 +123,19 @@ def shard_blocks(rows: int, world: int) -> list[tuple[int, int]]:
     return [(min(r * c, rows), min((r + 1) * c, rows)) for r in range(world)]
 
 
-def virtual_shards(rd: dict[str, Any], include_embed: bool = False) -> list[dict[str, Any]]:
+def tensor_kind(name: str, shape: tuple[int, int]) -> str:
+    if name.startswith("embed"):
+        return "embed"
+    return "norm" if shape[1] == 1 else "matrix"
+
+
+def virtual_shards(rd: dict[str, Any]) -> list[dict[str, Any]]:
     """Per (snapshot, tensor, virtual world W, shard): shard size and log(f_shard / f_tensor)."""
     out = []
     for si, step in enumerate(rd["steps"]):
         counts = rd["rows"][si]
         for ti, (name, shape) in enumerate(zip(rd["names"], rd["shapes"])):
-            if name.startswith("embed") and not include_embed:
-                continue
+            kind = tensor_kind(name, shape)
             rows, cols = shape
             per_row = counts[rd["offs"][ti] : rd["offs"][ti + 1]].astype(np.float64)
             f_t = per_row.sum() / (rows * cols)
@@ -147,6 +152,7 @@ def virtual_shards(rd: dict[str, Any], include_embed: bool = False) -> list[dict
                         {
                             "step": int(step),
                             "tensor": name,
+                            "kind": kind,
                             "world": w,
                             "n": n,
                             "f_t": f_t,
@@ -389,8 +395,7 @@ def analyze(
 
     # shard-factor deviation: virtual Shard(0) blocks of the gathered per-row mask counts
     pts: list[dict[str, Any]] = []
-    pts_embed: list[dict[str, Any]] = []
-    measured_real: dict[str, Any] = {}
+    own: dict[int, list[dict[str, Any]]] = {}
     for cfg in configs:
         for seed in sorted(runs[cfg]):
             rd = load_rows(runs_dir / f"{run_name(*cfg, seed)}.rows.npz")
@@ -398,35 +403,41 @@ def analyze(
                 continue
             vp = virtual_shards(rd)
             pts += vp
-            pts_embed += [
-                p for p in virtual_shards(rd, include_embed=True) if p["tensor"] == "embed.weight"
-            ]
-            if cfg[2] > 1:  # the run's own sharding, from its snapshots
-                mine = [p for p in vp if p["world"] == cfg[2]]
-                measured_real.setdefault(label(cfg), []).extend(mine)
-    fit = fit_shard_deviation(pts)
+            if cfg[2] > 1:  # the shard run's own sharding, from its snapshots
+                own.setdefault(cfg[2], []).extend(p for p in vp if p["world"] == cfg[2])
+
+    def dev_stats(sel: list[dict[str, Any]]) -> dict[str, Any]:
+        a = np.array([p["logfactor"] for p in sel if p["f"] > 0])
+        if a.size == 0:
+            return {"points": 0}
+        return {
+            "points": int(a.size),
+            "zero_kept_shards": int(sum(1 for p in sel if p["f"] == 0)),
+            "n_min": int(min(p["n"] for p in sel)),
+            "n_max": int(max(p["n"] for p in sel)),
+            "rms_logfactor": float(np.sqrt(np.mean(a**2))),
+            "p99_abs_logfactor": float(np.quantile(np.abs(a), 0.99)),
+            "max_abs_logfactor": float(np.abs(a).max()),
+        }
+
+    by_world: dict[str, Any] = {}
+    for kind in ("matrix", "norm", "embed"):
+        ws = sorted({p["world"] for p in pts if p["kind"] == kind})
+        by_world[kind] = {
+            str(w): dev_stats([p for p in pts if p["kind"] == kind and p["world"] == w])
+            for w in ws
+            if w <= 256
+        }
+    summary["shard_factor_by_world"] = by_world
+    summary["shard_factor_own_runs"] = {
+        str(w): {
+            k: dev_stats([p for p in v if p["kind"] == k]) for k in ("matrix", "norm", "embed")
+        }
+        for w, v in own.items()
+    }
+    fit = fit_shard_deviation([p for p in pts if p["kind"] == "matrix"])
     summary["shard_factor_fit"] = fit
     summary["shard_factor_extrapolation"] = extrapolate(fit)
-    summary["shard_factor_real_snapshots"] = {
-        k: {
-            "rms_logfactor": float(np.sqrt(np.mean([p["logfactor"] ** 2 for p in v]))),
-            "max_abs_logfactor": float(np.max([abs(p["logfactor"]) for p in v])),
-            "points": len(v),
-        }
-        for k, v in measured_real.items()
-        if v
-    }
-    if pts_embed:
-        by_w = {}
-        for w in (2, 4, 8, 16):
-            sel = [p for p in pts_embed if p["world"] == w]
-            if sel:
-                by_w[str(w)] = {
-                    "max_abs_logfactor": float(max(abs(p["logfactor"]) for p in sel)),
-                    "rms_logfactor": float(np.sqrt(np.mean([p["logfactor"] ** 2 for p in sel]))),
-                    "min_shard_kept_fraction": float(min(p["f"] for p in sel)),
-                }
-        summary["embedding_shards"] = by_w
 
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary, fixed))
@@ -533,8 +544,8 @@ def markdown(s: dict[str, Any], fixed: list[int]) -> str:
             "## Shard-size model and extrapolation",
             "",
             "Every run's per-row mask counts at its snapshots are cut into the Shard(0) row "
-            "blocks of W = 2, 4, ..., rows virtual ranks (embedding excluded: its rows are "
-            "tokens, see below). RMS of log(alpha_shard/alpha_global) by shard size n, fit "
+            "blocks of W = 2, 4, ..., rows virtual ranks (2-D weights but the embedding, whose "
+            "rows are tokens, see below). RMS of log(alpha_shard/alpha_global) by shard size n, fit "
             f"rms = c n^-gamma: c = {fit['fit']['c']:.3g}, gamma = {fit['fit']['gamma']:.3f} "
             f"(independent elements would give gamma = 0.5); measured n from "
             f"{fit['n_range'][0]:.0f} to {fit['n_range'][1]:.0f}.",
@@ -567,20 +578,33 @@ def markdown(s: dict[str, Any], fixed: list[int]) -> str:
                 f"| {e['model']} | {e['tensor']} | {e['world']} | {e['rows_per_shard']} | "
                 f"{e['shard_elements']:,} | {e['empty_shards']} | {pred} |"
             )
-    if s.get("embedding_shards"):
+    bw = s.get("shard_factor_by_world", {})
+    if bw:
         L += [
             "",
-            "Embedding (rows = byte values; bytes absent from a step's batch have zero gradient "
-            "rows, masked out): deviation of its Shard(0) blocks",
+            "### Shard factor vs world size (Shard(0) row blocks of the snapshots)",
             "",
-            "| W | rms logfactor | max abs logfactor | lowest shard kept fraction |",
-            "|---|---|---|---|",
+            "|log(alpha_shard / alpha_global)| per shard, over every run's snapshots (virtual "
+            "worlds), and in brackets over the shard@W runs' own snapshots where W is 2 or 4. "
+            "`matrix`: all 2-D weights but the embedding; `norm`: RMSNorm gains (1-D); `embed`: "
+            "the embedding (rows = byte values; bytes absent from a batch give zero-gradient "
+            "rows, which the mask drops).",
+            "",
+            "| tensors | W | elements/shard | rms | p99 | max | shards keeping nothing |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for w, d in s["embedding_shards"].items():
-            L.append(
-                f"| {w} | {d['rms_logfactor']:.3f} | {d['max_abs_logfactor']:.3f} | "
-                f"{d['min_shard_kept_fraction']:.4f} |"
-            )
+        own = s.get("shard_factor_own_runs", {})
+        for kind, tab in bw.items():
+            for w, d in tab.items():
+                if not d.get("points"):
+                    continue
+                o = own.get(w, {}).get(kind)
+                extra = f" ({o['rms_logfactor']:.4f})" if o and o.get("points") else ""
+                L.append(
+                    f"| {kind} | {w} | {d['n_min']}-{d['n_max']} | {d['rms_logfactor']:.4f}{extra} | "
+                    f"{d['p99_abs_logfactor']:.4f} | {d['max_abs_logfactor']:.4f} | "
+                    f"{d['zero_kept_shards']} |"
+                )
     L += ["", "Runs (wall seconds on a shared 2-core CPU, nice 19; not a speed figure):", ""]
     L += [f"- `{k}`: {v['wall_s']} s" for k, v in sorted(s["runs"].items())]
     return "\n".join(L) + "\n"
