@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious import deepspeed as dc_ds  # noqa: E402
+from tests.oracle import rel_err  # noqa: E402
 
 MAX_STEPS = 4
 
@@ -38,8 +39,11 @@ class Net(nn.Module):
         super().__init__()
         self.l1 = nn.Linear(13, 17)
         self.l2 = nn.Linear(17, 5)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # training micro-batches
 
     def forward(self, x, labels=None):
+        if self.training:
+            self.seen.append((x.detach().clone(), labels.detach().clone()))
         out = self.l2(torch.tanh(self.l1(x)))
         return {"loss": F.mse_loss(out, labels), "logits": out}
 
@@ -92,6 +96,30 @@ class AttachCAdamW(TrainerCallback):
 # -----------------------------------------------------------------------------------------
 
 
+def reference(init: dict, decay: set[str], micro: list[list[tuple]], gas: int) -> dict:
+    """Single-process CAdamW replaying every rank's micro-batches: per optimizer step the
+    loss is the mean over ranks and accumulation steps (what DeepSpeed averages)."""
+    net = Net()
+    net.load_state_dict(init)
+    named = list(net.named_parameters())
+    opt = CAdamW(
+        [
+            {"params": [p for n, p in named if n in decay], "weight_decay": 0.1},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        backend="foreach",
+    )
+    for s in range(len(micro[0]) // gas):
+        batches = [b for per_rank in micro for b in per_rank[s * gas : (s + 1) * gas]]
+        (sum(net(x, y)["loss"] for x, y in batches) / len(batches)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in named}
+
+
 def main() -> None:
     out, stage = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
@@ -117,10 +145,21 @@ def main() -> None:
         save_strategy="no",
         disable_tqdm=True,
     )
+    model = Net()
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = CAdamWTrainer(
-        model=Net(), args=args, train_dataset=Data(), callbacks=[AttachCAdamW()]
+        model=model, args=args, train_dataset=Data(), callbacks=[AttachCAdamW()]
     )
+    decay = set(trainer.get_decay_parameter_names(model))
     trainer.train()
+    import deepspeed
+
+    engine = trainer.model_wrapped
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # ZeRO-3
+        got = {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
+    micro: list = [None] * dist.get_world_size()
+    dist.all_gather_object(micro, [(x.tolist(), y.tolist()) for x, y in model.seen])
+    micro = [[(torch.tensor(x), torch.tensor(y)) for x, y in r] for r in micro]
     chain, o = [], trainer.optimizer
     while not isinstance(o, CAdamW):
         chain.append(type(o).__name__)
@@ -130,7 +169,12 @@ def main() -> None:
         "layouts": len(o._layouts),
         "state_steps": sorted({int(s["step"]) for s in o.state.values()}),
         "kept_fraction": o.kept_fraction,
+        "micro_batches": [len(r) for r in micro],
     }
+    if dist.get_rank() == 0:
+        ref = reference(init, decay, micro, args.gradient_accumulation_steps)
+        res["param"] = max(rel_err(got[n], ref[n]) for n in ref)
+        res["delta"] = max(rel_err(got[n] - init[n], ref[n] - init[n]) for n in ref)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(res))
     dist.barrier()  # gloo: every rank here before the group goes (else SIGABRT at exit)
