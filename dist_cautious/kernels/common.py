@@ -20,6 +20,7 @@ class UpdateHyper:
     step: int
     beta1: float
     maximize: bool = False
+    cautious_wd: bool = False  # decay only where m_new * p >= 0 (see reference.update_pass)
 
     @property
     def step_size(self) -> float:
@@ -55,3 +56,33 @@ def cautious_factor(
     else:  # validated by the optimizer; kept for direct callers
         raise ValueError(f"unknown cautious formula {formula!r}; use 'clamp' or 'paper'")
     return torch.where(n > 0, alpha, torch.ones_like(alpha)).to(dtype)
+
+
+@dataclass(frozen=True)
+class LionHyper:
+    """Scalars of one C-Lion call (one param group): see :mod:`.lion` for the math."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    maximize: bool = False
+    cautious_wd: bool = False
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    """Scalars of one cautious SGD-momentum call (one param group): see :mod:`.sgd`.
+
+    ``first_step``: the momentum buffers are fresh (torch's ``momentum_buffer`` is None):
+    they are set to the (decayed) gradient instead of being averaged into.
+    """
+
+    lr: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+    first_step: bool
+    maximize: bool = False
+    cautious_wd: bool = False

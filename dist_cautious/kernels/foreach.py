@@ -73,6 +73,16 @@ def _fingerprint(grads: list[Tensor], exp_avgs: list[Tensor]) -> tuple:
     )
 
 
+def decay_factors(dirs: list[Tensor], ps: list[Tensor], decay: float) -> list[Tensor]:
+    """Cautious weight decay: per element ``decay`` where ``dir * p >= 0``, else 1, in the
+    dtype of ``ps`` (the value ``p * decay`` takes in the reference: bitwise the same)."""
+    if not ps:
+        return []
+    hi = torch.tensor(decay, dtype=ps[0].dtype, device=ps[0].device)
+    one = torch.ones((), dtype=ps[0].dtype, device=ps[0].device)
+    return [torch.where(x >= 0, hi, one) for x in torch._foreach_mul(dirs, ps)]
+
+
 def _count(mask: Tensor) -> Tensor:
     """Exact number of ones in a 0/1 float tensor: a float32 sum is exact while every partial
     sum stays below 2**24; larger tensors are summed in float64."""
@@ -185,7 +195,10 @@ def update_pass(
 
     ps, low_precision = _as_compute(params, dt, exp_avg_sqs, slot=3)
     if h.weight_decay != 0:
-        torch._foreach_mul_(ps, 1 - h.lr * h.weight_decay)
+        if h.cautious_wd:  # decay where sign(m) agrees with p (m * p >= 0), as the reference
+            torch._foreach_mul_(ps, decay_factors(ms, ps, 1 - h.lr * h.weight_decay))
+        else:
+            torch._foreach_mul_(ps, 1 - h.lr * h.weight_decay)
 
     upd = _masks(grads, exp_avgs, ms, gs, h.maximize, scratch)
     torch._foreach_mul_(upd, ms)  # m * mask, in the mask buffer

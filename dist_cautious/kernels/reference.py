@@ -12,6 +12,13 @@ slices of a ZeRO flat partition: the kernels never know which). A step is two pa
 
    ``p <- p * (1 - lr * wd) - lr / bc1 * alpha * mask * m / (sqrt(v) / sqrt(bc2) + eps)``
 
+   With ``cautious_wd`` (cautious weight decay, arXiv 2510.12402) the decoupled decay acts
+   only on coordinates where the Adam direction agrees in sign with the parameter (the
+   direction's sign is ``sign(m)``, the denominator being positive), the paper's
+   ``I(u * p >= 0)``, evaluated on the parameter before the step:
+
+   ``p <- p * (1 - lr * wd * 1[m * p >= 0]) - lr / bc1 * alpha * mask * m / (...)``
+
 The split between passes follows the bytes: pass 1 reads g and m and writes m; pass 2
 reads p, g, m, v and writes p and v (36 bytes per fp32 parameter in all).
 
@@ -66,7 +73,10 @@ def update_pass(
         v.copy_(v_new)
         pc = p.to(dt)
         if h.weight_decay != 0:
-            pc = pc.mul(1 - h.lr * h.weight_decay)
+            if h.cautious_wd:  # decay only where the Adam direction (sign m) agrees with p
+                pc = torch.where(mc * pc >= 0, pc.mul(1 - h.lr * h.weight_decay), pc)
+            else:
+                pc = pc.mul(1 - h.lr * h.weight_decay)
         denom = (v_new.sqrt() / h.bias_correction2_sqrt).add_(h.eps)
         mask = (mc * gc > 0).to(dt)
         update = mc * mask * alphas[i].to(dt)

@@ -150,11 +150,14 @@ def _count_kernel(
 
 
 @triton.jit
-def _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY):
+def _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY, CWD):
     # Same order as reference.update_pass (g already negated under maximize).
     v_new = v * beta2 + omb2 * g * g
     if DECAY:
-        p = p * decay
+        if CWD:  # cautious weight decay: only where sign(m_new) agrees with p
+            p = tl.where(m * p >= 0, p * decay, p)
+        else:
+            p = p * decay
     denom = tl.div_rn(tl.sqrt_rn(v_new), bc2) + eps
     upd = tl.where(m * g > 0, m, 0.0) * alpha
     p = p + neg_step * tl.div_rn(upd, denom)
@@ -183,6 +186,7 @@ def _update_kernel(
     eps,
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,
+    CWD: tl.constexpr,
     LERP_M: tl.constexpr,
     LERP_HI: tl.constexpr,
     VP: tl.constexpr,
@@ -240,7 +244,7 @@ def _update_kernel(
                 tl.store(
                     mp + idx, _cast_out(m, M.dtype.element_ty, SOFT_BF16), cache_modifier=STORE_CM
                 )
-            p, v = _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY)
+            p, v = _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY, CWD)
             tl.store(vp + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16), cache_modifier=STORE_CM)
             tl.store(pp + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16), cache_modifier=STORE_CM)
     else:
@@ -256,7 +260,7 @@ def _update_kernel(
             if LERP_M:
                 m = _lerp(m, g, w, LERP_HI)
                 tl.store(M + om + idx, _cast_out(m, M.dtype.element_ty, SOFT_BF16), mask=live)
-            p, v = _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY)
+            p, v = _adam_math(p, g, m, v, alpha, beta2, omb2, decay, neg_step, bc2, eps, DECAY, CWD)
             tl.store(V + ov + idx, _cast_out(v, V.dtype.element_ty, SOFT_BF16), mask=live)
             tl.store(P + op + idx, _cast_out(p, P.dtype.element_ty, SOFT_BF16), mask=live)
 
@@ -672,6 +676,7 @@ def update_pass(
         h.eps,
         MAXIMIZE=bool(h.maximize),
         DECAY=h.weight_decay != 0,
+        CWD=bool(h.cautious_wd),
         LERP_M=bool(exp_avg_pending),
         LERP_HI=not (w < 0.5),
         VP=_VEC[pb.dtype],

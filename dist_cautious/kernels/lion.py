@@ -1,0 +1,245 @@
+"""Cautious Lion (the paper's C-Lion), per tensor and multi-tensor: the math of ``CLion``.
+
+Lion as lion-pytorch and timm define it, with the cautious mask of arXiv 2411.16085. Per
+tensor, with ``g`` the gradient (negated under ``maximize``) and ``m`` the state
+``exp_avg`` (the name lion-pytorch and timm use, so state dicts move between them):
+
+    c     = lerp(m, g, 1 - beta1)             # = beta1 * m + (1 - beta1) * g
+    u     = sign(c)                           # the Lion update direction
+    mask  = (u * g > 0)                       # same as c * g > 0, but never underflows
+    p    <- p * (1 - lr * wd) - lr * alpha * mask * u
+    m    <- lerp(m, g, 1 - beta2)
+
+``alpha`` is the per-tensor factor from the exact counts of ``mask``
+(:func:`~dist_cautious.kernels.common.cautious_factor`), computed by the caller between the
+two passes.
+
+Cautious weight decay (``h.cautious_wd``, arXiv 2510.12402): the decoupled decay acts only
+on coordinates where the update direction agrees in sign with the parameter, the paper's
+``I(u * p >= 0)`` (``u = 0`` decays), evaluated on the parameter before the step:
+
+    p    <- p * (1 - lr * wd * 1[u * p >= 0]) - lr * alpha * mask * u
+
+Two passes:
+
+1. ``count_pass`` is read-only: it computes ``c``, ``u`` and returns int64 counts of the mask
+   per tensor (8 bytes per fp32 parameter: reads g, m);
+2. ``update_pass`` recomputes ``c`` with the same arithmetic (or takes ``u`` and the mask
+   from ``scratch``), steps ``p`` and updates ``m`` (reads p, g, m, writes p, m: 20 bytes).
+
+28 bytes per fp32 parameter in all (plain Lion: 20); 22 with bf16/fp16 parameters and fp32
+state. Arithmetic is float32 (float64 when the state is float64); ``p`` and ``m`` are written
+back in their own dtypes. ``lr * alpha`` is rounded once to the compute dtype; ``u`` is
+-1/0/1, so ``lr * alpha * u`` is exact and the step is one rounding.
+
+``get(name)`` returns the backend (``"reference"``, ``"foreach"``, ``"triton"``), each with
+``count_pass(params, grads, states, h, scratch=None) -> int64[n]`` and
+``update_pass(params, grads, states, alphas, h, scratch=None)``, ``states = (exp_avgs,)``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from .common import LionHyper, compute_dtype
+
+STATE_KEYS = ("exp_avg",)
+
+__all__ = ["STATE_KEYS", "LionHyper", "get"]
+
+
+def _zeros(device: torch.device | None = None) -> Tensor:
+    return torch.zeros(0, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _ref_direction(g: Tensor, m: Tensor, h: LionHyper) -> tuple[Tensor, Tensor, Tensor]:
+    """(g, m, u) in the compute dtype."""
+    dt = compute_dtype(m)
+    gc = g.to(dt)
+    if h.maximize:
+        gc = -gc
+    mc = m.to(dt)
+    return gc, mc, mc.lerp(gc, 1 - h.beta1).sign()
+
+
+def reference_count_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: tuple[list[Tensor], ...],
+    h: LionHyper,
+    scratch: dict | None = None,
+) -> Tensor:
+    """int64 counts of ``sign(lerp(m, g, 1 - beta1)) * g > 0`` per tensor; changes nothing."""
+    (exp_avgs,) = states
+    counts = []
+    for g, m in zip(grads, exp_avgs):
+        if m.numel() == 0:
+            counts.append(torch.zeros((), dtype=torch.int64, device=m.device))
+            continue
+        gc, _, u = _ref_direction(g, m, h)
+        counts.append((u * gc > 0).sum(dtype=torch.int64))
+    return torch.stack(counts) if counts else _zeros()
+
+
+def reference_update_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: tuple[list[Tensor], ...],
+    alphas: Tensor,
+    h: LionHyper,
+    scratch: dict | None = None,
+) -> None:
+    """Decay, the masked rescaled sign step, and ``m <- lerp(m, g, 1 - beta2)``, in place."""
+    if scratch is not None:
+        scratch.clear()
+    (exp_avgs,) = states
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+        if p.numel() == 0:
+            continue
+        gc, mc, u = _ref_direction(g, m, h)
+        dt = gc.dtype
+        mask = u * gc > 0
+        pc = p.to(dt)
+        if h.weight_decay != 0:
+            decay = 1 - h.lr * h.weight_decay
+            pc = torch.where(u * pc >= 0, pc * decay, pc) if h.cautious_wd else pc * decay
+        step = alphas[i].to(dt) * h.lr
+        pc = pc - step * torch.where(mask, u, 0)
+        p.copy_(pc)
+        m.copy_(mc.lerp(gc, 1 - h.beta2))
+
+
+# --------------------------------------------------------------------------- foreach
+
+
+def _compute(ts: list[Tensor], dt: torch.dtype) -> tuple[list[Tensor], bool]:
+    if all(t.dtype == dt for t in ts):
+        return ts, False
+    return [t.to(dt) for t in ts], True
+
+
+def _fe_grads(grads: list[Tensor], dt: torch.dtype, maximize: bool) -> list[Tensor]:
+    gs, copied = _compute(grads, dt)
+    if maximize:
+        if copied:
+            torch._foreach_neg_(gs)
+        else:
+            gs = torch._foreach_neg(gs)
+    return gs
+
+
+def _fingerprint(h: LionHyper, grads: list[Tensor], exp_avgs: list[Tensor]) -> tuple:
+    return (
+        h.beta1,
+        h.maximize,
+        tuple(map(id, grads)),
+        tuple(map(id, exp_avgs)),
+        tuple(t._version for t in grads),
+        tuple(t._version for t in exp_avgs),
+    )
+
+
+def _fe_direction(gs: list[Tensor], ms: list[Tensor], h: LionHyper):
+    """(u, 0/1 mask in the compute dtype)."""
+    us = torch._foreach_sign(torch._foreach_lerp(ms, gs, 1 - h.beta1))
+    masks = torch._foreach_mul(us, gs)
+    for x in masks:
+        x.gt_(0)
+    return us, masks
+
+
+def _counts(masks: list[Tensor]) -> Tensor:
+    sums = [x.sum(dtype=torch.float64) for x in masks]  # 0/1 values: exact below 2**53
+    return torch.stack(sums).to(torch.int64)
+
+
+def foreach_count_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: tuple[list[Tensor], ...],
+    h: LionHyper,
+    scratch: dict | None = None,
+) -> Tensor:
+    """As :func:`reference_count_pass`, with ``torch._foreach_*`` ops; hands ``u`` and the
+    mask to the update pass through ``scratch`` (checked by identity and version counters)."""
+    if scratch is not None:
+        scratch.clear()
+    (exp_avgs,) = states
+    if not exp_avgs:
+        return _zeros()
+    dt = compute_dtype(exp_avgs[0])
+    gs = _fe_grads(grads, dt, h.maximize)
+    ms, _ = _compute(exp_avgs, dt)
+    us, masks = _fe_direction(gs, ms, h)
+    counts = _counts(masks)
+    if scratch is not None:
+        scratch.update(key=_fingerprint(h, grads, exp_avgs), us=us, masks=masks)
+    return counts
+
+
+def foreach_update_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: tuple[list[Tensor], ...],
+    alphas: Tensor,
+    h: LionHyper,
+    scratch: dict | None = None,
+) -> None:
+    """As :func:`reference_update_pass` (bitwise in float32), with ``torch._foreach_*`` ops."""
+    (exp_avgs,) = states
+    hit = None
+    if scratch:
+        if scratch.get("key") == _fingerprint(h, grads, exp_avgs):
+            hit = scratch["us"], scratch["masks"]
+    if scratch is not None:
+        scratch.clear()  # hand-off only: nothing is kept alive past the update
+    if not params:
+        return
+    dt = compute_dtype(exp_avgs[0])
+    gs = _fe_grads(grads, dt, h.maximize)
+    ms, m_copied = _compute(exp_avgs, dt)
+    us, masks = hit if hit is not None else _fe_direction(gs, ms, h)
+    ps, p_copied = _compute(params, dt)
+    if h.weight_decay != 0:
+        decay = 1 - h.lr * h.weight_decay
+        if h.cautious_wd:
+            from .foreach import decay_factors
+
+            torch._foreach_mul_(ps, decay_factors(us, ps, decay))
+        else:
+            torch._foreach_mul_(ps, decay)
+    steps = (alphas.to(device=ps[0].device, dtype=dt) * h.lr).unbind()
+    upd = torch._foreach_mul(us, masks)
+    torch._foreach_mul_(upd, list(steps))  # u * step: exact
+    torch._foreach_sub_(ps, upd)
+    if p_copied:
+        torch._foreach_copy_(params, ps)
+    torch._foreach_lerp_(ms, gs, 1 - h.beta2)
+    if m_copied:
+        torch._foreach_copy_(exp_avgs, ms)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+reference = SimpleNamespace(count_pass=reference_count_pass, update_pass=reference_update_pass)
+foreach = SimpleNamespace(count_pass=foreach_count_pass, update_pass=foreach_update_pass)
+
+
+def get(name: str) -> SimpleNamespace:
+    """The backend ``name`` (``"reference"``, ``"foreach"`` or ``"triton"``; ``"triton"``
+    imports Triton and raises ImportError where it is unavailable)."""
+    if name == "reference":
+        return reference
+    if name == "foreach":
+        return foreach
+    if name == "triton":
+        from . import triton_lion_sgd
+
+        return triton_lion_sgd.lion
+    raise ValueError(f"unknown Lion backend {name!r}; choose 'reference', 'foreach' or 'triton'")
