@@ -47,6 +47,7 @@ SCENARIOS = (
             "trainer_fsdp2_optimizers",
             "trainer_fsdp2_override",
             "trainer_fsdp2_cls",
+            "trainer_fsdp2_gas2",
             "trainer_fsdp1_override",
             "trainer_fsdp1_orig",
             "trainer_fsdp1_flat",
@@ -122,13 +123,15 @@ def test_trainer_refuses_ready_optimizer_under_fsdp(results):
 
 
 @needs_hf
-@pytest.mark.parametrize("how", ["override", "cls"])
+@pytest.mark.parametrize("how", ["override", "cls", "gas2"])
 def test_trainer_fsdp2(results, how):
     """Trainer(fsdp_config={"fsdp_version": 2}) with CAdamW from a create_optimizer
-    override or optimizer_cls_and_kwargs; max_grad_norm=0."""
+    override or optimizer_cls_and_kwargs; max_grad_norm=0; gas2: the override with
+    gradient_accumulation_steps=2 (measured 1.3e-7: summation order)."""
     r = results[f"trainer_fsdp2_{how}"]
     _exact(r, "DTensor")
     assert r["wrapper"] == "FSDPTinyModel", r
+    assert r["micro_steps"] == STEPS * (2 if how == "gas2" else 1), r
 
 
 @needs_hf

@@ -299,7 +299,7 @@ def sc_accel(version: int = 2, scale: str = "global") -> dict:
 # --- HF Trainer ---------------------------------------------------------------------------
 
 
-def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True) -> dict:
+def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: int = 1) -> dict:
     from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 
     reset_accelerate()
@@ -331,7 +331,7 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True) -> dic
     class Data(torch.utils.data.Dataset):
         def __init__(self) -> None:
             g = torch.Generator().manual_seed(7)
-            n = 2 * BATCH * STEPS
+            n = 2 * BATCH * STEPS * gas
             self.x, self.y = torch.randn(n, D_IN, generator=g), torch.randn(n, D_OUT, generator=g)
 
         def __len__(self) -> int:
@@ -380,6 +380,7 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True) -> dic
     args = TrainingArguments(
         output_dir=str(Path(os.environ["DC_OUT_DIR"]) / "hf_out"),
         per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=gas,
         max_steps=STEPS,
         learning_rate=HYPER["lr"],
         adam_beta1=HYPER["betas"][0],
@@ -428,7 +429,10 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True) -> dic
         # lands in the decay group. That is the Trainer's grouping, not CAdamW's: the
         # reference decays every tensor too.
         decay_names = set(init_state())  # every parameter name (TinyNet has no buffers)
-    res = report(trainer.model, trainer.optimizer, gather_batches(model.seen), decay_names)
+    micro = gather_batches(model.seen)  # [micro-step][rank]
+    steps = [sum(micro[i : i + gas], []) for i in range(0, len(micro), gas)]
+    res = report(trainer.model, trainer.optimizer, steps, decay_names)
+    res["micro_steps"] = len(micro)
     res["group_sizes"] = sizes
     res["refused_cpu_fsdp"] = trainer.refused_cpu_fsdp
     res["wrapper"] = type(trainer.model).__name__
@@ -583,6 +587,7 @@ SCENARIOS = {
     "trainer_fsdp2_override": lambda: sc_trainer(2, "override"),
     "trainer_fsdp1_override": lambda: sc_trainer(1, "override"),
     "trainer_fsdp2_cls": lambda: sc_trainer(2, "cls"),
+    "trainer_fsdp2_gas2": lambda: sc_trainer(2, "override", gas=2),
     "trainer_fsdp1_orig": lambda: sc_trainer(1, "cls", use_orig_params=True),
     "trainer_fsdp1_flat": lambda: sc_trainer(1, "cls", use_orig_params=False),
     "lightning_fsdp": lambda: sc_lightning("fsdp"),
