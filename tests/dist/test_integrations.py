@@ -44,6 +44,7 @@ SCENARIOS = (
             "accel_fsdp2",
             "accel_fsdp2_shard",
             "accel_fsdp1",
+            "accel_fsdp1_flat",
             "trainer_fsdp2_optimizers",
             "trainer_fsdp2_override",
             "trainer_fsdp2_cls",
@@ -106,9 +107,12 @@ def test_accelerate_fsdp2_shard_scale_differs(results):
 
 
 @needs_hf
-def test_accelerate_fsdp1_prepare(results):
-    """FSDP1, use_orig_params=True, optimizer built before prepare (Accelerate keeps it)."""
-    r = results["accel_fsdp1"]
+@pytest.mark.parametrize("name", ["accel_fsdp1", "accel_fsdp1_flat"])
+def test_accelerate_fsdp1_prepare(results, name):
+    """FSDP1, use_orig_params=True with the optimizer built before prepare (Accelerate keeps
+    it); use_orig_params=False with the optimizer built on the prepared model's
+    FlatParameters (one group)."""
+    r = results[name]
     _exact(r, "Parameter")
     assert r["prepared_as"] == ["DistributedType.FSDP", 1] and r["wrapper"] == (
         "FullyShardedDataParallel"

@@ -257,13 +257,13 @@ def reset_accelerate() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
 
 
-def sc_accel(version: int = 2, scale: str = "global") -> dict:
+def sc_accel(version: int = 2, scale: str = "global", flat: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     reset_accelerate()
     rank = dist.get_rank()
-    extra = {} if version == 2 else dict(use_orig_params=True, sync_module_states=False)
+    extra = {} if version == 2 else dict(use_orig_params=not flat, sync_module_states=False)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=version,
         auto_wrap_policy="transformer_based_wrap",
@@ -277,8 +277,14 @@ def sc_accel(version: int = 2, scale: str = "global") -> dict:
         fsdp1_cpu_device_id()
     net = TinyNet()
     net.load_state_dict(init_state())
-    opt = CAdamW(groups(list(net.named_parameters())), scale=scale, **HYPER)
-    net, opt = accelerator.prepare(net, opt)
+    decay_names = None
+    if flat:  # FlatParameters: prepare the model first, then the optimizer on its params
+        net = accelerator.prepare(net)
+        opt = accelerator.prepare(CAdamW(net.parameters(), weight_decay=WD, **HYPER))
+        decay_names = set(init_state())  # one group: every tensor decays
+    else:
+        opt = CAdamW(groups(list(net.named_parameters())), scale=scale, **HYPER)
+        net, opt = accelerator.prepare(net, opt)
     seen = (str(accelerator.distributed_type), accelerator.state.fsdp_plugin.fsdp_version)
     mine = []
     for step in range(STEPS):
@@ -288,7 +294,7 @@ def sc_accel(version: int = 2, scale: str = "global") -> dict:
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad()
-    res = report(net, opt, gather_batches(mine))
+    res = report(net, opt, gather_batches(mine), decay_names)
     res["refused_cpu_fsdp"] = refused
     res["prepared_as"] = seen
     res["wrapper"] = type(net).__name__
@@ -583,6 +589,7 @@ SCENARIOS = {
     "accel_fsdp2": lambda: sc_accel(2, "global"),
     "accel_fsdp2_shard": lambda: sc_accel(2, "shard"),
     "accel_fsdp1": lambda: sc_accel(1, "global"),
+    "accel_fsdp1_flat": lambda: sc_accel(1, "global", flat=True),
     "trainer_fsdp2_optimizers": lambda: sc_trainer(2, "optimizers"),
     "trainer_fsdp2_override": lambda: sc_trainer(2, "override"),
     "trainer_fsdp1_override": lambda: sc_trainer(1, "override"),
