@@ -22,7 +22,9 @@ class Float64CAdamW:
         clamp: float = 1e-3,
         maximize: bool = False,
         weight_decays: list[float] | None = None,
+        cautious_wd: bool = False,
     ) -> None:
+        self.cautious_wd = cautious_wd  # decay only where u * p >= 0 (arXiv 2510.12402)
         self.p = [t.detach().to(torch.float64).clone() for t in params]
         self.m = [torch.zeros_like(t) for t in self.p]
         self.v = [torch.zeros_like(t) for t in self.p]
@@ -62,7 +64,13 @@ class Float64CAdamW:
             self.kept.append(nnz)
             a = self.alpha(nnz, n)
             u = (m_new / (1 - b1**t)) / ((v_new / (1 - b2**t)).sqrt() + self.eps)
-            p_new = self.p[i] * (1 - self.lr * self.wd[i]) - self.lr * a * mask * u
+            if self.cautious_wd:
+                dmask = (u * self.p[i] >= 0).to(g.dtype)
+                p_new = (
+                    self.p[i] - self.lr * self.wd[i] * dmask * self.p[i] - self.lr * a * mask * u
+                )
+            else:
+                p_new = self.p[i] * (1 - self.lr * self.wd[i]) - self.lr * a * mask * u
             self.m[i] = torch.where(live, m_new, self.m[i])
             self.v[i] = torch.where(live, v_new, self.v[i])
             self.p[i] = torch.where(live, p_new, self.p[i])
@@ -74,3 +82,113 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     den = b.norm().item()
     num = (a - b).norm().item()
     return num / den if den > 0 else num
+
+
+def _factor(formula: str, clamp: float, nnz: int, n: int) -> float:
+    if n == 0:
+        return 1.0
+    if formula == "clamp":
+        return n / max(nnz, clamp * n)
+    if formula == "paper":
+        return n / (nnz + 1)
+    raise ValueError(f"unknown formula {formula!r}")
+
+
+class Float64CLion:
+    """C-Lion (lion-pytorch / timm Lion with the cautious mask), float64, whole tensors.
+
+    ``c = b1 m + (1 - b1) g``, ``u = sign(c)``, ``mask = u g > 0``,
+    ``p <- p - lr wd [u p >= 0 if cautious_wd] p - lr alpha mask u``, ``m <- b2 m + (1 - b2) g``.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        formula: str = "clamp",
+        clamp: float = 1e-3,
+        maximize: bool = False,
+        cautious_wd: bool = False,
+    ) -> None:
+        self.p = [t.detach().to(torch.float64).clone() for t in params]
+        self.m = [torch.zeros_like(t) for t in self.p]
+        self.lr, self.betas, self.wd = lr, betas, weight_decay
+        self.formula, self.clamp, self.maximize, self.cautious_wd = (
+            formula,
+            clamp,
+            maximize,
+            cautious_wd,
+        )
+        self.kept: list[int] = []
+
+    def step(self, grads: list[Tensor | None]) -> None:
+        b1, b2 = self.betas
+        self.kept = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = g.detach().to(torch.float64)
+            if self.maximize:
+                g = -g
+            p, m = self.p[i], self.m[i]
+            u = torch.sign(b1 * m + (1 - b1) * g)
+            mask = (u * g > 0).to(g.dtype)
+            nnz = int(mask.sum().item())
+            self.kept.append(nnz)
+            a = _factor(self.formula, self.clamp, nnz, g.numel())
+            dmask = (u * p >= 0).to(g.dtype) if self.cautious_wd else torch.ones_like(p)
+            self.p[i] = p - self.lr * self.wd * dmask * p - self.lr * a * mask * u
+            self.m[i] = b2 * m + (1 - b2) * g
+
+
+class Float64CSGD:
+    """Cautious SGD with momentum (torch.optim.SGD semantics), float64, whole tensors.
+
+    ``g <- g + wd p`` (L2; not with ``cautious_wd``), ``buf <- g`` on the first step else
+    ``momentum buf + (1 - dampening) g``, ``d = g + momentum buf`` (nesterov) or ``buf``,
+    ``mask = d g > 0``, ``p <- p - lr wd [d p >= 0] p (cautious_wd only) - lr alpha mask d``.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        formula: str = "clamp",
+        clamp: float = 1e-3,
+        maximize: bool = False,
+        cautious_wd: bool = False,
+    ) -> None:
+        self.p = [t.detach().to(torch.float64).clone() for t in params]
+        self.buf: list[Tensor | None] = [None for _ in self.p]
+        self.lr, self.momentum, self.dampening, self.nesterov = lr, momentum, dampening, nesterov
+        self.wd, self.formula, self.clamp = weight_decay, formula, clamp
+        self.maximize, self.cautious_wd = maximize, cautious_wd
+        self.kept: list[int] = []
+
+    def step(self, grads: list[Tensor | None]) -> None:
+        self.kept = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = g.detach().to(torch.float64)
+            if self.maximize:
+                g = -g
+            p = self.p[i]
+            if self.wd != 0 and not self.cautious_wd:
+                g = g + self.wd * p
+            buf = self.buf[i]
+            buf = g.clone() if buf is None else self.momentum * buf + (1 - self.dampening) * g
+            self.buf[i] = buf
+            d = g + self.momentum * buf if self.nesterov else buf
+            mask = (d * g > 0).to(g.dtype)
+            nnz = int(mask.sum().item())
+            self.kept.append(nnz)
+            a = _factor(self.formula, self.clamp, nnz, g.numel())
+            decay = self.lr * self.wd * (d * p >= 0).to(g.dtype) * p if self.cautious_wd else 0.0
+            self.p[i] = p - decay - self.lr * a * mask * d
