@@ -45,6 +45,8 @@ SCENARIOS = (
             "accel_fsdp2_shard",
             "accel_fsdp1",
             "accel_fsdp1_flat",
+            "accel_fsdp2_resume_sharded",
+            "accel_fsdp2_resume_full",
             "trainer_fsdp2_optimizers",
             "trainer_fsdp2_override",
             "trainer_fsdp2_cls",
@@ -95,6 +97,15 @@ def test_accelerate_fsdp2_prepare(results):
     r = results["accel_fsdp2"]
     _exact(r, "DTensor")
     assert r["prepared_as"] == ["DistributedType.FSDP", 2], r
+
+
+@needs_hf
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_accelerate_fsdp2_save_load_state(results, kind):
+    """accelerator.save_state after 5 steps, load_state into a fresh model / optimizer /
+    Accelerator, 5 more steps == 10 uninterrupted steps (SHARDED_STATE_DICT: DCP;
+    FULL_STATE_DICT). state_steps == [10] shows the moments and counters came back."""
+    _exact(results[f"accel_fsdp2_resume_{kind}"], "DTensor")
 
 
 @needs_hf

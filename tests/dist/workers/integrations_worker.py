@@ -302,6 +302,52 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False) -> dic
     return res
 
 
+def sc_accel_resume(state_dict_type: str) -> dict:
+    """FSDP2: 5 steps, ``accelerator.save_state``, a fresh model / optimizer / Accelerator,
+    ``accelerator.load_state``, 5 more steps; against 10 uninterrupted reference steps."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    rank = dist.get_rank()
+    ckpt = Path(os.environ["DC_OUT_DIR"]) / f"accel_ckpt_{state_dict_type}"
+
+    def prepared():
+        reset_accelerate()
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["Block"],
+            state_dict_type=state_dict_type,
+        )
+        accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+        force_fsdp(accelerator, plugin)
+        net = TinyNet()
+        net.load_state_dict(init_state())
+        opt = CAdamW(groups(list(net.named_parameters())), **HYPER)
+        net, opt = accelerator.prepare(net, opt)
+        return accelerator, net, opt
+
+    mine = []
+
+    def train(accelerator, net, opt, steps):
+        for step in steps:
+            x, y = batch(step, rank)
+            mine.append((x, y))
+            accelerator.backward(F.mse_loss(net(x), y))
+            opt.step()
+            opt.zero_grad()
+
+    accelerator, net, opt = prepared()
+    train(accelerator, net, opt, range(STEPS // 2))
+    accelerator.save_state(str(ckpt))
+    accelerator, net, opt = prepared()  # fresh: initial weights, empty state
+    accelerator.load_state(str(ckpt))
+    train(accelerator, net, opt, range(STEPS // 2, STEPS))
+    res = report(net, opt, gather_batches(mine))
+    reset_accelerate()
+    return res
+
+
 # --- HF Trainer ---------------------------------------------------------------------------
 
 
@@ -589,6 +635,8 @@ SCENARIOS = {
     "accel_fsdp2": lambda: sc_accel(2, "global"),
     "accel_fsdp2_shard": lambda: sc_accel(2, "shard"),
     "accel_fsdp1": lambda: sc_accel(1, "global"),
+    "accel_fsdp2_resume_sharded": lambda: sc_accel_resume("SHARDED_STATE_DICT"),
+    "accel_fsdp2_resume_full": lambda: sc_accel_resume("FULL_STATE_DICT"),
     "accel_fsdp1_flat": lambda: sc_accel(1, "global", flat=True),
     "trainer_fsdp2_optimizers": lambda: sc_trainer(2, "optimizers"),
     "trainer_fsdp2_override": lambda: sc_trainer(2, "override"),
