@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,44 @@ def parse_scales(text: str) -> list[str]:
     return modes
 
 
+def positive_float(flag: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number") from None
+        if not (math.isfinite(x) and x > 0):
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be a finite number > 0")
+        return x
+
+    return parse
+
+
+def nonnegative_float(flag: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number") from None
+        if not (math.isfinite(x) and x >= 0):
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be a finite number >= 0")
+        return x
+
+    return parse
+
+
+def beta_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--betas {text!r} is not a number") from None
+    if not (0.0 <= x < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"--betas {text}: each beta must be in [0, 1) (e.g. --betas 0.9 0.95)"
+        )
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     from model import PRESETS
 
@@ -86,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--zero-stage",
         type=int,
-        default=2,
+        default=None,
         choices=(0, 1, 2, 3),
-        help="DeepSpeed ZeRO stage (default 2)",
+        help="DeepSpeed ZeRO stage, with --engine deepspeed (default 2)",
     )
     p.add_argument(
         "--scale",
@@ -124,10 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=None, help="sequence length (default: the preset's)"
     )
     p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default 3e-3 tiny, 1e-3 else)"
+        "--lr",
+        type=positive_float("--lr"),
+        default=None,
+        help="peak learning rate (default 3e-3 tiny, 1e-3 else)",
     )
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    p.add_argument("--weight-decay", type=nonnegative_float("--weight-decay"), default=0.1)
+    p.add_argument(
+        "--betas",
+        type=beta_float,
+        nargs=2,
+        default=(0.9, 0.95),
+        metavar=("BETA1", "BETA2"),
+        help="Adam betas, each in [0, 1) (default 0.9 0.95)",
+    )
     p.add_argument(
         "--backend",
         default="auto",
@@ -183,6 +232,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the final full parameters of every mode (rank 0, torch.save) to this file",
     )
     p.add_argument(
+        "--ckpt-dir",
+        default=None,
+        help="checkpoint directory: save every --ckpt-every steps and at the end (one "
+        "subdirectory per engine/mode), and resume from the newest complete checkpoint "
+        "there (docs/checkpointing.md)",
+    )
+    p.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=None,
+        help="steps between checkpoints (default: only at the end); needs --ckpt-dir",
+    )
+    p.add_argument(
+        "--ckpt-keep",
+        type=int,
+        default=2,
+        help="complete checkpoints kept per engine/mode (default 2)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop each mode after this many steps (counted from step 0) as if the job were "
+        "stopped there; with --ckpt-dir a checkpoint is saved at that step first. The "
+        "schedule still follows --steps, so a later run with the same flags resumes it",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="started directly: restart the workers this many times after a failure (torchrun "
+        "--max-restarts; with --ckpt-dir they resume from the newest checkpoint; default 0)",
+    )
+    p.add_argument(
+        "--pg-timeout",
+        type=float,
+        default=300.0,
+        help="seconds init_process_group and each collective may wait before failing with a "
+        "message (default 300)",
+    )
+    p.add_argument(
+        "--rdzv-timeout",
+        type=float,
+        default=120.0,
+        help="started directly: seconds the workers' rendezvous may take (default 120)",
+    )
+    p.add_argument(
         "--log-every", type=int, default=None, help="progress lines when not on a terminal"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -196,22 +292,26 @@ def under_launcher() -> bool:
     return any(k in os.environ for k in LAUNCHER_ENV)
 
 
-def strip_nproc(argv: list[str]) -> list[str]:
+LAUNCH_ONLY_FLAGS = ("--nproc", "--max-restarts", "--rdzv-timeout")
+
+
+def strip_nproc(argv: list[str], flags: tuple[str, ...] = LAUNCH_ONLY_FLAGS) -> list[str]:
+    """``argv`` without the flags only the launching process uses (each takes one value)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in flags:
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(tuple(f + "=" for f in flags)):
             continue
         out.append(a)
     return out
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], max_restarts: int = 0, rdzv_timeout: float = 120) -> int:
     """Start ``nproc`` workers of this script on this node through torch's elastic launcher
     (what ``torchrun --standalone --nproc-per-node N`` does)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -221,6 +321,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise SystemExit(f"--nproc {nproc}: need at least 1 worker")
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # The elastic agent (this process) reads this: with the agent's TCP store shared with
+    # the workers (torch's default), restarted gloo workers find the dead workers' keys in
+    # it and fail in init_process_group ("Connection refused") or hang. One fresh store per
+    # worker group instead (the workers also namespace the shared store: Ctx).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -229,7 +334,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         role="bench",
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",  # torchrun --standalone: a free port on this host
-        max_restarts=0,
+        rdzv_configs={"join_timeout": int(math.ceil(rdzv_timeout))},
+        max_restarts=max_restarts,
         monitor_interval=0.1,
     )
     try:
@@ -261,10 +367,14 @@ class Ctx:
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if args.device == "cuda" and ngpu < self.local_world:
+            fix = (
+                "--device cpu: no GPU is visible"
+                if ngpu == 0
+                else f"--nproc {ngpu} (or torchrun --nproc-per-node {ngpu}) or --device cpu"
+            )
             raise SystemExit(
                 f"--device cuda needs one GPU per rank: {self.local_world} ranks on this node but "
-                f"{ngpu} GPUs visible; use --nproc {ngpu} (or torchrun --nproc-per-node {ngpu}) "
-                "or --device cpu"
+                f"{ngpu} GPUs visible; use {fix}"
             )
         use_cuda = args.device == "cuda" or (args.device == "auto" and ngpu >= self.local_world > 0)
         if args.device == "auto" and 0 < ngpu < self.local_world and self.local_rank == 0:
@@ -282,12 +392,56 @@ class Ctx:
             self.device = torch.device("cpu")
             backend = "gloo"
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: don't pick a GPU
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"timeout": timedelta(seconds=args.pg_timeout)}
         if use_cuda:
             kwargs["device_id"] = self.device
-        dist.init_process_group(backend, **kwargs)
+        kwargs.update(restart_safe_store(self.rank, self.world, kwargs["timeout"]))
+        try:
+            dist.init_process_group(backend, **kwargs)
+        except Exception as e:  # store / gloo connect timeouts, refused connections
+            raise SystemExit(
+                f"bench: rank {self.rank}: init_process_group({backend!r}) failed within "
+                f"--pg-timeout {args.pg_timeout:g} s: {type(e).__name__}: {str(e)[:400]}\n"
+                "If this is a torchrun restart under gloo, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "in the environment of torchrun itself (docs/checkpointing.md)"
+            ) from None
         self.backend = backend
         self.cuda = use_cuda
+
+
+def restart_safe_store(rank: int, world: int, timeout: timedelta) -> dict[str, Any]:
+    """``init_process_group`` arguments that survive a torchrun restart.
+
+    By default (torch >= 2.4) the elastic agent shares its rendezvous TCP store with the
+    workers (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that store across restarts.
+    The restarted workers then read the dead workers' keys: gloo connects to addresses
+    that no longer listen ("Connection refused") or waits for them. Namespacing the shared
+    store by the restart count gives every attempt fresh keys. One node only: agents on
+    several nodes may count restarts differently, so there the agent must not share its
+    store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun, as docs/checkpointing.md
+    says); this returns nothing when the agent does not share it.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if restart > 0 and nodes > 1:
+        raise SystemExit(
+            f"bench: restart {restart} on {nodes} nodes with torchrun's shared TCP store: the "
+            "restarted workers would read the failed attempt's keys. Start every torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (docs/checkpointing.md)"
+        )
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    store = dist.PrefixStore(f"dist_cautious.bench/attempt{restart}", base)
+    return {"store": store, "rank": rank, "world_size": world}
 
 
 def sync(ctx: Ctx) -> None:
@@ -535,7 +689,7 @@ class Run:
 class Progress:
     """rich (or tqdm) bar on rank 0 when on a terminal; a few plain lines otherwise."""
 
-    def __init__(self, ctx: Ctx, total: int, label: str) -> None:
+    def __init__(self, ctx: Ctx, total: int, label: str, start: int = 0) -> None:
         self.on = ctx.rank == 0 and not ctx.args.no_progress
         self.total, self.label = total, label
         self.every = ctx.args.log_every or max(1, total // 5)
@@ -563,13 +717,13 @@ class Progress:
                 transient=False,
             )
             self.bar.start()
-            self.task = self.bar.add_task(label, total=total, loss="-", kept="-")
+            self.task = self.bar.add_task(label, total=total, completed=start, loss="-", kept="-")
             self.kind = "rich"
         except ImportError:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=label)
+                self.bar = tqdm(total=total, desc=label, initial=start)
                 self.kind = "tqdm"
             except ImportError:
                 pass
@@ -624,6 +778,96 @@ def peak_memory(ctx: Ctx) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
 
 
+class Checkpoints:
+    """--ckpt-dir for one engine/mode: ``DIR/<engine>[-z<stage>]-<mode>/step_NNNNNNNN``,
+    written and resumed through ``dist_cautious.checkpoint`` (DCP for fsdp2 / hsdp / ddp,
+    DeepSpeed's own format for deepspeed), with the settings a bitwise resume needs."""
+
+    def __init__(self, ctx: Ctx, run: Run, cfg: Any, peak_lr: float) -> None:
+        a = ctx.args
+        self.ctx, self.run = ctx, run
+        stage = f"-z{a.zero_stage}" if run.engine == "deepspeed" else ""
+        self.root = Path(a.ckpt_dir) / f"{run.engine}{stage}-{run.mode}"
+        self.every = a.ckpt_every
+        # What must be equal for the resumed run to continue the saved one (the world size
+        # may change for DCP engines: the global batch may not).
+        cfg_d = {k: v for k, v in vars(cfg).items() if k != "batch"}
+        self.meta = {
+            "preset": a.preset,
+            "model": cfg_d,
+            "global_batch": run.micro_batch(cfg) * ctx.world,
+            "engine": run.engine,
+            "zero_stage": a.zero_stage if run.engine == "deepspeed" else None,
+            "mode": run.mode,
+            "seed": a.seed,
+            "steps": a.steps,  # the LR schedule depends on it
+            "peak_lr": peak_lr,
+            "betas": list(a.betas),
+            "weight_decay": a.weight_decay,
+            "amp": a.amp,
+            "grad_reduce_dtype": a.grad_reduce_dtype,
+        }
+        if run.engine == "hsdp":
+            self.meta["hsdp_mesh"] = list(hsdp_shape(ctx))
+
+    def due(self, done: int) -> bool:
+        a = self.ctx.args
+        return done in (a.steps, a.stop_after) or (
+            self.every is not None and done % self.every == 0
+        )
+
+    def resume(self) -> tuple[int, list[float]]:
+        from dist_cautious import checkpoint as ck
+
+        try:
+            if self.run.ds_engine is not None:
+                got = ck.load_deepspeed(self.root, self.run.ds_engine, meta=self.meta)
+            else:
+                got = ck.load(self.root, self.run.module, self.run.opt, meta=self.meta)
+        except ck.CheckpointMismatch as e:
+            raise SystemExit(f"bench: rank {self.ctx.rank}: cannot resume: {e}") from None
+        if got is None:
+            return 0, []
+        if self.ctx.rank == 0:
+            print(
+                f"bench: {self.run.engine}/{self.run.mode}: resumed from {got.path} at step "
+                f"{got.step} (saved on {got.world_size} ranks, now {self.ctx.world}; "
+                f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})",
+                flush=True,
+            )
+        return got.step, list(got.extra.get("losses", []))
+
+    def save(self, done: int, prior: list[float], losses: list[Any]) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from dist_cautious import checkpoint as ck
+
+        hist = list(prior)
+        if losses:  # the mean over ranks, as the final report shows it
+            v = torch.stack([x.float() for x in losses]).to(self.ctx.device)
+            dist.all_reduce(v)
+            hist += (v / self.ctx.world).tolist()
+        extra = {"losses": hist}
+        a = self.ctx.args
+        if self.run.ds_engine is not None:
+            path = ck.save_deepspeed(
+                self.root, self.run.ds_engine, done, extra=extra, meta=self.meta, keep=a.ckpt_keep
+            )
+        else:
+            path = ck.save(
+                self.root,
+                self.run.module,
+                self.run.opt,
+                done,
+                extra=extra,
+                meta=self.meta,
+                keep=a.ckpt_keep,
+            )
+        if self.ctx.rank == 0 and (a.log_every or not sys.stdout.isatty()):
+            print(f"bench: checkpoint {path} (step {done})", flush=True)
+
+
 def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dict, dict | None]:
     import torch
     import torch.distributed as dist
@@ -636,8 +880,10 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
     run = Run(ctx, engine, mode, cfg, peak_lr)
     b = run.micro_batch(cfg)
     rows = b * ctx.world
+    ckpt = Checkpoints(ctx, run, cfg, peak_lr) if a.ckpt_dir else None
+    start, prior_losses = ckpt.resume() if ckpt is not None else (0, [])
     warm = a.warmup_steps if a.warmup_steps is not None else max(2, a.steps // 10)
-    warm = min(warm, max(0, a.steps - 1))
+    warm = min(max(warm, start), max(0, a.steps - 1))
 
     meter = CommMeter(ctx.cuda)
     opt_time = [0.0]
@@ -670,11 +916,12 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
     losses = []
     ops_total: Counter[str] = Counter()
     label = f"{engine}/{mode}"
-    bar = Progress(ctx, a.steps, label)
+    bar = Progress(ctx, a.steps, label, start)
+    ckpt_seconds = 0.0  # checkpoint time after t_start, left out of tokens/s
     dist.barrier()
     t_start = None
     with meter:
-        for step in range(a.steps):
+        for step in range(start, min(a.steps, a.stop_after or a.steps)):
             if step == warm:
                 sync(ctx)
                 dist.barrier()
@@ -703,17 +950,23 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
                 bar.update(step, float(loss), kf)
             else:
                 bar.update(step, None, None)
+            if ckpt is not None and ckpt.due(step + 1):
+                t_ck = time.perf_counter()
+                ckpt.save(step + 1, prior_losses, losses)
+                if t_start is not None:
+                    ckpt_seconds += time.perf_counter() - t_ck
         sync(ctx)
-        t_end = time.perf_counter()
+        t_end = time.perf_counter() - ckpt_seconds
     bar.close()
     run.opt.step = orig_step
 
     # --- reduce statistics over ranks (outside the timed region)
     dev = ctx.device
     n = len(per_step["opt"])
-    loss_vec = torch.stack([x.float() for x in losses]).to(dev)
-    dist.all_reduce(loss_vec)
-    loss_vec /= ctx.world
+    loss_vec = torch.stack([x.float() for x in losses]).to(dev) if losses else None
+    if loss_vec is not None:
+        dist.all_reduce(loss_vec)
+        loss_vec /= ctx.world
     timing = torch.tensor(
         [per_step[k] for k in ("opt", "comm", "compute", "step")], dtype=torch.float64, device=dev
     ).reshape(4, n)
@@ -740,7 +993,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         return statistics.median(timing[row].tolist()) * 1e3 if n else float("nan")
 
     tokens_per_step = rows * cfg.seq_len
-    losses_l = loss_vec.tolist()
+    losses_l = list(prior_losses) + (loss_vec.tolist() if loss_vec is not None else [])
     tail = losses_l[-max(1, len(losses_l) // 10) :]
     calls = per_step["calls"]
     result = {
@@ -749,6 +1002,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         "mode": mode,
         "world": ctx.world,
         "steps": a.steps,
+        "resumed_from_step": start,
         "timed_steps": n,
         "final_loss": losses_l[-1],
         "final_loss_avg_last_10pct": sum(tail) / len(tail),
@@ -1000,6 +1254,52 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.seq_len is not None and args.seq_len < 2:
         p.error(f"--seq-len {args.seq_len}: need at least 2 tokens")
     engines = {args.engine} | ({args.check_against} if args.check_against else set())
+    if args.check_against == args.engine:
+        p.error(
+            f"--engine {args.engine} --check-against {args.engine} would compare a run with "
+            "itself: check against another engine (ddp is the usual reference; for --engine "
+            "ddp use --check-against fsdp2)"
+        )
+    if args.zero_stage is not None and "deepspeed" not in engines:
+        p.error(
+            f"--zero-stage {args.zero_stage} applies to DeepSpeed only: add --engine deepspeed "
+            "(or --check-against deepspeed), or drop --zero-stage"
+        )
+    if args.zero_stage is None and "deepspeed" in engines:
+        args.zero_stage = 2
+    if args.device == "cuda":
+        import torch
+
+        ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if ngpu == 0:
+            p.error(
+                "--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                "False); use --device cpu (gloo) or --device auto"
+            )
+        n = args.nproc if args.nproc is not None else 2
+        if not under_launcher() and n > ngpu:
+            p.error(
+                f"--device cuda needs one GPU per process: --nproc {n} but {ngpu} GPU(s) "
+                f"visible; use --nproc {ngpu} or --device cpu"
+            )
+    if args.stop_after is not None and not (1 <= args.stop_after <= args.steps):
+        p.error(f"--stop-after {args.stop_after}: must be between 1 and --steps {args.steps}")
+    if args.ckpt_every is not None and args.ckpt_dir is None:
+        p.error(f"--ckpt-every {args.ckpt_every} needs --ckpt-dir DIR (where to save)")
+    if args.ckpt_every is not None and args.ckpt_every < 1:
+        p.error(f"--ckpt-every {args.ckpt_every}: need at least 1 step between checkpoints")
+    if args.ckpt_keep < 1:
+        p.error(f"--ckpt-keep {args.ckpt_keep}: keep at least 1 checkpoint")
+    if args.max_restarts < 0:
+        p.error(f"--max-restarts {args.max_restarts}: must be >= 0")
+    if args.max_restarts and under_launcher():
+        p.error(
+            "--max-restarts is for starting bench.py directly; under torchrun pass "
+            "torchrun --max-restarts (and see docs/checkpointing.md)"
+        )
+    for flag, v in (("--pg-timeout", args.pg_timeout), ("--rdzv-timeout", args.rdzv_timeout)):
+        if not (math.isfinite(v) and v > 0):
+            p.error(f"{flag} {v}: must be a number of seconds > 0")
     if args.grad_reduce_dtype == "fp64" and "deepspeed" in engines:
         p.error(
             "--grad-reduce-dtype fp64 is implemented for fsdp2, hsdp and ddp only; DeepSpeed "
@@ -1042,7 +1342,12 @@ def main(argv: list[str] | None = None) -> int:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         return record(worker)(args)  # a failing rank's traceback reaches the launcher's summary
-    return launch(args.nproc if args.nproc is not None else 2, strip_nproc(argv))
+    return launch(
+        args.nproc if args.nproc is not None else 2,
+        strip_nproc(argv),
+        max_restarts=args.max_restarts,
+        rdzv_timeout=args.rdzv_timeout,
+    )
 
 
 if __name__ == "__main__":
