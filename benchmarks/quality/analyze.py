@@ -266,6 +266,7 @@ def analyze(
     configs: tuple = tuple(LABELS),
     seeds: list[int] | None = None,
     command: str | None = None,
+    sweep_configs: tuple = tuple(LABELS)[:2],
 ) -> dict[str, Any]:
     out = Path(out)
     runs_dir = out / "runs"
@@ -439,6 +440,8 @@ def analyze(
     summary["shard_factor_fit"] = fit
     summary["shard_factor_extrapolation"] = extrapolate(fit)
 
+    summary["lr_sensitivity"] = lr_sensitivity(out, runs, sweep_configs, metas)
+
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary, fixed))
     try:
@@ -446,6 +449,46 @@ def analyze(
     except ImportError as e:  # matplotlib is optional (dev/bench extras)
         print(f"analyze: no plots ({e})", file=sys.stderr)
     return summary
+
+
+def lr_sensitivity(out: Path, runs: dict, sweep_configs: tuple, metas: dict) -> list[dict]:
+    """Final validation loss per (optimizer, peak lr) on one seed: the table's runs at the
+    preset's lr plus runs_lr/ at the other lrs."""
+    rows: list[dict] = []
+    folder = out / "runs_lr"
+    files = sorted(folder.glob("*.csv")) if folder.exists() else []
+    seeds_swept = set()
+    for f in files:
+        if not f.with_suffix(".json").exists():
+            continue
+        meta = json.loads(f.with_suffix(".json").read_text())
+        a = meta["args"]
+        cfg = (a["optimizer"], a["scale"] if a["optimizer"] == "cadamw" else "", a["world"])
+        r = read_csv(f)
+        rows.append(
+            {
+                "optimizer": label(cfg),
+                "lr": meta["hyper"]["lr"],
+                "seed": a["seed"],
+                "final_val": float(val_curve(r)[1][-1]),
+                "source": f"runs_lr/{f.name}",
+            }
+        )
+        seeds_swept.add(a["seed"])
+    for cfg in sweep_configs:
+        for seed in sorted(seeds_swept):
+            if seed in runs.get(cfg, {}):
+                meta = metas[run_name(*cfg, seed)]
+                rows.append(
+                    {
+                        "optimizer": label(cfg),
+                        "lr": meta["hyper"]["lr"],
+                        "seed": seed,
+                        "final_val": float(val_curve(runs[cfg][seed])[1][-1]),
+                        "source": f"runs/{run_name(*cfg, seed)}.csv",
+                    }
+                )
+    return sorted(rows, key=lambda r: (r["optimizer"], r["lr"]))
 
 
 def markdown(s: dict[str, Any], fixed: list[int]) -> str:
@@ -605,6 +648,19 @@ def markdown(s: dict[str, Any], fixed: list[int]) -> str:
                     f"{d['p99_abs_logfactor']:.4f} | {d['max_abs_logfactor']:.4f} | "
                     f"{d['zero_kept_shards']} |"
                 )
+    if s.get("lr_sensitivity"):
+        L += [
+            "",
+            "## Learning-rate sensitivity (one seed, final validation loss)",
+            "",
+            "| optimizer | peak lr | seed | final val | run |",
+            "|---|---|---|---|---|",
+        ]
+        for r in s["lr_sensitivity"]:
+            L.append(
+                f"| {r['optimizer']} | {r['lr']:g} | {r['seed']} | {r['final_val']:.4f} | "
+                f"`{r['source']}` |"
+            )
     L += ["", "Runs (wall seconds on a shared 2-core CPU, nice 19; not a speed figure):", ""]
     L += [f"- `{k}`: {v['wall_s']} s" for k, v in sorted(s["runs"].items())]
     return "\n".join(L) + "\n"

@@ -10,6 +10,8 @@ under ``--out`` (default benchmarks/results/quality/):
 
 - ``runs/<optimizer>_<scale>_w<world>_s<seed>.csv`` (+ ``.json``: command, corpus SHA-256,
   wall time; ``.rows.npz``: per-row kept counts) for every run,
+- ``runs_lr/..._lr<lr>.csv``: AdamW and CAdamW global at other peak learning rates
+  (``--sweep-lrs``, first seed): is the shared lr a fair one for both?
 - ``command.txt`` (this command line), ``summary.json`` / ``summary.md`` and the PNGs
   (benchmarks/quality/analyze.py; ``--analyze-only`` redoes just that from the CSVs).
 
@@ -43,6 +45,7 @@ CONFIGS = (
     ("cadamw", "shard", 2),
     ("cadamw", "shard", 4),
 )
+SWEEP_CONFIGS = CONFIGS[:2]  # AdamW and CAdamW global at other peak lrs
 
 
 def run_name(opt: str, scale: str, world: int, seed: int) -> str:
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--sweep-lrs",
+        default="0.0015,0.006",
+        help="peak lrs (besides the preset's) for the AdamW / CAdamW global sensitivity runs on "
+        "the first seed; '' for none (default 0.0015,0.006)",
+    )
     p.add_argument("--force", action="store_true", help="rerun runs that already exist")
     p.add_argument("--analyze-only", action="store_true", help="only (re)write the summary")
     p.add_argument(
@@ -90,10 +99,16 @@ def export_library(rev: str, dest: Path) -> str:
     return sha
 
 
-def one_run(cfg: tuple[str, str, int], seed: int, args: argparse.Namespace) -> dict:
+def one_run(
+    cfg: tuple[str, str, int], seed: int, args: argparse.Namespace, lr: float | None = None
+) -> dict:
     opt, scale, world = cfg
     name = run_name(opt, scale, world, seed)
-    csv_path = args.out / "runs" / f"{name}.csv"
+    folder = "runs"
+    if lr is not None:  # learning-rate sensitivity runs live apart from the table
+        name, folder = f"{name}_lr{lr:g}", "runs_lr"
+    (args.out / folder).mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / folder / f"{name}.csv"
     if not args.force and csv_path.exists() and csv_path.with_suffix(".json").exists():
         return {"run": name, "status": "kept"}
     cmd = [sys.executable, str(TRAIN), "--preset", args.preset, "--optimizer", opt]
@@ -103,10 +118,12 @@ def one_run(cfg: tuple[str, str, int], seed: int, args: argparse.Namespace) -> d
         cmd += ["--scale", scale]
     if args.steps is not None:
         cmd += ["--steps", str(args.steps)]
+    if lr is not None:
+        cmd += ["--lr", f"{lr:g}"]
     if os.name == "posix":
         cmd = ["nice", "-n", "19", *cmd]
     env = dict(os.environ, OMP_NUM_THREADS="1", **args.lib_env)
-    log = args.out / "runs" / f"{name}.log"
+    log = args.out / folder / f"{name}.log"
     t0 = time.time()
     with log.open("w") as f:
         try:
@@ -126,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    sweep = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+    sweep_seed = seeds[0] if seeds else 0
     if len(seeds) < 1:
         raise SystemExit("--seeds: give at least one seed")
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
@@ -140,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "command.txt").write_text(
             command + f"\n# library: {args.lib_env.get('QUALITY_LIB_REV', 'worktree')}\n"
         )
-        jobs = [(cfg, s) for s in seeds for cfg in CONFIGS]  # seed-major: partial tables balance
+        # seed-major: a partial table is balanced; the lr sensitivity runs come last
+        jobs = [(cfg, s, None) for s in seeds for cfg in CONFIGS]
+        jobs += [(cfg, sweep_seed, lr) for lr in sweep for cfg in SWEEP_CONFIGS]
         t0 = time.time()
         with ThreadPoolExecutor(max(1, args.jobs)) as ex:
-            results = list(ex.map(lambda j: one_run(j[0], j[1], args), jobs))
+            results = list(ex.map(lambda j: one_run(j[0], j[1], args, j[2]), jobs))
         status = {"command": command, "wall_s": round(time.time() - t0, 1), "runs": results}
         status["library_rev"] = args.lib_env.get("QUALITY_LIB_REV", "worktree")
         (args.out / "runs_status.json").write_text(json.dumps(status, indent=1))
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     from analyze import analyze
 
-    analyze(args.out, configs=CONFIGS, seeds=seeds, command=command)
+    analyze(args.out, configs=CONFIGS, seeds=seeds, command=command, sweep_configs=SWEEP_CONFIGS)
     return 0
 
 
