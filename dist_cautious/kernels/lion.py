@@ -27,7 +27,7 @@ Two passes:
 2. ``update_pass`` recomputes ``c`` with the same arithmetic (or takes ``u`` and the mask
    from ``scratch``), steps ``p`` and updates ``m`` (reads p, g, m, writes p, m: 20 bytes).
 
-28 bytes per fp32 parameter in all (plain Lion: 20); 22 with bf16/fp16 parameters and fp32
+28 bytes per fp32 parameter in all (plain Lion: 20); 20 with bf16/fp16 parameters and fp32
 state. Arithmetic is float32 (float64 when the state is float64); ``p`` and ``m`` are written
 back in their own dtypes. ``lr * alpha`` is rounded once to the compute dtype; ``u`` is
 -1/0/1, so ``lr * alpha * u`` is exact and the step is one rounding.

@@ -561,7 +561,7 @@ def test_triton_matches_reference(tr, case):
 def test_triton_low_precision_matches_reference(tr, case):
     c = tr[case]
     assert c["counts_equal"], c
-    assert c["p"] <= 4e-3 and c["state"] <= 4e-3, c
+    assert c["p"] <= 1e-3 and c["state"] <= 1e-3, c  # measured: 0 (bitwise)
 
 
 def test_triton_edges_and_fallback_warnings(tr):
