@@ -44,6 +44,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from . import foreach as _fe
 from .common import LionHyper, compute_dtype
 
 STATE_KEYS = ("exp_avg",)
@@ -116,19 +117,31 @@ def reference_update_pass(
 
 
 # --------------------------------------------------------------------------- foreach
+# On CPU the temporaries (u, the mask, fp32 copies of 16-bit tensors, negated gradients)
+# live in scratch buffers kept between steps and keyed by the state tensors (see
+# foreach._scratch_for: a fresh large CPU allocation costs page faults every step): 8 bytes
+# per element of CPU memory, more with 16-bit tensors or maximize. Other devices allocate.
+# Slots of foreach._scratch_for used here: 20 gradients, 21 exp_avg, 22 u, 23 mask, 24 p.
 
 
-def _compute(ts: list[Tensor], dt: torch.dtype) -> tuple[list[Tensor], bool]:
-    if all(t.dtype == dt for t in ts):
-        return ts, False
-    return [t.to(dt) for t in ts], True
+def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
+    if not keys or keys[0].device.type != "cpu":
+        return None
+    return [_fe._scratch_for(k, dt, slot) for k in keys]
 
 
-def _fe_grads(grads: list[Tensor], dt: torch.dtype, maximize: bool) -> list[Tensor]:
-    gs, copied = _compute(grads, dt)
+def _fe_grads(
+    grads: list[Tensor], dt: torch.dtype, maximize: bool, keys: list[Tensor]
+) -> list[Tensor]:
+    gs, copied = _fe._as_compute(grads, dt, keys, slot=20)
     if maximize:
+        out = None if copied else _bufs(keys, dt, 20)
         if copied:
             torch._foreach_neg_(gs)
+        elif out is not None:
+            for g, o in zip(gs, out):
+                torch.neg(g, out=o)
+            gs = out
         else:
             gs = torch._foreach_neg(gs)
     return gs
@@ -145,18 +158,27 @@ def _fingerprint(h: LionHyper, grads: list[Tensor], exp_avgs: list[Tensor]) -> t
     )
 
 
-def _fe_direction(gs: list[Tensor], ms: list[Tensor], h: LionHyper):
+def _fe_direction(gs: list[Tensor], ms: list[Tensor], h: LionHyper, keys: list[Tensor]):
     """(u, 0/1 mask in the compute dtype)."""
-    us = torch._foreach_sign(torch._foreach_lerp(ms, gs, 1 - h.beta1))
-    masks = torch._foreach_mul(us, gs)
+    dt = gs[0].dtype
+    us, masks = _bufs(keys, dt, 22), _bufs(keys, dt, 23)
+    if us is None or masks is None:
+        us = torch._foreach_lerp(ms, gs, 1 - h.beta1)
+        torch._foreach_sign_(us)
+        masks = torch._foreach_mul(us, gs)
+    else:
+        for m, g, u, x in zip(ms, gs, us, masks):
+            torch.lerp(m, g, 1 - h.beta1, out=u)
+            torch.sign(u, out=u)
+            torch.mul(u, g, out=x)
     for x in masks:
         x.gt_(0)
     return us, masks
 
 
 def _counts(masks: list[Tensor]) -> Tensor:
-    sums = [x.sum(dtype=torch.float64) for x in masks]  # 0/1 values: exact below 2**53
-    return torch.stack(sums).to(torch.int64)
+    # 0/1 values: the sums are exact (foreach._count picks float64 for large tensors)
+    return torch.stack([_fe._count(x).to(torch.float64) for x in masks]).to(torch.int64)
 
 
 def foreach_count_pass(
@@ -174,9 +196,9 @@ def foreach_count_pass(
     if not exp_avgs:
         return _zeros()
     dt = compute_dtype(exp_avgs[0])
-    gs = _fe_grads(grads, dt, h.maximize)
-    ms, _ = _compute(exp_avgs, dt)
-    us, masks = _fe_direction(gs, ms, h)
+    gs = _fe_grads(grads, dt, h.maximize, exp_avgs)
+    ms, _ = _fe._as_compute(exp_avgs, dt, exp_avgs, slot=21)
+    us, masks = _fe_direction(gs, ms, h, exp_avgs)
     counts = _counts(masks)
     if scratch is not None:
         scratch.update(key=_fingerprint(h, grads, exp_avgs), us=us, masks=masks)
@@ -191,7 +213,7 @@ def foreach_update_pass(
     h: LionHyper,
     scratch: dict | None = None,
 ) -> None:
-    """As :func:`reference_update_pass` (bitwise in float32), with ``torch._foreach_*`` ops."""
+    """As :func:`reference_update_pass` (bitwise), with ``torch._foreach_*`` ops."""
     (exp_avgs,) = states
     hit = None
     if scratch:
@@ -202,21 +224,20 @@ def foreach_update_pass(
     if not params:
         return
     dt = compute_dtype(exp_avgs[0])
-    gs = _fe_grads(grads, dt, h.maximize)
-    ms, m_copied = _compute(exp_avgs, dt)
-    us, masks = hit if hit is not None else _fe_direction(gs, ms, h)
-    ps, p_copied = _compute(params, dt)
+    gs = _fe_grads(grads, dt, h.maximize, exp_avgs)
+    ms, m_copied = _fe._as_compute(exp_avgs, dt, exp_avgs, slot=21)
+    us, masks = hit if hit is not None else _fe_direction(gs, ms, h, exp_avgs)
+    ps, p_copied = _fe._as_compute(params, dt, exp_avgs, slot=24)
     if h.weight_decay != 0:
         decay = 1 - h.lr * h.weight_decay
         if h.cautious_wd:
-            from .foreach import decay_factors
-
-            torch._foreach_mul_(ps, decay_factors(us, ps, decay))
+            torch._foreach_mul_(ps, _fe.decay_factors(us, ps, decay))
         else:
             torch._foreach_mul_(ps, decay)
     steps = (alphas.to(device=ps[0].device, dtype=dt) * h.lr).unbind()
-    upd = torch._foreach_mul(us, masks)
-    torch._foreach_mul_(upd, list(steps))  # u * step: exact
+    upd = masks  # the mask's buffer becomes the step: mask * u * (lr * alpha), exact
+    torch._foreach_mul_(upd, us)
+    torch._foreach_mul_(upd, list(steps))
     torch._foreach_sub_(ps, upd)
     if p_copied:
         torch._foreach_copy_(params, ps)

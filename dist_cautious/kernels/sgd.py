@@ -50,6 +50,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from . import foreach as _fe
 from .common import SGDHyper, compute_dtype
 
 STATE_KEYS = ("momentum_buffer",)
@@ -134,35 +135,67 @@ def reference_update_pass(
 
 
 # --------------------------------------------------------------------------- foreach
+# On CPU the temporaries (g_eff, d for Nesterov, the mask, fp32 copies of 16-bit tensors)
+# live in scratch buffers kept between steps and keyed by the momentum buffers (see
+# foreach._scratch_for: a fresh large CPU allocation costs page faults every step): 4 bytes
+# per element of CPU memory for heavy ball, 8 with Nesterov, more with 16-bit tensors, L2
+# decay or maximize. Other devices allocate. Slots of foreach._scratch_for used here:
+# 30 g_eff, 31 buf, 32 d, 33 mask, 34 p.
 
 
-def _compute(ts: list[Tensor], dt: torch.dtype) -> tuple[list[Tensor], bool]:
-    if all(t.dtype == dt for t in ts):
-        return ts, False
-    return [t.to(dt) for t in ts], True
+def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
+    if not keys or keys[0].device.type != "cpu":
+        return None
+    return [_fe._scratch_for(k, dt, slot) for k in keys]
 
 
-def _fe_grads(params: list[Tensor], grads: list[Tensor], dt: torch.dtype, h: SGDHyper):
-    gs, copied = _compute(grads, dt)
+def _fe_grads(
+    params: list[Tensor], grads: list[Tensor], dt: torch.dtype, h: SGDHyper, keys: list[Tensor]
+) -> list[Tensor]:
+    gs, copied = _fe._as_compute(grads, dt, keys, slot=30)
     if h.maximize:
+        out = None if copied else _bufs(keys, dt, 30)
         if copied:
             torch._foreach_neg_(gs)
+        elif out is not None:
+            for g, o in zip(gs, out):
+                torch.neg(g, out=o)
+            gs = out
         else:
             gs = torch._foreach_neg(gs)
-            copied = True
+        copied = True
     if _l2(h):
-        ps, _ = _compute(params, dt)
+        ps, _ = _fe._as_compute(params, dt, keys, slot=34)
+        out = None if copied else _bufs(keys, dt, 30)
         if copied:
             torch._foreach_add_(gs, ps, alpha=h.weight_decay)
+        elif out is not None:
+            for g, p, o in zip(gs, ps, out):
+                torch.add(g, p, alpha=h.weight_decay, out=o)
+            gs = out
         else:
             gs = torch._foreach_add(gs, ps, alpha=h.weight_decay)
     return gs
 
 
-def _fe_direction(ges: list[Tensor], bs: list[Tensor], h: SGDHyper):
+def _fe_direction(ges: list[Tensor], bs: list[Tensor], h: SGDHyper, keys: list[Tensor]):
     """(d, 0/1 mask in the compute dtype); ``d`` is ``bs`` itself for heavy ball."""
-    ds = torch._foreach_add(ges, bs, alpha=h.momentum) if h.nesterov else bs
-    masks = torch._foreach_mul(ds, ges)
+    dt = ges[0].dtype
+    if h.nesterov:
+        ds = _bufs(keys, dt, 32)
+        if ds is None:
+            ds = torch._foreach_add(ges, bs, alpha=h.momentum)
+        else:
+            for g, b, d in zip(ges, bs, ds):
+                torch.add(g, b, alpha=h.momentum, out=d)
+    else:
+        ds = bs
+    masks = _bufs(keys, dt, 33)
+    if masks is None:
+        masks = torch._foreach_mul(ds, ges)
+    else:
+        for d, g, x in zip(ds, ges, masks):
+            torch.mul(d, g, out=x)
     for x in masks:
         x.gt_(0)
     return ds, masks
@@ -195,18 +228,18 @@ def foreach_count_pass(
     if not bufs:
         return _zeros()
     dt = compute_dtype(bufs[0])
-    ges = _fe_grads(params, grads, dt, h)
+    ges = _fe_grads(params, grads, dt, h, bufs)
     if h.first_step:
         torch._foreach_copy_(bufs, ges)
     else:
-        bs, copied = _compute(bufs, dt)
+        bs, copied = _fe._as_compute(bufs, dt, bufs, slot=31)
         torch._foreach_mul_(bs, h.momentum)
         torch._foreach_add_(bs, ges, alpha=1 - h.dampening)
         if copied:
             torch._foreach_copy_(bufs, bs)
-    bs, _ = _compute(bufs, dt)  # as stored
-    ds, masks = _fe_direction(ges, bs, h)
-    counts = torch.stack([x.sum(dtype=torch.float64) for x in masks]).to(torch.int64)
+    bs, _ = _fe._as_compute(bufs, dt, bufs, slot=31)  # as stored
+    ds, masks = _fe_direction(ges, bs, h, bufs)
+    counts = torch.stack([_fe._count(x).to(torch.float64) for x in masks]).to(torch.int64)
     if scratch is not None:
         scratch.update(key=_fingerprint(h, (params, grads, bufs)), ds=ds, masks=masks)
     return counts
@@ -220,7 +253,7 @@ def foreach_update_pass(
     h: SGDHyper,
     scratch: dict | None = None,
 ) -> None:
-    """As :func:`reference_update_pass`, with ``torch._foreach_*`` ops."""
+    """As :func:`reference_update_pass` (bitwise), with ``torch._foreach_*`` ops."""
     (bufs,) = states
     hit = None
     if scratch:
@@ -232,18 +265,17 @@ def foreach_update_pass(
         return
     dt = compute_dtype(bufs[0])
     if hit is None:
-        ges = _fe_grads(params, grads, dt, h)
-        bs, _ = _compute(bufs, dt)
-        ds, masks = _fe_direction(ges, bs, h)
+        ges = _fe_grads(params, grads, dt, h, bufs)
+        bs, _ = _fe._as_compute(bufs, dt, bufs, slot=31)
+        ds, masks = _fe_direction(ges, bs, h, bufs)
     else:
         ds, masks = hit
-    ps, p_copied = _compute(params, dt)
+    ps, p_copied = _fe._as_compute(params, dt, bufs, slot=34)
     if h.cautious_wd and h.weight_decay != 0:
-        from .foreach import decay_factors
-
-        torch._foreach_mul_(ps, decay_factors(ds, ps, 1 - h.lr * h.weight_decay))
+        torch._foreach_mul_(ps, _fe.decay_factors(ds, ps, 1 - h.lr * h.weight_decay))
     steps = (alphas.to(device=ps[0].device, dtype=dt) * h.lr).unbind()
-    upd = torch._foreach_mul(ds, masks)
+    upd = masks  # the mask's buffer becomes the step: mask * d * (lr * alpha)
+    torch._foreach_mul_(upd, ds)
     torch._foreach_mul_(upd, list(steps))
     torch._foreach_sub_(ps, upd)
     if p_copied:
