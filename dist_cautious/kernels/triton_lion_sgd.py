@@ -28,13 +28,14 @@ from torch import Tensor
 
 from . import lion as _lion
 from . import sgd as _sgd
-from .common import LionHyper, SGDHyper
+from .common import LionHyper, SGDHyper, cautious_factor
 from .triton_kernels import (
     _CONFIG,
     _VEC,
     INTERPRETED,
     _cast_out,
     _check_device,
+    _clamp_tensor,
     _fused_ok,
     _lerp,
     _table,
@@ -46,6 +47,22 @@ __all__ = ["lion", "sgd"]
 
 
 # --------------------------------------------------------------------------- Lion kernels
+
+
+@triton.jit
+def _alpha(alphas, counts, numels, fparams, t, FACTOR: tl.constexpr):
+    # FACTOR: 0 = read alphas[t]; 1 = "clamp", 2 = "paper": from the int64 counts and numels,
+    # in float64 exactly as common.cautious_factor (fparams[0] = clamp), as the AdamW kernel.
+    if FACTOR == 0:
+        return tl.load(alphas + t).to(tl.float32)
+    else:
+        cnt = tl.load(counts + t).to(tl.float64)
+        num = tl.load(numels + t).to(tl.float64)
+        if FACTOR == 1:
+            a64 = num / tl.maximum(cnt, tl.load(fparams) * num)
+        else:
+            a64 = num / (cnt + 1.0)
+        return a64.to(tl.float32)  # num > 0: tensors without elements have no program
 
 
 @triton.jit
@@ -126,6 +143,9 @@ def _lion_update_kernel(
     M,
     tab,
     alphas,
+    counts,
+    numels,
+    fparams,
     nc,
     n,
     w1,
@@ -145,6 +165,7 @@ def _lion_update_kernel(
     SOFT_BF16: tl.constexpr,
     LOAD_EV: tl.constexpr,
     STORE_CM: tl.constexpr,
+    FACTOR: tl.constexpr,
 ):
     CHUNK: tl.constexpr = BLOCK * TILES
     pid = tl.program_id(0)
@@ -156,7 +177,7 @@ def _lion_update_kernel(
     og = tl.load(base + n + t) + c * CHUNK
     om = tl.load(base + 2 * n + t) + c * CHUNK
     rem = tl.load(base + 3 * n + t) - c * CHUNK
-    alpha = tl.load(alphas + t)
+    alpha = _alpha(alphas, counts, numels, fparams, t, FACTOR)
     idx0 = tl.arange(0, BLOCK)
     if full != 0:
         pp = P + (op // VP) * VP
@@ -304,6 +325,9 @@ def _sgd_update_kernel(
     B,
     tab,
     alphas,
+    counts,
+    numels,
+    fparams,
     nc,
     n,
     wd,
@@ -322,6 +346,7 @@ def _sgd_update_kernel(
     SOFT_BF16: tl.constexpr,
     LOAD_EV: tl.constexpr,
     STORE_CM: tl.constexpr,
+    FACTOR: tl.constexpr,
 ):
     CHUNK: tl.constexpr = BLOCK * TILES
     pid = tl.program_id(0)
@@ -333,7 +358,7 @@ def _sgd_update_kernel(
     og = tl.load(base + n + t) + c * CHUNK
     ob = tl.load(base + 2 * n + t) + c * CHUNK
     rem = tl.load(base + 3 * n + t) - c * CHUNK
-    alpha = tl.load(alphas + t)
+    alpha = _alpha(alphas, counts, numels, fparams, t, FACTOR)
     idx0 = tl.arange(0, BLOCK)
     if full != 0:
         pp = P + (op // VP) * VP
@@ -384,12 +409,41 @@ def _fused(
     return _table(kind, lists, device)
 
 
-def _alphas(alphas: Tensor, n: int, device: torch.device) -> Tensor:
-    if alphas.dtype != torch.float32 or alphas.device != device or not alphas.is_contiguous():
-        alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
-    if alphas.numel() != n:
-        raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
-    return alphas
+def _factor_args(
+    alphas: Tensor | None, factor: tuple | None, n: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """(alphas, counts, numels, fparams, FACTOR) kernel arguments; unused pointers alias."""
+    if factor is None:
+        if alphas.dtype != torch.float32 or alphas.device != device or not alphas.is_contiguous():
+            alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
+        if alphas.numel() != n:
+            raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
+        return alphas, alphas, alphas, alphas, 0
+    counts, numels, formula, clamp = factor
+    for name, x in (("counts", counts), ("numels", numels)):
+        if x.dtype != torch.int64 or x.device != device or x.numel() != n:
+            raise ValueError(
+                f"update_pass: {name} must be int64[{n}] on {device}, got "
+                f"{x.dtype}[{x.numel()}] on {x.device}"
+            )
+    counts, numels = counts.contiguous(), numels.contiguous()
+    fparams = _clamp_tensor(float(clamp), device)
+    return counts, counts, numels, fparams, 1 if formula == "clamp" else 2
+
+
+def _check_factor(alphas: Tensor | None, factor: tuple | None) -> Tensor | None:
+    """Validate ``alphas`` / ``factor``; the alphas a foreach fallback would use."""
+    if factor is None:
+        if alphas is None:
+            raise ValueError("update_pass: give alphas or factor=(counts, numels, formula, clamp)")
+        return alphas
+    counts, numels, formula, clamp = factor
+    if alphas is not None or formula not in ("clamp", "paper"):
+        raise ValueError(
+            "update_pass: give either alphas or factor=(counts, numels, formula, clamp) with "
+            f"formula 'clamp' or 'paper' (got alphas={alphas is not None}, formula={formula!r})"
+        )
+    return None
 
 
 def lion_count_pass(
@@ -438,13 +492,20 @@ def lion_update_pass(
     params: list[Tensor],
     grads: list[Tensor],
     states: tuple[list[Tensor], ...],
-    alphas: Tensor,
+    alphas: Tensor | None,
     h: LionHyper,
     scratch: dict | None = None,
+    *,
+    factor: tuple[Tensor, Tensor, str, float] | None = None,
 ) -> None:
-    """Decay, the masked rescaled sign step and ``m <- lerp(m, g, 1 - beta2)``, in place."""
+    """Decay, the masked rescaled sign step and ``m <- lerp(m, g, 1 - beta2)``, in place.
+
+    ``factor=(counts, numels, formula, clamp)`` (``alphas`` then None): each tensor's factor
+    is computed inside the kernel from int64 device ``counts`` and ``numels``, bit for bit
+    as :func:`~dist_cautious.kernels.common.cautious_factor` (as the AdamW update kernel)."""
     if scratch is not None:
         scratch.clear()
+    _check_factor(alphas, factor)
     (exp_avgs,) = states
     if not params:
         return
@@ -456,12 +517,14 @@ def lion_update_pass(
         (params[0].dtype, grads[0].dtype),
     )
     if hit is None:
+        if factor is not None:
+            alphas = cautious_factor(*factor)
         return _lion.foreach_update_pass(params, grads, states, alphas, h)
     table, nc, (pb, gb, mb) = hit
     if nc == 0:
         return
     n = len(params)
-    alphas = _alphas(alphas, n, pb.device)
+    alphas, counts, numels, fparams, fmode = _factor_args(alphas, factor, n, pb.device)
     cfg = _CONFIG["update"]
     w1, w2 = 1.0 - h.beta1, 1.0 - h.beta2
     _lion_update_kernel[(nc,)](
@@ -470,6 +533,9 @@ def lion_update_pass(
         mb,
         table,
         alphas,
+        counts,
+        numels,
+        fparams,
         nc,
         n,
         w1,
@@ -489,6 +555,7 @@ def lion_update_pass(
         SOFT_BF16=INTERPRETED,
         LOAD_EV=cfg["load_ev"],
         STORE_CM=cfg["store_cm"],
+        FACTOR=fmode,
         num_warps=cfg["num_warps"],
     )
 
@@ -546,24 +613,30 @@ def sgd_update_pass(
     params: list[Tensor],
     grads: list[Tensor],
     states: tuple[list[Tensor], ...],
-    alphas: Tensor,
+    alphas: Tensor | None,
     h: SGDHyper,
     scratch: dict | None = None,
+    *,
+    factor: tuple[Tensor, Tensor, str, float] | None = None,
 ) -> None:
-    """The masked, rescaled momentum step (and cautious decay), in place."""
+    """The masked, rescaled momentum step (and cautious decay), in place; ``factor`` as in
+    :func:`lion_update_pass`."""
     if scratch is not None:
         scratch.clear()
+    _check_factor(alphas, factor)
     (bufs,) = states
     if not params:
         return
     hit = _fused("update", [params, grads, bufs], grads, bufs[0], (params[0].dtype, grads[0].dtype))
     if hit is None:
+        if factor is not None:
+            alphas = cautious_factor(*factor)
         return _sgd.foreach_update_pass(params, grads, states, alphas, h)
     table, nc, (pb, gb, bb) = hit
     if nc == 0:
         return
     n = len(params)
-    alphas = _alphas(alphas, n, pb.device)
+    alphas, counts, numels, fparams, fmode = _factor_args(alphas, factor, n, pb.device)
     cfg = _CONFIG["update"]
     _sgd_update_kernel[(nc,)](
         pb,
@@ -571,6 +644,9 @@ def sgd_update_pass(
         bb,
         table,
         alphas,
+        counts,
+        numels,
+        fparams,
         nc,
         n,
         h.weight_decay,
@@ -589,9 +665,16 @@ def sgd_update_pass(
         SOFT_BF16=INTERPRETED,
         LOAD_EV=cfg["load_ev"],
         STORE_CM=cfg["store_cm"],
+        FACTOR=fmode,
         num_warps=cfg["num_warps"],
     )
 
 
-lion = SimpleNamespace(count_pass=lion_count_pass, update_pass=lion_update_pass)
-sgd = SimpleNamespace(count_pass=sgd_count_pass, update_pass=sgd_update_pass)
+# SUPPORTS_FUSED_FACTOR: update_pass(..., alphas=None, factor=(counts, numels, formula, clamp))
+# computes the factor in the kernel (no separate launches), as triton_kernels.update_pass.
+lion = SimpleNamespace(
+    count_pass=lion_count_pass, update_pass=lion_update_pass, SUPPORTS_FUSED_FACTOR=True
+)
+sgd = SimpleNamespace(
+    count_pass=sgd_count_pass, update_pass=sgd_update_pass, SUPPORTS_FUSED_FACTOR=True
+)

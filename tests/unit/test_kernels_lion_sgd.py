@@ -570,3 +570,9 @@ def test_triton_edges_and_fallback_warnings(tr):
     assert any("float64" in w for w in tr["fallback_warnings"])
     assert any("non-contiguous" in w for w in tr["fallback_warnings"])
     assert tr["lion_count_read_only"] is True
+
+
+@pytest.mark.parametrize("which", ["lion", "sgd"])
+@pytest.mark.parametrize("case", ["clamp_0.001", "clamp_0.25", "paper_0.001"])
+def test_triton_factor_inside_update_kernel_is_bitwise_cautious_factor(tr, which, case):
+    assert tr[f"fused_factor_{which}_{case}"] is True

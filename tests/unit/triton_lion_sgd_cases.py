@@ -166,6 +166,23 @@ def main() -> None:
     lion.get("triton").count_pass(p, gseq[0], (m,), lion_h()(0))
     res["lion_count_read_only"] = all(torch.equal(a, b) for a, b in zip(m, m0))
 
+    # The factor computed inside the update kernels equals common.cautious_factor bitwise.
+    for name, mod, hyper in (("lion", lion, lion_h(cautious_wd=True)), ("sgd", sgd, sgd_h())):
+        for formula, clamp in (("clamp", 1e-3), ("clamp", 0.25), ("paper", 1e-3)):
+            a = _lists([300, 65, 128, 7], f32, f32)
+            b = [[t.clone() for t in x] for x in a[:2]]
+            counts = torch.tensor([0, 3, 128, 2], dtype=torch.int64)
+            numels = _numels(a[0])
+            tri = mod.get("triton")
+            tri.update_pass(a[0], a[2][0], (a[1],), cautious_factor(counts, numels, formula, clamp),
+                            hyper(1))  # fmt: skip
+            tri.update_pass(b[0], a[2][0], (b[1],), None, hyper(1),
+                            factor=(counts, numels, formula, clamp))  # fmt: skip
+            res[f"fused_factor_{name}_{formula}_{clamp}"] = (
+                all(torch.equal(x, y) for i in (0, 1) for x, y in zip(a[i], b[i]))
+                and tri.SUPPORTS_FUSED_FACTOR
+            )
+
     res["adamw_cwd"] = adamw_compare(edges)
     res["adamw_cwd_deferred"] = adamw_compare(small, defer=True)
     res["adamw_cwd_maximize"] = adamw_compare(small, maximize=True)
