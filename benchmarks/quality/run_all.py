@@ -4,7 +4,8 @@
     nice -n 19 python benchmarks/quality/run_all.py
 
 trains, for every seed (default 0,1,2), torch AdamW, CAdamW ``scale="global"`` (single
-process), and CAdamW ``scale="shard"`` under FSDP2 at 2 and 4 gloo ranks, all with the same
+process), CAdamW ``scale="shard"`` under FSDP2 at 2 and 4 gloo ranks and, as a control,
+CAdamW ``scale="global"`` under FSDP2 at 4 ranks, all with the same
 hyperparameters (benchmarks/quality/train.py, ``--preset``, default cpu-small), then writes
 under ``--out`` (default benchmarks/results/quality/):
 
@@ -44,6 +45,9 @@ CONFIGS = (
     ("cadamw", "global", 1),
     ("cadamw", "shard", 2),
     ("cadamw", "shard", 4),
+    # control: the exact factor under the same FSDP2 sharding, so that a shard-vs-global
+    # difference is not just FSDP2's different reduction order
+    ("cadamw", "global", 4),
 )
 SWEEP_CONFIGS = CONFIGS[:2]  # AdamW and CAdamW global at other peak lrs
 
@@ -68,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.0015,0.006",
         help="peak lrs (besides the preset's) for the AdamW / CAdamW global sensitivity runs on "
         "the first seed; '' for none (default 0.0015,0.006)",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma list of run prefixes to train, e.g. cadamw_global_w4 (default: all)",
     )
     p.add_argument("--force", action="store_true", help="rerun runs that already exist")
     p.add_argument("--analyze-only", action="store_true", help="only (re)write the summary")
@@ -162,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         # seed-major: a partial table is balanced; the lr sensitivity runs come last
         jobs = [(cfg, s, None) for s in seeds for cfg in CONFIGS]
         jobs += [(cfg, sweep_seed, lr) for lr in sweep for cfg in SWEEP_CONFIGS]
+        if args.only:
+            keep = [x.strip() for x in args.only.split(",") if x.strip()]
+            jobs = [j for j in jobs if any(run_name(*j[0], j[1]).startswith(k) for k in keep)]
         t0 = time.time()
         with ThreadPoolExecutor(max(1, args.jobs)) as ex:
             results = list(ex.map(lambda j: one_run(j[0], j[1], args, j[2]), jobs))
