@@ -48,9 +48,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .base import CautiousOptimizer
 from .flat import FlatLayout, Fragment, _packed_offsets, _reduction, _window
 from .layout import DEFAULT_LAYOUT
-from .optim import CAdamW
+from .optim import CAdamW  # noqa: F401  (re-exported for ``dsc.CAdamW`` users)
 
 __all__ = [
     "Fragment",
@@ -255,13 +256,13 @@ def _wrapper_types() -> dict[str, type]:
     return out
 
 
-def _find(obj: Any) -> tuple[Any, CAdamW]:
+def _find(obj: Any) -> tuple[Any, CautiousOptimizer]:
     """Walk ``.optimizer`` from an engine (or a DeepSpeed / accelerate optimizer wrapper) to
     the CAdamW inside; return (the object directly around it, the CAdamW)."""
     start = obj
     parent = None
     for _ in range(8):
-        if isinstance(obj, CAdamW):
+        if isinstance(obj, CautiousOptimizer):  # CAdamW, CLion, CSGD
             return parent, obj
         if isinstance(obj, torch.optim.Optimizer) and not hasattr(obj, "optimizer"):
             raise TypeError(
@@ -299,7 +300,7 @@ def _unsupported(wrapper: Any, kinds: dict[str, type]) -> str | None:
     return None
 
 
-def attach(engine: Any, *, verify: bool = True) -> CAdamW:
+def attach(engine: Any, *, verify: bool = True) -> CautiousOptimizer:
     """Make the CAdamW inside a DeepSpeed engine step ZeRO's flat partitions per tensor.
 
     Call once after ``deepspeed.initialize(model=..., optimizer=CAdamW(...), config=...)``
@@ -483,7 +484,7 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
 
 
 @contextlib.contextmanager
-def _skip_construction_steps(opt: CAdamW) -> Iterator[dict]:
+def _skip_construction_steps(opt: CautiousOptimizer) -> Iterator[dict]:
     """Skip ``opt.step()`` calls made while DeepSpeed builds its wrapper.
 
     ``FP16_UnfusedOptimizer`` (fp16/bf16 without ZeRO) steps the optimizer once with
@@ -542,12 +543,12 @@ def initialize(*args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             "dist_cautious.deepspeed.initialize needs optimizer=CAdamW(...) (a client optimizer)"
         )
-    if isinstance(opt, torch.optim.Optimizer) and not isinstance(opt, CAdamW):
+    if isinstance(opt, torch.optim.Optimizer) and not isinstance(opt, CautiousOptimizer):
         raise TypeError(
             f"optimizer is {type(opt).__name__}, not dist_cautious.CAdamW; use "
             "deepspeed.initialize directly for other optimizers"
         )
-    if isinstance(opt, CAdamW):
+    if isinstance(opt, CautiousOptimizer):
         with _skip_construction_steps(opt):
             out = deepspeed.initialize(*args, **kwargs)
     else:  # a callable building the optimizer inside deepspeed.initialize

@@ -50,7 +50,7 @@ class FlatLayout:
     ``reserve`` takes one slot per original tensor of the flat buffer, on every rank (so the
     count vectors of all ranks have the same length and meaning, and the all-reduce cannot
     mix tensors up); ``pieces`` returns the fragments present on this rank as views of the
-    flat param / grad / exp_avg / exp_avg_sq. Padding belongs to no fragment and is never
+    flat param / grad / optimizer states. Padding belongs to no fragment and is never
     stepped. ``reduction`` is ``None`` when no fragment's tensor is split across ranks (the
     partition group has one rank, or nothing is sharded).
 
@@ -112,7 +112,7 @@ class FlatLayout:
         return tuple(table.reserve(self.reduction, f.numel) for f in self.fragments)
 
     def pieces(
-        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
+        self, param: Tensor, grad: Tensor, states: tuple[Tensor, ...], token: object
     ) -> list[Piece]:
         self._check(param, "flat parameter")
         self._check(grad, "gradient")
@@ -125,8 +125,7 @@ class FlatLayout:
                 Piece(
                     param.narrow(0, s, n),
                     grad.narrow(0, s, n),
-                    exp_avg.narrow(0, s, n),
-                    exp_avg_sq.narrow(0, s, n),
+                    tuple(t.narrow(0, s, n) for t in states),
                     numel=f.numel,
                     reduction=self.reduction,
                     slot=token[k] if token is not None else -1,  # type: ignore[index]

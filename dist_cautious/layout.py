@@ -9,8 +9,9 @@ The optimizer never reasons about FSDP or ZeRO. For every parameter it asks a
   parameter has a gradient here: this is what makes every rank build count vectors of
   the same length with the same meaning, so the all-reduce that follows cannot hang or
   mix up tensors.
-* ``pieces(...)``: the local parts (views) of param / grad / exp_avg / exp_avg_sq, each
-  tagged with the numel of the *original* tensor and its slot.
+* ``pieces(...)``: the local parts (views) of param / grad / each optimizer state tensor
+  (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg; SGD: momentum_buffer), each tagged with the
+  numel of the *original* tensor and its slot.
 
 Layouts here: plain tensors and DDP (one whole piece, no slot) and DTensors (FSDP2,
 HSDP, TP: the local shard, one slot in the group of mesh dims that shard it). The
@@ -105,8 +106,7 @@ class Piece:
 
     param: Tensor
     grad: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
+    states: tuple[Tensor, ...]  # the optimizer's state tensors, in its ``state_keys`` order
     numel: int  # elements of the original (global) tensor
     reduction: Reduction | None = None  # None: the piece is the whole tensor
     slot: int = -1
@@ -116,7 +116,7 @@ class ParamLayout(Protocol):
     def reserve(self, param: Tensor, table: SlotTable) -> object: ...
 
     def pieces(
-        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
+        self, param: Tensor, grad: Tensor, states: tuple[Tensor, ...], token: object
     ) -> list[Piece]: ...
 
 
@@ -176,7 +176,7 @@ class TensorLayout:
         return None
 
     def pieces(
-        self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, token: object
+        self, param: Tensor, grad: Tensor, states: tuple[Tensor, ...], token: object
     ) -> list[Piece]:
         if isinstance(param, DTensor):
             if not isinstance(grad, DTensor):
@@ -196,8 +196,7 @@ class TensorLayout:
                 Piece(
                     _local(param),
                     _local(grad),
-                    _local(exp_avg),
-                    _local(exp_avg_sq),
+                    tuple(map(_local, states)),
                     numel=param.numel(),
                     reduction=red,
                     slot=slot,
@@ -205,7 +204,7 @@ class TensorLayout:
             ]
         if isinstance(grad, DTensor):
             raise TypeError("gradient is a DTensor but the parameter is a plain tensor")
-        return [Piece(param, grad, exp_avg, exp_avg_sq, numel=param.numel())]
+        return [Piece(param, grad, states, numel=param.numel())]
 
 
 DEFAULT_LAYOUT = TensorLayout()

@@ -1,0 +1,724 @@
+"""``CautiousOptimizer``: what every cautious optimizer shares, whatever its math.
+
+A step, in four stages (each in its own module):
+
+1. plan (:mod:`.layout`, :mod:`.plan`): walk every parameter of every group, reserve count
+   slots for tensors split across ranks, and cut the local pieces the kernels will step;
+2. count pass (the optimizer's kernels): update what the mask needs and count
+   ``u * g > 0`` per piece (``u`` the update direction, ``g`` the gradient);
+3. reduce (:mod:`.reduce`): sum counts over shards (one all-reduce per shard process group),
+   then ``alpha = N / max(nnz, clamp * N)`` per piece, on the device;
+4. update pass (the optimizer's kernels): the masked, rescaled step and the state update.
+
+The base owns the options every cautious optimizer has (``scale``, ``formula``, ``clamp``,
+``backend``, ``state_dtype``, ``cautious_weight_decay``: param-group keys like ``lr``),
+state creation from the subclass's ``state_keys``, copies and pickling, state-dict
+validation, the cached step plan, the statistics, and the distributed bookkeeping. A
+subclass (:mod:`.optim`: ``CAdamW``, ``CLion``, ``CSGD``) is its math: hyperparameters and
+their checks, ``state_keys``, and four hooks (``_check_hyper``, ``_resolve``, ``_count``,
+``_update``) that call its kernels.
+
+No host synchronisation happens inside ``step()`` on CUDA (counts and factors stay on the
+device); the kept-mask statistics are device tensors read only when you ask for them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from itertools import repeat
+from operator import attrgetter, is_
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import kernels
+from .layout import DEFAULT_LAYOUT, ParamLayout, SlotTable, is_dtensor, zeros_state
+from .plan import Bucket, Entry, Plan, factors, pieces_of
+from .reduce import ReducedCounts, check_agreement, device_index, reduce_counts
+
+SCALES = ("global", "shard")
+FORMULAS = ("clamp", "paper")
+STATE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# The cautious options. Like every torch hyperparameter they live in each param group (so
+# they work per group, travel in ``state_dict()``, are restored by ``load_state_dict`` and
+# survive ``copy.deepcopy`` / ``pickle``); the constructor arguments are the defaults.
+OPTION_KEYS = ("scale", "formula", "clamp", "backend", "state_dtype", "cautious_weight_decay")
+OPTION_DEFAULTS: dict[str, Any] = dict(
+    scale="global",
+    formula="clamp",
+    clamp=1e-3,
+    backend="auto",
+    state_dtype=None,
+    cautious_weight_decay=False,
+)
+
+
+def flat_layout_for(p: Tensor) -> ParamLayout | None:
+    """The layout of an FSDP1 flattened parameter (see :mod:`.fsdp1`), else None."""
+    from .fsdp1 import layout_for  # lazy: imports torch.distributed.fsdp
+
+    return layout_for(p)
+
+
+def real(x: Any) -> bool:
+    """A real number (Python or NumPy scalar), not a bool and not a Tensor."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, Tensor))
+
+
+def check_lr(lr: Any, where: str) -> None:
+    if isinstance(lr, Tensor):
+        raise TypeError(
+            f"{where}: lr given as a Tensor ({lr!r}); pass a Python float "
+            "(float(lr); LR schedulers already set floats)"
+        )
+    if not real(lr):
+        raise TypeError(
+            f"{where}: lr={lr!r} of type {type(lr).__name__}; it must be a real number "
+            "(a Python float or a NumPy scalar)"
+        )
+    if math.isnan(lr) or lr < 0:
+        raise ValueError(f"{where}: invalid learning rate lr={lr!r}; it must be a float >= 0")
+
+
+def check_betas(betas: Any, where: str) -> None:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: betas={betas!r} must be a pair (beta1, beta2)") from None
+    for i, b in enumerate((b1, b2)):
+        if not real(b) or not 0.0 <= b < 1.0:
+            raise ValueError(
+                f"{where}: invalid beta{i + 1}={b!r} in betas={betas!r}; each must be a float in [0, 1)"
+            )
+
+
+def check_nonneg(name: str, value: Any, where: str, positive: bool = False) -> None:
+    if not real(value) or math.isnan(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{where}: invalid {name}={value!r}; it must be a float {bound}")
+
+
+def check_options(opts: dict[str, Any], where: str) -> None:
+    """Validate the cautious options (constructor arguments or a param group's values)."""
+    scale, formula, clamp = opts["scale"], opts["formula"], opts["clamp"]
+    backend, state_dtype = opts["backend"], opts["state_dtype"]
+    if scale not in SCALES:
+        raise ValueError(
+            f"{where}: unknown scale={scale!r}; use 'global' (exact, one all-reduce per step) "
+            "or 'shard' (local piece only, no communication)"
+        )
+    if formula not in FORMULAS:
+        raise ValueError(
+            f"{where}: unknown formula={formula!r}; use 'clamp' (N / max(nnz, clamp*N)) or "
+            "'paper' (N / (nnz + 1))"
+        )
+    if not real(clamp) or not 0 < clamp <= 1:
+        raise ValueError(f"{where}: invalid clamp={clamp!r}; it must be a float in (0, 1]")
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"{where}: unknown backend={backend!r}; choose one of {kernels.BACKENDS}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"{where}: invalid state_dtype={state_dtype!r}; use None, torch.float32, "
+            "torch.float64, torch.bfloat16 or torch.float16"
+        )
+    cwd = opts.get("cautious_weight_decay", False)
+    if not isinstance(cwd, bool):
+        raise ValueError(f"{where}: cautious_weight_decay={cwd!r} must be True or False")
+
+
+class _Registered:
+    """Layouts registered by adapters (DeepSpeed), carried through ``copy.deepcopy`` (the
+    copy's tensors take the layouts of the tensors they copy; layouts are immutable
+    metadata and hold process groups, so they are shared, not copied) but not through
+    ``pickle``: an unpickled optimizer does not know the partitions of another process's
+    engine, so its step raises until the adapter attaches it again."""
+
+    def __init__(self, pairs: list[tuple[Tensor, ParamLayout]]) -> None:
+        self.pairs = pairs
+
+    def __deepcopy__(self, memo: dict) -> _Registered:
+        import copy
+
+        return _Registered([(copy.deepcopy(p, memo), layout) for p, layout in self.pairs])
+
+    def __reduce__(self) -> tuple:
+        return (_Registered, ([],))
+
+
+_GRAD = attrgetter("grad")
+_IS_SPARSE = attrgetter("is_sparse")
+
+
+class CautiousOptimizer(Optimizer):
+    """The shared machinery of :class:`~dist_cautious.CAdamW`, ``CLion`` and ``CSGD``.
+
+    Not used directly: a subclass sets ``state_keys`` (the per-parameter state tensors, in
+    the order the kernels take them), ``compat_keys`` (group keys its torch counterpart
+    keeps, so that state dicts load there with the same meaning) and implements the hooks.
+    """
+
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    compat_keys: ClassVar[dict[str, Any]] = {}
+    # torch SGD keeps no "step": a loaded state without one is healed to 1 (a buffer exists)
+    step_optional: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:
+        name = type(self).__name__
+        self._check_hyper(defaults, name)
+        check_options(options, name)
+        self._init_tables()
+        super().__init__(params, {**defaults, **self.compat_keys, **options})
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    def _check_hyper(self, group: dict[str, Any], where: str) -> None:
+        """Raise for a bad value of the subclass's own hyperparameters in ``group``."""
+        raise NotImplementedError
+
+    def _resolve(self, name: str, device: torch.device) -> Any:
+        """The kernel backend object for backend ``name`` ("auto", ...) on ``device``."""
+        raise NotImplementedError
+
+    def _count(self, b: Bucket, grads: list[Tensor], group: dict[str, Any]) -> tuple[Tensor, dict]:
+        """Pass 1 on bucket ``b``: int64 counts per piece, and keyword arguments for the
+        bucket's ``_update`` call (a backend's hand-off between its passes)."""
+        raise NotImplementedError
+
+    def _update(
+        self,
+        b: Bucket,
+        grads: list[Tensor],
+        group: dict[str, Any],
+        alphas: Tensor | None,
+        kw: dict[str, Any],
+    ) -> None:
+        """Pass 2 on bucket ``b`` with per-piece factors ``alphas`` (or ``kw["factor"]``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ tables
+
+    def _init_tables(self) -> None:
+        # What is not in torch's (defaults, state, param_groups): rebuilt by __setstate__.
+        self._given: dict[int, Tensor] = {}  # tensors passed in by the user, by id
+        self._layouts: dict[int, ParamLayout] = {}  # registered by adapters, by id
+        self._layout_params: dict[int, Tensor] = {}  # ... and their tensors
+        self._stats: ReducedCounts | None = None
+        self._plan: Plan | None = None  # cached step plan, see step()
+        self._validated: set = set()  # count-vector signatures all ranks agreed on (reduce.py)
+
+    # ------------------------------------------------------------------ options
+    #
+    # The constructor's options are the defaults of the param-group keys of the same names.
+    # Reading ``opt.scale`` gives the default; assigning it sets the default and every group.
+
+    def _set_option(self, key: str, value: Any) -> None:
+        check_options({**self.defaults, key: value}, type(self).__name__)
+        self.defaults[key] = value
+        for group in self.param_groups:
+            group[key] = value
+
+    @staticmethod
+    def _option_property(key: str) -> property:
+        return property(
+            lambda self: self.defaults[key],
+            lambda self, value: self._set_option(key, value),
+            doc=f"The default ``{key}``; assigning it sets it in every param group.",
+        )
+
+    @property
+    def _known_params(self) -> set[int]:
+        """ids of every tensor this optimizer may step (given, or registered by an adapter)."""
+        return set(self._given) | set(self._layouts)
+
+    # ------------------------------------------------------------------ copy / pickle
+    #
+    # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups. Everything
+    # the step computes with is in those (options are group keys), except which tensors it
+    # was given and the adapters' layouts, which are added here; the caches are rebuilt.
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # a tensor with a registered layout is only known through it (pickle drops layouts)
+        state["_given_params"] = [p for i, p in self._given.items() if i not in self._layouts]
+        state["_registered"] = _Registered(
+            [(self._layout_params[i], layout) for i, layout in self._layouts.items()]
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called by copy/pickle (with "defaults") and by torch's load_state_dict (state and
+        # param_groups only: the optimizer's own tables stay as they are).
+        unpickled = "defaults" in state
+        given = state.pop("_given_params", None)
+        registered = state.pop("_registered", None)
+        super().__setstate__(state)
+        if unpickled:
+            self._init_tables()
+            for key, value in {**OPTION_DEFAULTS, **self.compat_keys}.items():
+                self.defaults.setdefault(key, value)  # saved by an older version
+            if given is None:  # torch's own format: the groups' tensors were given
+                given = [p for g in self.param_groups for p in g["params"]]
+            self._given = {id(p): p for p in given}
+            if registered is not None:
+                for p, layout in registered.pairs:
+                    self.register_layout(p, layout)
+        for group in self.param_groups:  # groups saved without our keys (torch, older)
+            for key in (*OPTION_KEYS, *self.compat_keys):
+                group.setdefault(key, self.defaults[key])
+        self._plan = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        gi = len(self.param_groups)
+        params = param_group.get("params")
+        if isinstance(params, (list, tuple)):
+            seen: set[int] = set()
+            for p in params:
+                if id(p) in seen:
+                    raise ValueError(
+                        f"param group {gi} lists the same parameter (shape "
+                        f"{tuple(p.shape)}) twice; it would be stepped twice per step with "
+                        "one state. Pass each parameter once."
+                    )
+                seen.add(id(p))
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group, gi)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(
+                    f"complex parameter of shape {tuple(p.shape)} and dtype {p.dtype}: the "
+                    "cautious sign mask is defined for real tensors; pass "
+                    "torch.view_as_real(param) views or keep this parameter in a torch optimizer"
+                )
+            self._given[id(p)] = p
+        self._plan = None
+
+    def register_layout(self, param: Tensor, layout: ParamLayout) -> None:
+        """Tell the optimizer how ``param`` maps to pieces of original tensors.
+
+        Used by adapters whose parameters are not the model's tensors (DeepSpeed ZeRO's
+        flat partitions, see :mod:`dist_cautious.deepspeed`).
+        """
+        self._layouts[id(param)] = layout
+        self._layout_params[id(param)] = param
+        self._plan = None
+
+    def _layout_for(self, p: Tensor) -> ParamLayout:
+        layout = self._layouts.get(id(p))
+        if layout is not None:
+            return layout
+        layout = flat_layout_for(p)  # FSDP1 FlatParameters and use_orig_params views
+        if layout is not None:
+            return layout
+        if is_dtensor(p):
+            # A DTensor describes its own layout completely (mesh, placements, global
+            # shape), so one swapped into param_groups after construction (HF Accelerate's
+            # FSDP2 path) is stepped exactly, like one given at construction.
+            return DEFAULT_LAYOUT
+        if id(p) not in self._given:
+            raise RuntimeError(
+                f"{type(self).__name__} is asked to step a tensor it was never given (shape "
+                f"{tuple(p.shape)}, dtype {p.dtype}). DeepSpeed does this when it swaps the "
+                "model's parameters for flat ZeRO partitions that mix slices of many tensors (a "
+                "factor computed on them would be per-partition, not per-tensor) or for fp32 "
+                "master copies. Use dist_cautious.deepspeed.initialize(...) instead of "
+                "deepspeed.initialize(...), or call dist_cautious.deepspeed.attach(engine) "
+                "right after it (see docs/deepspeed.md). If you changed param_groups by hand, "
+                "use optimizer.add_param_group instead."
+            )
+        return DEFAULT_LAYOUT
+
+    def _check_group(self, group: dict[str, Any], gi: int, where: str | None = None) -> None:
+        where = where or f"param group {gi}"
+        self._check_hyper(group, where)
+        check_options(group, where)
+
+    # ------------------------------------------------------------------ state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict`` (the torch counterpart's state dicts
+        load too).
+
+        * The saved groups' values win, options included, as for every torch hyperparameter;
+          a state dict without them (the torch counterpart, older versions) keeps this
+          optimizer's defaults.
+        * State tensors are restored in the loaded group's ``state_dtype`` from the saved
+          values, bitwise: torch would cast them to the parameter's dtype (float64 moments of
+          float32 parameters, float32 moments of bfloat16 parameters would lose precision).
+        * The state dict is checked first: a state dict of another optimizer, missing or
+          misshapen state tensors raise a ``ValueError`` naming the parameter and the key,
+          before anything is loaded.
+        """
+        self._check_loadable(state_dict)
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        current = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(saved_ids, current):
+            st = saved_state.get(pid)
+            if not st:
+                continue
+            dt = self._state_dtype_for(p, group)
+            for key in self.state_keys:
+                v = st[key]
+                if self.state[p][key].dtype != dt or v.dtype != dt:
+                    self.state[p][key] = v.to(device=self.state[p][key].device, dtype=dt)
+        self._plan = None
+
+    def _check_loadable(self, state_dict: Any) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                f"{name}.load_state_dict needs a dict with 'state' and 'param_groups' (what "
+                f"optimizer.state_dict() returns); got {type(state_dict).__name__}"
+                + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, dict) else "")
+            )
+        groups = state_dict["param_groups"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in groups for i in g.get("params", ())]
+        for gi, g in enumerate(groups):
+            self._check_group({**self.defaults, **g}, gi, where=f"loaded param group {gi}")
+        required = self.state_keys if self.step_optional else ("step", *self.state_keys)
+        for k, (pid, p) in enumerate(zip(saved_ids, params)):
+            st = state_dict["state"].get(pid)
+            if not st:
+                continue
+            what = f"loaded state of parameter {k} (id {pid!r}, shape {tuple(p.shape)})"
+            foreign = sorted(set(st) - {"step", *self.state_keys})
+            if foreign:
+                raise ValueError(
+                    f"{what} has keys {foreign}, which {name} does not keep (its state is "
+                    f"{['step', *self.state_keys]}; a state dict of another optimizer?); load it "
+                    "into the optimizer that saved it"
+                )
+            missing = [key for key in required if st.get(key) is None]
+            if missing:
+                raise ValueError(
+                    f"{what} lacks {missing} (a truncated or foreign state dict); a {name} "
+                    f"state holds {['step', *self.state_keys]}"
+                )
+            for key in self.state_keys:
+                v = st[key]
+                if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{what}: {key!r} has shape "
+                        f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}, not "
+                        "the parameter's; the state dict belongs to another model (or another "
+                        "sharding: use torch.distributed.checkpoint to reshard)"
+                    )
+
+    def _state_dtype_for(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        dt = group.get("state_dtype", self.defaults["state_dtype"])
+        if dt is not None:
+            return dt
+        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        dt = self._state_dtype_for(p, group)
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in self.state_keys:
+                state[key] = zeros_state(p, dt)
+        else:
+            for key in self.state_keys:
+                if state[key].dtype != dt:  # e.g. loaded from the torch counterpart
+                    state[key] = state[key].to(dt)
+            if "step" not in state:  # a torch SGD state: its buffer exists, so >= 1 step
+                state["step"] = torch.tensor(1.0, dtype=torch.float32)
+            elif not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+        return state
+
+    # ------------------------------------------------------------------ step
+    #
+    # A step is planned (walk every parameter: layouts, slots, state, pieces, buckets) and
+    # then executed (count pass, reduce, factor, update pass). A plan whose parameters all
+    # use the default layout (plain tensors, DDP, DTensors) is cached and reused while
+    # nothing it depends on changed: the same param_groups (same dicts, same parameters in
+    # the same order), the same gradient presence pattern, the same state mapping with the
+    # same dict per parameter and the same tensors in it (``del opt.state[p]``,
+    # ``opt.state[p] = {}``, ``opt.state.clear()`` and a new ``opt.state`` all re-plan, with
+    # fresh state for the affected parameters), unchanged step counters (checked through
+    # their version counter) and the same ``scale`` / ``backend`` / ``state_dtype`` per
+    # group. Reusing a plan then costs O(1) work per parameter: read ``.grad`` and compare
+    # identities. Layouts registered by adapters (DeepSpeed ZeRO, FSDP1) are planned every
+    # step.
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plan = getattr(self, "_plan", None)
+        grads = self._reuse(plan) if plan is not None else None
+        if grads is None:
+            self._plan = None
+            plan, grads = self._make_plan()
+            if plan is None:
+                return loss
+            if plan.table.sizes and not plan.table.agreed:
+                self._check_agreement(plan)
+        self._execute(plan, grads)  # gradients are held by locals only, never by the plan
+        return loss
+
+    def _check_agreement(self, plan: Plan) -> None:
+        """The ranks' one-time check that they count the same tensors (see reduce.py), before
+        anything is stepped; on failure the planned step is undone (no state is left)."""
+        try:
+            check_agreement(plan.table, self._validated)
+        except RuntimeError:
+            self._plan = None
+            for e, created in zip(plan.entries, plan.created):
+                if created:
+                    self.state.pop(e.param, None)
+                else:
+                    e.state["step"] = e.state["step"].clone() - 1
+            raise
+
+    def _settings(self) -> tuple:
+        """What a cached plan depends on besides parameters, gradients and state objects
+        (formula, clamp and the other scalars are read at every step)."""
+        return tuple((g["scale"], g["backend"], g["state_dtype"]) for g in self.param_groups)
+
+    def _make_plan(self) -> tuple[Plan | None, list[list[Tensor]] | None]:
+        """Walk every parameter (the reference path); cache the plan when it may be reused."""
+        table = SlotTable()
+        buckets: dict[tuple, Bucket] = {}
+        bucket_grads: dict[tuple, list[Tensor]] = defaultdict(list)
+        home: torch.device | None = None
+        params: list[Tensor] = []
+        none_pattern: list[bool] = []
+        entries: list[Entry] = []
+        created: list[bool] = []
+        cacheable = True
+        n_states = len(self.state_keys)
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+            table.current_group = gi
+            shard = group["scale"] == "shard"
+            for p in group["params"]:
+                layout = self._layout_for(p)
+                if layout is not DEFAULT_LAYOUT:
+                    cacheable = False
+                # Reserve slots for every parameter, gradient or not (see reduce.py).
+                token = None if shard else layout.reserve(p, table)
+                if home is None:
+                    home = (p.to_local() if is_dtensor(p) else p).device
+                g = p.grad
+                params.append(p)
+                none_pattern.append(g is None)
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"sparse gradient for a parameter of shape {tuple(p.shape)}: "
+                        f"{type(self).__name__} does not support sparse gradients"
+                    )
+                created.append(not self.state.get(p))
+                state = self._state_for(p, group)
+                state["step"] += 1
+                step = int(state["step"].item())  # a CPU tensor: no device sync
+                states = tuple(state[k] for k in self.state_keys)
+                ei = len(entries)
+                entries.append(Entry(p, state, states, token, gi, step))
+                for pc in pieces_of(layout, p, g, states, token, shard):
+                    key = (
+                        gi,
+                        step,
+                        pc.param.device,
+                        pc.param.dtype,
+                        pc.grad.dtype,
+                        pc.states[0].dtype,
+                    )
+                    b = buckets.get(key)
+                    if b is None:
+                        be = self._resolve(group["backend"], pc.param.device)
+                        b = buckets[key] = Bucket(gi, step, be, shard, n_states)
+                    b.add(pc, ei)
+                    bucket_grads[key].append(pc.grad)
+
+        if home is None or (not buckets and not table.sizes):
+            return None, None
+        order = list(buckets)
+        plan = Plan(
+            groups=list(self.param_groups),
+            param_ids=[tuple(map(id, g["params"])) for g in self.param_groups],
+            params=params,
+            none_pattern=none_pattern,
+            entries=entries,
+            created=created,
+            table=table,
+            home=home,
+            buckets=[buckets[k] for k in order],
+            state_obj=self.state,
+            settings=self._settings(),
+            state_keys=self.state_keys,
+        )
+        grads = [bucket_grads[k] for k in order]
+        if cacheable:
+            plan.freeze()
+            self._plan = plan
+        return plan, grads
+
+    def _reuse(self, plan: Plan) -> list[list[Tensor]] | None:
+        """The per-bucket gradients if ``plan`` still describes this step, else None."""
+        if plan.state_obj is not self.state or plan.settings != self._settings():
+            return None
+        if not all(map(is_, map(self.state.get, plan.eparams), plan.states)):
+            return None  # a parameter's state was deleted, replaced or cleared
+        for group, g0, ids in zip(self.param_groups, plan.groups, plan.param_ids):
+            if group is not g0 or tuple(map(id, group["params"])) != ids:
+                return None
+        buf = plan.step_buf
+        if buf is None or buf._version != plan.step_version:
+            return None  # a step counter was changed in place
+        # C-level loops (map/operator): this runs for every parameter on every step.
+        pgrads = list(map(_GRAD, plan.params))
+        if list(map(is_, pgrads, repeat(None))) != plan.none_pattern:
+            return None
+        states = plan.states
+        if not all(map(is_, map(dict.get, states, repeat("step")), plan.steps)):
+            return None
+        for key, objs in zip(plan.state_keys, plan.tensors):
+            if not all(map(is_, map(dict.get, states, repeat(key)), objs)):
+                return None  # a state tensor was replaced
+        egrads = list(map(pgrads.__getitem__, plan.grad_index))
+        if any(map(_IS_SPARSE, egrads)):
+            return None  # the full path raises the error
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+        # Valid: this step is the cached one with every counter one further.
+        plan.advance(1)
+        out = []
+        for b in plan.buckets:
+            if b.dynamic is None:
+                out.append(egrads if b.all_entries else list(map(egrads.__getitem__, b.src)))
+                continue
+            # DTensors: fresh local views (and the layout's checks) every step
+            for j, i in enumerate(b.src):
+                e = plan.entries[i]
+                pcs = pieces_of(DEFAULT_LAYOUT, e.param, egrads[i], e.states, e.token, b.shard)
+                if len(pcs) != 1 or pcs[0].grad.dtype != b.grad_dtype:
+                    plan.advance(-1)  # undo; the full path re-plans this step
+                    return None
+                b.dynamic[j] = pcs[0]
+            out.append([pc.grad for pc in b.dynamic])
+            b.refresh(b.dynamic)
+            for pc in b.dynamic:
+                pc.grad = None  # type: ignore[assignment]
+        return out
+
+    def _execute(self, plan: Plan, grads: list[list[Tensor]]) -> None:
+        home = plan.home
+        groups = self.param_groups
+        # Pass 1: local counts (and whatever state the optimizer updates there), one backend
+        # call per bucket; each call may hand keyword arguments to its pass 2.
+        counts_parts = []
+        handoff = []
+        for b, gs in zip(plan.buckets, grads):
+            c, kw = self._count(b, gs, groups[b.gi])
+            counts_parts.append(c if c.device == home else c.to(home))
+            handoff.append(kw)
+        if len(counts_parts) == 1:
+            local_counts = counts_parts[0]
+        elif counts_parts:
+            local_counts = torch.cat(counts_parts)
+        else:
+            local_counts = torch.zeros(0, dtype=torch.int64, device=home)
+
+        # When no count crosses ranks (whole tensors, or scale="shard" everywhere) and every
+        # bucket's backend can compute the factor inside its update kernel (triton), the
+        # update is launched straight from the local counts and the statistics are reduced
+        # after it: the factor's small launches leave the critical path. Same numbers.
+        fuse = not plan.table.sizes and all(
+            getattr(b.backend, "SUPPORTS_FUSED_FACTOR", False) and b.device == home
+            for b in plan.buckets
+        )
+        slices = plan.slices
+        if fuse:
+            numels = plan.local_numels.get(home)
+            if numels is None:
+                numels = device_index(tuple(pc.param.numel() for pc in plan.pieces), home)
+                plan.local_numels[home] = numels
+            alphas: dict[torch.dtype, Tensor] = {}
+        else:
+            # Reduce counts over shards (no-op for whole tensors and scale="shard" groups).
+            red = reduce_counts(
+                plan.pieces, plan.piece_group, local_counts, plan.table, len(groups),
+                validated=self._validated,
+            )  # fmt: skip
+            self._stats = red
+            alphas = factors(red, groups, plan.buckets, slices)
+
+        # Pass 2: the masked, rescaled step.
+        single = len(plan.buckets) == 1
+        for b, gs, kw, sl in zip(plan.buckets, grads, handoff, slices):
+            group = groups[b.gi]
+            if fuse:
+                kw["factor"] = (local_counts[sl], numels[sl], group["formula"], group["clamp"])
+                a = None
+            else:
+                a = alphas[b.factor_dtype]
+                a = a if single else a[sl]
+                a = a if a.device == b.device else a.to(b.device)
+            self._update(b, gs, group, a, kw)
+
+        if fuse:  # the statistics (kept / stepped elements per group); no collective here
+            self._stats = reduce_counts(
+                plan.pieces, plan.piece_group, local_counts, plan.table, len(groups)
+            )
+
+    # ------------------------------------------------------------------ statistics
+
+    @property
+    def mask_stats(self) -> dict[str, Tensor] | None:
+        """Device tensors of the last step, per param group: ``kept`` (elements the mask
+        kept) and ``elements`` (elements stepped). Reading them does not synchronise."""
+        if self._stats is None:
+            return None
+        return {"kept": self._stats.kept_per_group, "elements": self._stats.elements_per_group}
+
+    @property
+    def kept_fraction(self) -> float | None:
+        """Fraction of elements the mask kept in the last step, over all groups.
+
+        With ``scale="global"`` it covers whole tensors (counts summed over shards); with
+        ``scale="shard"`` this rank's pieces only. ``None`` before the first step.
+        Reading it synchronises with the device (it calls ``.item()``).
+        """
+        if self._stats is None:
+            return None
+        e = int(self._stats.elements_per_group.sum().item())
+        k = int(self._stats.kept_per_group.sum().item())
+        return k / e if e else None
+
+    @property
+    def kept_fraction_per_group(self) -> list[float | None]:
+        """Like :attr:`kept_fraction`, one value per param group (``None`` where nothing stepped)."""
+        if self._stats is None:
+            return [None] * len(self.param_groups)
+        k = self._stats.kept_per_group.tolist()
+        e = self._stats.elements_per_group.tolist()
+        return [ki / ei if ei else None for ki, ei in zip(k, e)]
+
+
+for _key in OPTION_KEYS:
+    setattr(CautiousOptimizer, _key, CautiousOptimizer._option_property(_key))
+del _key
