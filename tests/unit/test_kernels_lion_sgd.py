@@ -576,3 +576,8 @@ def test_triton_edges_and_fallback_warnings(tr):
 @pytest.mark.parametrize("case", ["clamp_0.001", "clamp_0.25", "paper_0.001"])
 def test_triton_factor_inside_update_kernel_is_bitwise_cautious_factor(tr, which, case):
     assert tr[f"fused_factor_{which}_{case}"] is True
+
+
+def test_triton_cautious_wd_at_zero_direction_and_both_signs(tr):
+    """The reference on a hand-made vector (1e-6); the u = 0 coordinate is decayed."""
+    assert tr["cwd_zero_direction"] == {"lion": True, "sgd": True, "adamw": True}

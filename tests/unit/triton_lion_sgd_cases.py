@@ -183,6 +183,35 @@ def main() -> None:
                 and tri.SUPPORTS_FUSED_FACTOR
             )
 
+    # Cautious weight decay at a zero direction (g = 0 with zero state: u = 0, decayed by the
+    # paper's u * p >= 0 rule) and at both signs: triton equals the reference to 1e-6
+    # (SGD's Nesterov add is fused in torch's CPU kernel), the u = 0 coordinate exactly.
+    p0 = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, 0.0] * 3)
+    g0 = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.7, -0.4, 0.0, 0.3] * 3)
+    one = torch.ones(1)
+    decayed6 = (p0[6:7] * (1 - 1e-2 * 0.5)).item()  # fp32, as the kernels round it
+    zero_dir = {}
+    for name, mod, h in (
+        ("lion", lion, LionHyper(1e-2, 0.9, 0.99, 0.5, cautious_wd=True)),
+        ("sgd", sgd, SGDHyper(1e-2, 0.9, 0.0, True, 0.5, first_step=True, cautious_wd=True)),
+    ):
+        out = []
+        for be in ("triton", "reference"):
+            p, st = [p0.clone()], [torch.zeros_like(p0)]
+            mod.get(be).count_pass(p, [g0], (st,), h)
+            mod.get(be).update_pass(p, [g0], (st,), one, h)
+            out.append(p[0])
+        zero_dir[name] = rel_err(*out) <= 1e-6 and out[0][6].item() == decayed6
+    ha = UpdateHyper(1e-2, 0.999, 1e-8, 0.5, 1, 0.9, cautious_wd=True)
+    out = []
+    for be in (tk, adam_ref):
+        p, m, v = [p0.clone()], [torch.zeros_like(p0)], [torch.zeros_like(p0)]
+        be.count_pass([g0], m, 0.9, False)
+        be.update_pass(p, [g0], m, v, one, ha)
+        out.append(p[0])
+    zero_dir["adamw"] = rel_err(*out) <= 1e-6 and out[0][6].item() == decayed6
+    res["cwd_zero_direction"] = zero_dir
+
     res["adamw_cwd"] = adamw_compare(edges)
     res["adamw_cwd_deferred"] = adamw_compare(small, defer=True)
     res["adamw_cwd_maximize"] = adamw_compare(small, maximize=True)
