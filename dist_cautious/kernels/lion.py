@@ -234,11 +234,14 @@ def foreach_update_pass(
             torch._foreach_mul_(ps, _fe.decay_factors(us, ps, decay))
         else:
             torch._foreach_mul_(ps, decay)
-    steps = (alphas.to(device=ps[0].device, dtype=dt) * h.lr).unbind()
-    upd = masks  # the mask's buffer becomes the step: mask * u * (lr * alpha), exact
-    torch._foreach_mul_(upd, us)
-    torch._foreach_mul_(upd, list(steps))
-    torch._foreach_sub_(ps, upd)
+    steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
+    if ps[0].device.type == "cpu":  # one pass: p + (-step) * mask * u (same roundings)
+        torch._foreach_addcmul_(ps, masks, us, [-s for s in steps.tolist()])
+    else:  # the step stays on the device (no host sync)
+        upd = masks  # the mask's buffer becomes the step: mask * u * (lr * alpha), exact
+        torch._foreach_mul_(upd, us)
+        torch._foreach_mul_(upd, list(steps.unbind()))
+        torch._foreach_sub_(ps, upd)
     if p_copied:
         torch._foreach_copy_(params, ps)
     torch._foreach_lerp_(ms, gs, 1 - h.beta2)

@@ -273,11 +273,14 @@ def foreach_update_pass(
     ps, p_copied = _fe._as_compute(params, dt, bufs, slot=34)
     if h.cautious_wd and h.weight_decay != 0:
         torch._foreach_mul_(ps, _fe.decay_factors(ds, ps, 1 - h.lr * h.weight_decay))
-    steps = (alphas.to(device=ps[0].device, dtype=dt) * h.lr).unbind()
-    upd = masks  # the mask's buffer becomes the step: mask * d * (lr * alpha)
-    torch._foreach_mul_(upd, ds)
-    torch._foreach_mul_(upd, list(steps))
-    torch._foreach_sub_(ps, upd)
+    steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
+    if ps[0].device.type == "cpu":  # one pass: p + (-step) * mask * d (same roundings)
+        torch._foreach_addcmul_(ps, masks, ds, [-s for s in steps.tolist()])
+    else:  # the step stays on the device (no host sync)
+        upd = masks  # the mask's buffer becomes the step: mask * d * (lr * alpha)
+        torch._foreach_mul_(upd, ds)
+        torch._foreach_mul_(upd, list(steps.unbind()))
+        torch._foreach_sub_(ps, upd)
     if p_copied:
         torch._foreach_copy_(params, ps)
 
