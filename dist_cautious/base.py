@@ -371,6 +371,8 @@ class CautiousOptimizer(Optimizer):
             st = saved_state.get(pid)
             if not st:
                 continue
+            if "step" not in self.state[p]:  # a torch SGD state: its buffer exists, >= 1 step
+                self.state[p]["step"] = torch.tensor(1.0, dtype=torch.float32)
             dt = self._state_dtype_for(p, group)
             for key in self.state_keys:
                 v = st[key]

@@ -12,8 +12,8 @@ elements, ``alpha = N / max(nnz(mask), clamp * N)`` (``formula="clamp"``) or
 ``N / (nnz(mask) + 1)`` (``"paper"``); the step applies ``alpha * mask * u``.
 
 ``cautious_weight_decay=True`` (arXiv 2510.12402) decays only the coordinates where the
-update direction *before* the mask agrees in sign with the parameter:
-``p <- p - lr * wd * 1[u * p > 0] * p`` (decoupled; for ``CSGD`` it replaces torch SGD's L2
+update direction *before* the mask agrees in sign with the parameter (the paper's ``I(u * p >= 0)``: a zero direction decays):
+``p <- p - lr * wd * 1[u * p >= 0] * p`` (decoupled; for ``CSGD`` it replaces torch SGD's L2
 term).
 """
 
@@ -89,7 +89,7 @@ class CAdamW(CautiousOptimizer):
             ``"foreach"``, ``"triton"`` or ``"reference"`` (slow, readable; the test oracle).
         state_dtype: dtype of ``exp_avg`` / ``exp_avg_sq``. ``None`` (default): float32 for
             float16/bfloat16 parameters, the parameter's dtype otherwise.
-        cautious_weight_decay: decay only where ``m * W > 0`` (the Adam direction agrees in
+        cautious_weight_decay: decay only where ``m * W >= 0`` (the Adam direction agrees in
             sign with the weight), arXiv 2510.12402. Default False (AdamW's decay).
 
     Every option is a param-group key: set it per group, it travels in ``state_dict()``.
@@ -206,7 +206,7 @@ class CLion(CautiousOptimizer):
     Args: ``lr`` (default 1e-4), ``betas`` (default (0.9, 0.99)), ``weight_decay`` (default
     0, decoupled), ``maximize`` and the cautious options of :class:`CAdamW` (``scale``,
     ``formula``, ``clamp``, ``backend``, ``state_dtype``, ``cautious_weight_decay``: decay
-    only where ``u * W > 0``).
+    only where ``u * W >= 0``).
     """
 
     state_keys = ("exp_avg",)
@@ -295,8 +295,8 @@ class CSGD(CautiousOptimizer):
 
     ``momentum`` must be > 0 (without momentum every sign agrees and the mask does
     nothing: use ``torch.optim.SGD``). ``cautious_weight_decay=True`` replaces the L2 term
-    by a decoupled decay applied only where ``d * W > 0``:
-    ``W <- W - lr * wd * 1[d * W > 0] * W - lr * alpha * mask * d`` (with ``g' = g``).
+    by a decoupled decay applied only where ``d * W >= 0``:
+    ``W <- W - lr * wd * 1[d * W >= 0] * W - lr * alpha * mask * d`` (with ``g' = g``).
     """
 
     state_keys = ("momentum_buffer",)

@@ -1,0 +1,199 @@
+"""Every cautious optimizer through the same tests, one row each (tests/optimizers.py):
+the float64 oracle (both formulas, with and without cautious weight decay), the mask acts,
+the torch counterpart when every sign agrees, state-dict interchange, copies, bad input."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from dist_cautious import CSGD, CAdamW, CautiousOptimizer, CLion
+from tests.optimizers import ROWS
+from tests.oracle import rel_err
+
+SHAPES = [(7, 5), (1,), (0,), (33,), (4, 3, 2)]
+NAMES = sorted(ROWS)
+
+
+def params_of(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def grads_at(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(500 + step)
+    drift = 0.3 * torch.randn((), generator=g).item()
+    return [(torch.randn(s, generator=g) + drift).to(dtype) for s in SHAPES]
+
+
+def run(opt, params, steps, start=0):
+    for s in range(start, start + steps):
+        for p, g in zip(params, grads_at(s, params[0].dtype)):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("formula", ["clamp", "paper"])
+@pytest.mark.parametrize("cwd", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_matches_float64_oracle(name, formula, cwd, backend):
+    row = ROWS[name]
+    params = params_of()
+    opt = row.cls(params, formula=formula, cautious_weight_decay=cwd, backend=backend, **row.hyper)
+    oracle = row.oracle(params, formula=formula, cautious_wd=cwd, **row.hyper)
+    for s in range(15):
+        gs = grads_at(s)
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        oracle.step(gs)
+    for p, ref in zip(params, oracle.p):
+        assert rel_err(p, ref) < 1e-6, (name, p.shape, rel_err(p, ref))
+    for key, refs in zip(row.state_keys, row.oracle_states(oracle)):
+        for p, ref in zip(params, refs):
+            if p.numel():
+                assert rel_err(opt.state[p][key], ref) < 1e-6, (name, key)
+    assert 0.2 < opt.kept_fraction < 0.99, (name, opt.kept_fraction)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_parameters_match_the_oracle_closely(name):
+    row = ROWS[name]
+    params = params_of(dtype=torch.float64)
+    opt = row.cls(params, **row.hyper)
+    oracle = row.oracle(params, **row.hyper)
+    for s in range(10):
+        gs = grads_at(s, torch.float64)
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        oracle.step(gs)
+    for p, ref in zip(params, oracle.p):
+        assert rel_err(p, ref) < 1e-12, (name, rel_err(p, ref))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cautious_weight_decay_changes_the_result(name):
+    row = ROWS[name]
+    a, b = params_of(), params_of()
+    run(row.cls(a, **row.hyper), a, 5)
+    run(row.cls(b, cautious_weight_decay=True, **row.hyper), b, 5)
+    assert max(rel_err(x - y, torch.zeros_like(x)) for x, y in zip(a, b) if x.numel()) > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_mask_acts(name):
+    """A gradient that flips sign against the state: the cautious step keeps nothing of the
+    update in the flipped tensor (only decay remains), unlike the plain optimizer."""
+    row = ROWS[name]
+    hyper = {**row.hyper, "weight_decay": 0.0}
+    p = torch.ones(6, requires_grad=True)
+    opt = row.cls([p], **hyper)
+    p.grad = torch.ones(6)
+    for _ in range(3):
+        opt.step()
+    before = p.detach().clone()
+    p.grad = -0.01 * torch.ones(6)  # small and opposite: the direction still follows the state
+    opt.step()
+    assert opt.kept_fraction == 0.0
+    assert torch.equal(p, before)  # masked everywhere, alpha irrelevant, no decay
+
+
+def _plain_lion_step(p, m, g, lr, b1, b2, wd):
+    """lion-pytorch's update, written out."""
+    u = (m * b1 + g * (1 - b1)).sign()
+    p.mul_(1 - lr * wd).add_(u, alpha=-lr)
+    m.mul_(b2).add_(g, alpha=1 - b2)
+
+
+def test_csgd_equals_torch_sgd_when_every_sign_agrees():
+    for nesterov, dampening in ((False, 0.0), (False, 0.3), (True, 0.0)):
+        p1 = torch.randn(4, 5, requires_grad=True)
+        p2 = p1.detach().clone().requires_grad_()
+        kw = dict(lr=0.05, momentum=0.8, nesterov=nesterov, dampening=dampening)
+        a = CSGD([p1], **kw)
+        b = torch.optim.SGD([p2], **kw)
+        for s in range(5):
+            g = torch.rand(4, 5) + 0.1 * s + 0.01  # positive: every sign agrees
+            p1.grad, p2.grad = g.clone(), g.clone()
+            a.step()
+            b.step()
+            assert a.kept_fraction == 1.0
+        assert torch.allclose(p1, p2, rtol=0, atol=1e-6), (nesterov, dampening)
+        # state interchange with torch SGD, both ways
+        b2 = torch.optim.SGD([p2], **kw)
+        b2.load_state_dict(a.state_dict())
+        assert torch.equal(b2.state[p2]["momentum_buffer"], a.state[p1]["momentum_buffer"])
+        a2 = CSGD([p1], **kw)
+        a2.load_state_dict(b.state_dict())
+        assert int(a2.state[p1]["step"]) == 1  # torch SGD keeps no counter: healed
+        p1.grad = torch.ones(4, 5)
+        a2.step()  # continues from the buffer (not a first step)
+
+
+def test_clion_equals_plain_lion_when_every_sign_agrees():
+    p1 = torch.randn(3, 7, requires_grad=True)
+    p2 = p1.detach().clone()
+    m = torch.zeros_like(p2)
+    opt = CLion([p1], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    for _ in range(5):
+        g = torch.rand(3, 7) + 0.05
+        p1.grad = g.clone()
+        opt.step()
+        _plain_lion_step(p2, m, g, 1e-2, 0.9, 0.99, 0.1)
+        assert opt.kept_fraction == 1.0
+    assert torch.allclose(p1, p2, rtol=0, atol=1e-7)
+    assert torch.allclose(opt.state[p1]["exp_avg"], m, rtol=0, atol=1e-7)  # lion-pytorch key
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "state_dict"])
+def test_copies_step_bitwise(name, how):
+    row = ROWS[name]
+    params = params_of()
+    opt = row.cls(params, formula="paper", clamp=0.5, **row.hyper)
+    run(opt, params, 3)
+    if how == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    elif how == "pickle":
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    else:
+        params2 = [p.detach().clone().requires_grad_() for p in params]
+        opt2 = row.cls(params2)
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["formula"] == "paper"
+    run(opt, params, 3, start=3)
+    run(opt2, params2, 3, start=3)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+        for key in row.state_keys:
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_raises(name):
+    row = ROWS[name]
+    p = torch.zeros(3, requires_grad=True)
+    for kwargs, match in row.bad:
+        with pytest.raises((ValueError, TypeError), match=match):
+            row.cls([p], **{**row.hyper, **kwargs})
+    with pytest.raises(ValueError, match="unknown scale='local'"):
+        row.cls([p], scale="local")
+    with pytest.raises(ValueError, match="cautious_weight_decay='yes' must be True or False"):
+        row.cls([p], cautious_weight_decay="yes")
+    with pytest.raises(RuntimeError, match=f"{row.cls.__name__} is asked to step a tensor"):
+        o = row.cls([p])
+        o.param_groups[0]["params"] = [q := torch.zeros(2, requires_grad=True)]
+        q.grad = torch.ones(2)
+        o.step()
+
+
+def test_one_base_for_all():
+    assert all(issubclass(c, CautiousOptimizer) for c in (CAdamW, CLion, CSGD))
+    # the step machinery lives only in the base
+    for c in (CAdamW, CLion, CSGD):
+        assert not {"_make_plan", "_reuse", "_execute", "load_state_dict"} & set(c.__dict__)
