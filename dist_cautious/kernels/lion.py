@@ -124,8 +124,14 @@ def reference_update_pass(
 # Slots of foreach._scratch_for used here: 20 gradients, 21 exp_avg, 22 u, 23 mask, 24 p.
 
 
+def _host(t: Tensor) -> bool:
+    """CPU tensors take the host path (scratch buffers, host scalars); the tests switch it
+    off to run the device path on CPU."""
+    return t.device.type == "cpu"
+
+
 def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
-    if not keys or keys[0].device.type != "cpu":
+    if not keys or not _host(keys[0]):
         return None
     return [_fe._scratch_for(k, dt, slot) for k in keys]
 
@@ -235,7 +241,7 @@ def foreach_update_pass(
         else:
             torch._foreach_mul_(ps, decay)
     steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
-    if ps[0].device.type == "cpu":  # one pass: p + (-step) * mask * u (same roundings)
+    if _host(ps[0]):  # one pass: p + (-step) * mask * u (same roundings)
         torch._foreach_addcmul_(ps, masks, us, [-s for s in steps.tolist()])
     else:  # the step stays on the device (no host sync)
         upd = masks  # the mask's buffer becomes the step: mask * u * (lr * alpha), exact

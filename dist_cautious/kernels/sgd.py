@@ -143,8 +143,14 @@ def reference_update_pass(
 # 30 g_eff, 31 buf, 32 d, 33 mask, 34 p.
 
 
+def _host(t: Tensor) -> bool:
+    """CPU tensors take the host path (scratch buffers, host scalars); the tests switch it
+    off to run the device path on CPU."""
+    return t.device.type == "cpu"
+
+
 def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
-    if not keys or keys[0].device.type != "cpu":
+    if not keys or not _host(keys[0]):
         return None
     return [_fe._scratch_for(k, dt, slot) for k in keys]
 
@@ -274,7 +280,7 @@ def foreach_update_pass(
     if h.cautious_wd and h.weight_decay != 0:
         torch._foreach_mul_(ps, _fe.decay_factors(ds, ps, 1 - h.lr * h.weight_decay))
     steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
-    if ps[0].device.type == "cpu":  # one pass: p + (-step) * mask * d (same roundings)
+    if _host(ps[0]):  # one pass: p + (-step) * mask * d (same roundings)
         torch._foreach_addcmul_(ps, masks, ds, [-s for s in steps.tolist()])
     else:  # the step stays on the device (no host sync)
         upd = masks  # the mask's buffer becomes the step: mask * d * (lr * alpha)

@@ -328,6 +328,23 @@ def test_foreach_scratch_handoff_and_stale_scratch(which):
         assert _max_rel(runs["foreach"][1], runs["reference"][1]) < 1e-6
 
 
+@pytest.mark.parametrize("which", ["lion", "sgd"])
+def test_foreach_device_path_matches_reference(which, monkeypatch):
+    """The path foreach takes off the CPU (allocated temporaries, the step scalar kept as a
+    device tensor), run here on CPU by switching the host check off."""
+    mod = lion if which == "lion" else sgd
+    monkeypatch.setattr(mod, "_host", lambda t: False)
+    run = run_lion if which == "lion" else run_sgd
+    kw = dict(weight_decay=0.1, cautious_wd=True, maximize=True)
+    if which == "sgd":
+        kw["nesterov"] = True
+    init, grads = init_params(), grad_stream(steps=4)
+    a, b = [x.clone() for x in init], [x.clone() for x in init]
+    sa, ca = run("reference", a, grads, **kw)
+    sb, cb = run("foreach", b, grads, **kw)
+    assert ca == cb and _lists_equal(a, b) and _lists_equal(sa, sb)  # same op order: bitwise
+
+
 def test_empty_lists_and_empty_tensors():
     for mod, h in (
         (lion, LionHyper(LR, 0.9, 0.99, 0.1)),
