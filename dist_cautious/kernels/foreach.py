@@ -22,6 +22,9 @@ Savings against a literal transcription (each pass over memory counts on CPU):
   (``p + (-lr/bc1 * alpha) * (m * mask / denom)``, equal up to rounding to the reference
   order, and bitwise AdamW's update where nothing is masked and alpha is 1); on other
   devices ``alpha`` stays a device tensor (no host sync).
+
+Cautious weight decay (``h.cautious_wd``) multiplies by :func:`decay_factors` (``1 - lr * wd``
+where ``m * p >= 0``, else 1) instead of the scalar: bitwise the reference's decay.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ step in a training loop) just the small offsets part is refreshed in place. Uplo
 from pinned memory with ``non_blocking=True``, so a step does no blocking host-to-device
 copy and no host synchronisation: counts and factors stay on the device.
 
+Cautious weight decay (``UpdateHyper.cautious_wd``) is a constexpr of the update kernel
+(decay where ``m_new * p >= 0``); without it the kernel is the one it was. The C-Lion and
+cautious SGD kernels, built on this module's tables, are in :mod:`.triton_lion_sgd`.
+
 Arithmetic follows :mod:`.reference` operation by operation in float32 (bf16/fp16 are
 converted to float32 inside the kernels: the Triton interpreter computes natively in
 bf16 wrongly); square root and divisions are correctly rounded (``sqrt_rn``/``div_rn``).
