@@ -29,8 +29,9 @@ TOL = 1e-6  # relative, fp32 params and moments after 10 steps
 TOL_DELTA = 5e-5  # relative error of the total update p - p0 against the float64 oracle
 
 
-def _launch(nproc: int, out: Path, ckpt: Path, scenarios: list[str]) -> dict:
-    torchrun(WORKER, nproc, [out, ckpt, *scenarios], timeout=150)
+def _launch(nproc: int, out: Path, ckpt: Path, scenarios: list[str], optimizer: str = "") -> dict:
+    env = {"DC_OPTIMIZER": optimizer} if optimizer else None
+    torchrun(WORKER, nproc, [out, ckpt, *scenarios], timeout=150, extra_env=env)
     return json.loads(out.read_text())
 
 
@@ -56,14 +57,19 @@ def w4(tmp_path_factory, ckpt, w2) -> dict:  # w2 first: it writes the checkpoin
     return _launch(4, out, ckpt, ["backward", "handset", "hsdp", "tp", "mixed", "dcp_load"])
 
 
-def _assert_matches(r: dict, cadamw: bool = True, moments: bool = True) -> None:
+def _assert_matches(
+    r: dict, cadamw: bool = True, moments: bool = True, tol_delta: float = TOL_DELTA
+) -> None:
     assert r["oracle_param"] <= TOL, r
-    assert r["oracle_delta"] <= TOL_DELTA, r
+    assert r["oracle_delta"] <= tol_delta, r
     if cadamw:
         assert r["cadamw_param"] <= TOL, r
         assert r["cadamw_delta"] <= TOL, r
-    if moments:
-        assert r["oracle_exp_avg"] <= TOL and r["oracle_exp_avg_sq"] <= TOL, r
+    if moments:  # every state tensor of the optimizer
+        states = [
+            k for k in r if k.startswith("oracle_") and k not in ("oracle_param", "oracle_delta")
+        ]
+        assert states and all(r[k] <= TOL for k in states), r
 
 
 def _assert_counts(r: dict, per_step: int, group_sizes: list[int] | None = None) -> None:
@@ -228,3 +234,49 @@ def test_disagreeing_ranks_raise_everywhere_before_stepping(w2, case, what):
         assert "same parameters, in the same order and the same param groups" in msg, r
     assert r["seconds"] < 10, r  # no hang until a process-group timeout
     assert r["params_unchanged"] and r["no_state"], r  # nothing was stepped
+
+
+# ------------------------------------------------------------------ every optimizer
+# The same scenarios and assertions for the other rows of tests/optimizers.py (CLion,
+# CSGD): 4 ranks (uneven and empty shards), FSDP2 with real backward, hand-set global and
+# shard side by side, HSDP 2x2, FSDP + TP 2x2. One launch per optimizer.
+
+OTHERS = ["clion", "csgd"]
+# Lion steps by lr * sign(c): where c is within rounding of 0 the float32 run and the
+# float64 oracle may take opposite signs, a 2*lr jump in that element (measured 5.7e-5 of
+# the total update after 10 steps at 4 ranks). Equality with single-process CLion on whole
+# tensors stays at TOL (asserted as cadamw_param / cadamw_delta).
+TOL_DELTA_OF = {"clion": 2e-4, "csgd": TOL_DELTA}
+
+
+@pytest.fixture(scope="module", params=OTHERS)
+def other(request, tmp_path_factory, ckpt) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp(f"w4_{request.param}") / "out.json"
+    return request.param, _launch(
+        4, out, ckpt, ["backward", "handset", "hsdp", "tp"], optimizer=request.param
+    )
+
+
+def test_every_optimizer_fsdp2_hsdp_tp_match_single_process(other):
+    name, r = other
+    td = TOL_DELTA_OF[name]
+    _assert_matches(r["backward"], tol_delta=td)
+    _assert_counts(r["backward"], 1, [4])
+    assert r["backward"]["state_is_dtensor"], name
+    assert 0.0 < r["backward"]["kept_fraction"] < 1.0, (name, r["backward"]["kept_fraction"])
+    _assert_matches(r["hsdp"], tol_delta=td)
+    _assert_counts(r["hsdp"], 1, [2])
+    assert r["hsdp"]["reduction_is_shard_group"], name
+    _assert_matches(r["tp"], tol_delta=td)
+    _assert_counts(r["tp"], 2, [2])
+
+
+def test_every_optimizer_shard_is_per_piece(other):
+    name, r = other
+    h = r["handset"]
+    _assert_matches(h["global"], tol_delta=TOL_DELTA_OF[name])
+    _assert_counts(h["global"], 1, [4])
+    assert h["shard"]["piece_oracle_param"] <= TOL, (name, h["shard"])
+    assert h["shard"]["piece_oracle_delta"] <= TOL_DELTA_OF[name], (name, h["shard"])
+    _assert_counts(h["shard"], 0)
+    assert h["shard_vs_global_delta_rel"] > 1e-3, (name, h["shard_vs_global_delta_rel"])

@@ -4,9 +4,10 @@ Workers compute numbers (relative errors against independent references, collect
 counts) and rank 0 writes them as JSON; the pytest side (tests/dist/test_fsdp2.py) asserts.
 References, all fed the same *global* gradients:
 
-* ``FullReference``: ``dist_cautious.CAdamW`` on plain full tensors in one process (no
-  sharding, no collective), and the float64 oracle ``tests.oracle.Float64CAdamW``.
-* per-piece oracle: one ``Float64CAdamW`` over this rank's local shards (``scale="shard"``).
+* ``FullReference``: the optimizer under test (the ``tests/optimizers.py`` row named by
+  ``DC_OPTIMIZER``: CAdamW by default, CLion, CSGD) on plain full tensors in one process (no
+  sharding, no collective), and the row's float64 oracle (``tests/oracle.py``).
+* per-piece oracle: one float64 oracle over this rank's local shards (``scale="shard"``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dist_cautious import CAdamW  # noqa: E402
-from tests.oracle import Float64CAdamW, rel_err  # noqa: E402
+from tests.optimizers import selected  # noqa: E402
+from tests.oracle import rel_err  # noqa: E402
 
-HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+ROW = selected()  # the optimizer under test (env DC_OPTIMIZER, default cadamw)
+HYPER = ROW.hyper
 
 
 def setup() -> tuple[int, int]:
@@ -138,19 +140,23 @@ class CollectiveCounter:
 
 
 class FullReference:
-    """Single-process CAdamW on whole tensors plus the float64 oracle, fed global grads."""
+    """The optimizer on whole tensors in one process plus its float64 oracle, fed global grads."""
 
     def __init__(self, full_params: list[Tensor], **hyper) -> None:
         self.params = [nn.Parameter(p.detach().clone()) for p in full_params]
-        self.opt = CAdamW(self.params, backend="foreach", **hyper)
-        self.oracle = Float64CAdamW([p.detach() for p in full_params], **hyper)
+        self.opt = ROW.cls(self.params, backend="foreach", **hyper)
+        self.oracle = ROW.oracle([p.detach() for p in full_params], **hyper)
 
     def step(self, grads: list[Tensor | None], frozen: list[Tensor | None] | None = None) -> None:
         if frozen is None:  # CAdamW on whole tensors cannot express a partly frozen tensor
             for p, g in zip(self.params, grads):
                 p.grad = None if g is None else g.detach().clone()
             self.opt.step()
-        self.oracle.step([None if g is None else g.detach() for g in grads], frozen=frozen)
+        gs = [None if g is None else g.detach() for g in grads]
+        if frozen is None:
+            self.oracle.step(gs)
+        else:  # partly frozen tensors: Float64CAdamW's option (the frozen scenario is AdamW's)
+            self.oracle.step(gs, frozen=frozen)
 
 
 def compare(
@@ -173,15 +179,14 @@ def compare(
         out["cadamw_delta"] = max(
             rel_err(a - i.double(), b.detach() - i) for a, b, i in zip(fp, ref.params, init)
         )
-    if opt is not None:
-        em, ev = 0.0, 0.0
-        for p, m, v in zip(params, o.m, o.v):
-            st = opt.state.get(p)
-            if not st:
-                continue
-            em = max(em, rel_err(full(st["exp_avg"]), m))
-            ev = max(ev, rel_err(full(st["exp_avg_sq"]), v))
-        out["oracle_exp_avg"], out["oracle_exp_avg_sq"] = em, ev
+    if opt is not None:  # every state tensor (AdamW: exp_avg, exp_avg_sq; ...) vs the oracle's
+        for key, refs in zip(ROW.state_keys, ROW.oracle_states(o)):
+            err = 0.0
+            for p, ref in zip(params, refs):
+                st = opt.state.get(p)
+                if st:
+                    err = max(err, rel_err(full(st[key]), ref))
+            out[f"oracle_{key}"] = err
     return out
 
 
