@@ -1,13 +1,16 @@
-"""FSDP1 (FullyShardedDataParallel) scenarios for CAdamW, run under torchrun (gloo, CPU).
+"""FSDP1 (FullyShardedDataParallel) scenarios for the cautious optimizers, under torchrun
+(gloo, CPU).
 
 Usage: torchrun --nproc-per-node=N fsdp1_worker.py OUT.json SCENARIO [SCENARIO ...]
 
+The optimizer is a ``tests/optimizers.py`` row: the one named by ``DC_OPTIMIZER`` (default
+cadamw), or, for ``subset:NAME`` scenarios, the row NAME (several rows in one launch).
 Every case trains ``FNet`` (tensors (3, 5), (1, 7), (40, 5), (40,), (6, 47), (6,); one
 FlatParameter for the root and one per Linear) for 10 steps with a real forward/backward,
 different data per rank, and feeds FSDP1's own gradients (all-gathered outside the counted
-step) to the references of tests/dist/workers/fsdp_common.py: single-process CAdamW on
-whole tensors and the float64 oracle, with the same two param groups. The final full
-parameters come from FSDP1's FULL_STATE_DICT. Rank 0 writes {scenario: numbers} to OUT.json;
+step) to two references: the row's optimizer on whole tensors in one process and the row's
+float64 oracle, with the same two param groups. The final full parameters come from
+FSDP1's FULL_STATE_DICT. Rank 0 writes {scenario: numbers} to OUT.json;
 tests/dist/test_fsdp1.py asserts on them.
 """
 
@@ -20,8 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from fsdp_common import HYPER, CollectiveCounter, gather_all, gather_max, setup
+from fsdp_common import CollectiveCounter, gather_all, gather_max, setup
 from fsdp_worker import counts_summary
+from row_oracle import GroupedOracle
 from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
@@ -34,11 +38,12 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from dist_cautious import CAdamW
 from dist_cautious.fsdp1 import layout_for
-from tests.oracle import Float64CAdamW, rel_err
+from tests.optimizers import ROWS, Row, selected
+from tests.oracle import rel_err
 
 STEPS = 10
+SUBSET_STEPS = 6  # subset:NAME scenarios (the other rows): fewer steps, same assertions
 WD = (0.1, 0.0)  # weight decay of param group 0 / 1: the groups really differ
 CPU = torch.device("cpu")
 
@@ -106,21 +111,24 @@ def full_params(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
-class GroupReference:
-    """Single-process CAdamW on whole tensors (two groups: weight decay WD[g]) and the
-    float64 oracle with the same per-tensor weight decays, fed the same global gradients."""
+def no_wd(row: Row) -> dict:
+    """The row's hyperparameters without weight decay (the param groups set it: WD)."""
+    return {k: v for k, v in row.hyper.items() if k != "weight_decay"}
 
-    def __init__(self, init: dict[str, Tensor], group_of: dict[str, int], **hyper) -> None:
+
+class GroupReference:
+    """The row's optimizer in one process on whole tensors (two groups: weight decay WD[g])
+    and its float64 oracle with the same per-tensor weight decays, fed the same global
+    gradients."""
+
+    def __init__(self, init: dict[str, Tensor], group_of: dict[str, int], row: Row) -> None:
         self.params = [nn.Parameter(init[n].clone()) for n in NAMES]
         groups = [
             {"params": [p for n, p in zip(NAMES, self.params) if group_of[n] == gi], "weight_decay": wd}
             for gi, wd in enumerate(WD)
         ]  # fmt: skip
-        hyper = {k: v for k, v in hyper.items() if k != "weight_decay"}
-        self.opt = CAdamW(groups, backend="foreach", **hyper)
-        self.oracle = Float64CAdamW(
-            [init[n] for n in NAMES], weight_decays=[WD[group_of[n]] for n in NAMES], **hyper
-        )
+        self.opt = row.cls(groups, backend="foreach", **no_wd(row))
+        self.oracle = GroupedOracle(row, [init[n] for n in NAMES], [WD[group_of[n]] for n in NAMES])
 
     def step(self, grads: dict[str, Tensor]) -> None:
         for n, p in zip(NAMES, self.params):
@@ -188,21 +196,20 @@ def run_case(
     scale: str = "global",
     steps: int = STEPS,
     mp: bool = False,
+    row: Row | None = None,
 ) -> dict:
+    row = row or selected()
     rank = dist.get_rank()
     model = build(strategy, uop, world, mp)
     init = full_params(model)
     groups, group_of = param_groups(model, uop)
     opt_params = [p for g in groups for p in g["params"]]
-    hyper = {k: v for k, v in HYPER.items() if k != "weight_decay"}
-    opt = CAdamW(groups, scale=scale, **hyper)
-    ref = GroupReference(init, group_of, **HYPER)
+    opt = row.cls(groups, scale=scale, **no_wd(row))
+    ref = GroupReference(init, group_of, row)
     pieces = local_pieces(opt_params)
     piece_wd = [WD[next(gi for gi, g in enumerate(groups) if any(q is opt_params[i] for q in g["params"]))] for i, _, _ in pieces]  # fmt: skip
-    piece_oracle = Float64CAdamW(
-        [opt_params[i].detach().reshape(-1)[o : o + n] for i, o, n in pieces],
-        weight_decays=piece_wd,
-        **hyper,
+    piece_oracle = GroupedOracle(
+        row, [opt_params[i].detach().reshape(-1)[o : o + n] for i, o, n in pieces], piece_wd
     )
     counter = CollectiveCounter()
     layouts = {type(layout_for(p)).__name__ for p in opt_params}
@@ -218,20 +225,32 @@ def run_case(
         piece_oracle.step(local_grads)
     fin = full_params(model)
     fp = [fin[n].double() for n in NAMES]
-    o = ref.oracle
+    op = ref.oracle.p
+    piece_p = piece_oracle.p
     out = {
-        "oracle_param": max(rel_err(a, b) for a, b in zip(fp, o.p)),
+        "oracle_param": max(rel_err(a, b) for a, b in zip(fp, op)),
         "oracle_delta": max(
-            rel_err(a - init[n].double(), b - init[n].double()) for a, b, n in zip(fp, o.p, NAMES)
+            rel_err(a - init[n].double(), b - init[n].double()) for a, b, n in zip(fp, op, NAMES)
         ),
-        "cadamw_param": max(rel_err(a, b) for a, b in zip(fp, ref.params)),
-        "cadamw_delta": max(
+        # the row's optimizer on whole tensors in one process
+        "single_param": max(rel_err(a, b) for a, b in zip(fp, ref.params)),
+        "single_delta": max(
             rel_err(a - init[n].double(), b.detach().double() - init[n].double())
             for a, b, n in zip(fp, ref.params, NAMES)
         ),
         "piece_oracle_param": max(
             (
-                rel_err(opt_params[i].detach().reshape(-1)[off : off + n], piece_oracle.p[j])
+                rel_err(opt_params[i].detach().reshape(-1)[off : off + n], piece_p[j])
+                for j, (i, off, n) in enumerate(pieces)
+            ),
+            default=0.0,
+        ),
+        # every state tensor of the row (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg; SGD:
+        # momentum_buffer) on each local piece vs the per-piece oracle's (scale="shard")
+        "piece_oracle_state": max(
+            (
+                rel_err(opt.state[opt_params[i]][key].reshape(-1)[off : off + n], refs[j])
+                for key, refs in zip(row.state_keys, piece_oracle.states())
                 for j, (i, off, n) in enumerate(pieces)
             ),
             default=0.0,
@@ -239,6 +258,8 @@ def run_case(
     }
     out = {k: gather_max(v) for k, v in out.items()}
     out.update(counts_summary(counter, steps))
+    out["optimizer"] = type(opt).__name__
+    out["steps"] = steps
     out["layouts"] = sorted(set().union(*gather_all(sorted(layouts))))
     out["local_numels"] = gather_all([p.numel() for p in opt_params])
     out["final"] = {n: fin[n].tolist() for n in NAMES}
@@ -282,7 +303,7 @@ def sc_strategies(rank: int, world: int) -> dict:
     return out
 
 
-def _train(model: nn.Module, opt: CAdamW, start: int, stop: int) -> None:
+def _train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int) -> None:
     for s in range(start, stop):
         x, y = batch(dist.get_rank(), s)
         ((model(x) - y) ** 2).mean().backward()
@@ -290,11 +311,11 @@ def _train(model: nn.Module, opt: CAdamW, start: int, stop: int) -> None:
         opt.zero_grad()
 
 
-def _fresh(uop: bool, world: int) -> tuple[nn.Module, CAdamW]:
+def _fresh(uop: bool, world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = build(SS.FULL_SHARD, uop, world)
     groups, _ = param_groups(model, uop)
-    hyper = {k: v for k, v in HYPER.items() if k != "weight_decay"}
-    return model, CAdamW(groups, **hyper)
+    row = selected()
+    return model, row.cls(groups, **no_wd(row))
 
 
 def sc_ckpt(rank: int, world: int) -> dict:
@@ -339,6 +360,22 @@ def sc_shard(rank: int, world: int) -> dict:
     return out
 
 
+def sc_subset(rank: int, world: int, name: str) -> dict:
+    """Another row (``subset:clion``, ``subset:csgd``) on a subset of the cases, SUBSET_STEPS
+    steps: FULL_SHARD on 2 ranks, HYBRID_SHARD 2x2 on 4, both use_orig_params, scale
+    'global' (vs single process and the oracle) and 'shard' (vs the per-piece oracle)."""
+    row = ROWS[name]
+    st = SS.HYBRID_SHARD if world == 4 else SS.FULL_SHARD
+    out = {}
+    for uop in (False, True):
+        g = run_case(st, uop, world, "global", SUBSET_STEPS, row=row)
+        s = run_case(st, uop, world, "shard", SUBSET_STEPS, row=row)
+        s["shard_vs_global_delta_rel"] = _delta_diff(s, g)
+        out[f"{st.name}.global.uop={uop}"] = g
+        out[f"{st.name}.shard.uop={uop}"] = s
+    return out
+
+
 def _err(fn) -> str:
     try:
         fn()
@@ -349,11 +386,12 @@ def _err(fn) -> str:
 
 def sc_errors(rank: int, world: int) -> dict:
     """Unreadable FSDP1 metadata raises instead of stepping (on every rank, no collective)."""
+    row = selected()
     out: dict = {}
     for uop in (False, True):
         model = build(SS.FULL_SHARD, uop, world)
         params = list(model.parameters())
-        opt = CAdamW(params, **HYPER)
+        opt = row.cls(params, **row.hyper)
         x, y = batch(rank, 0)
         ((model(x) - y) ** 2).mean().backward()
         root = model._handle.flat_param
@@ -387,14 +425,15 @@ def sc_errors(rank: int, world: int) -> dict:
     t = nn.Parameter(torch.randn(12))
     t._fsdp_flattened = True
     t.grad = torch.randn(12)
-    out["orphan"] = _err(CAdamW([t], **HYPER).step)
+    out["orphan"] = _err(row.cls([t], **row.hyper).step)
     out["plain_is_none"] = layout_for(nn.Parameter(torch.randn(3))) is None
     return out
 
 
 def sc_cost(rank: int, world: int) -> dict:
     """Host cost of a step on a 300-tensor model (tiny tensors: the step is all host
-    work), FULL_SHARD, against CAdamW on the same tensors unsharded (cached plan)."""
+    work), FULL_SHARD, against the same optimizer on the tensors unsharded (cached plan)."""
+    row = selected()
     out = {}
     for uop in (False, True):
         torch.manual_seed(0)
@@ -409,10 +448,10 @@ def sc_cost(rank: int, world: int) -> dict:
         )
         model(torch.randn(4, 8)).sum().backward()
         params = list(model.parameters())
-        opt = CAdamW(params, **HYPER)
+        opt = row.cls(params, **row.hyper)
         for p in plain:
             p.grad = torch.randn_like(p)
-        ref = CAdamW(plain, **HYPER)
+        ref = row.cls(plain, **row.hyper)
         times: dict[str, list[float]] = {"fsdp1_step": [], "plain_step": [], "layout_for": []}
         for _ in range(12):
             dist.barrier()
@@ -442,6 +481,7 @@ SCENARIOS = {
     "errors": sc_errors,
     "ckpt": sc_ckpt,
     "cost": sc_cost,
+    "subset": sc_subset,  # subset:NAME
 }
 
 
@@ -453,7 +493,8 @@ def main() -> None:
     results = {}
     for name in names:
         t0 = time.perf_counter()
-        results[name] = SCENARIOS[name](rank, world)
+        base, _, arg = name.partition(":")  # subset:clion -> sc_subset(rank, world, "clion")
+        results[name] = SCENARIOS[base](rank, world, *([arg] if arg else []))
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
         dist.barrier()
     finish(results, out_path)
