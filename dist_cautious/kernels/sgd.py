@@ -293,8 +293,14 @@ def foreach_update_pass(
 
 # --------------------------------------------------------------------------- dispatch
 
-reference = SimpleNamespace(count_pass=reference_count_pass, update_pass=reference_update_pass)
-foreach = SimpleNamespace(count_pass=foreach_count_pass, update_pass=foreach_update_pass)
+# TAKES_SCRATCH: the passes take the caller's per-bucket ``scratch`` dict (foreach hands the
+# mask from count to update through it; reference only clears it).
+reference = SimpleNamespace(
+    count_pass=reference_count_pass, update_pass=reference_update_pass, TAKES_SCRATCH=True
+)
+foreach = SimpleNamespace(
+    count_pass=foreach_count_pass, update_pass=foreach_update_pass, TAKES_SCRATCH=True
+)
 
 
 def get(name: str) -> SimpleNamespace:

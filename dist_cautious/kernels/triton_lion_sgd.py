@@ -673,8 +673,14 @@ def sgd_update_pass(
 # SUPPORTS_FUSED_FACTOR: update_pass(..., alphas=None, factor=(counts, numels, formula, clamp))
 # computes the factor in the kernel (no separate launches), as triton_kernels.update_pass.
 lion = SimpleNamespace(
-    count_pass=lion_count_pass, update_pass=lion_update_pass, SUPPORTS_FUSED_FACTOR=True
+    count_pass=lion_count_pass,
+    update_pass=lion_update_pass,
+    SUPPORTS_FUSED_FACTOR=True,
+    TAKES_SCRATCH=True,
 )
 sgd = SimpleNamespace(
-    count_pass=sgd_count_pass, update_pass=sgd_update_pass, SUPPORTS_FUSED_FACTOR=True
+    count_pass=sgd_count_pass,
+    update_pass=sgd_update_pass,
+    SUPPORTS_FUSED_FACTOR=True,
+    TAKES_SCRATCH=True,
 )

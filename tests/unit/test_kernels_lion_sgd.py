@@ -358,6 +358,8 @@ def test_empty_lists_and_empty_tensors():
             c = be.count_pass(p, g, (s,), h)
             assert c.dtype == torch.int64 and c.tolist() == [0]
             be.update_pass(p, g, (s,), torch.ones(1), h)
+    # the optimizer's step plan passes its per-bucket scratch only to backends that say so
+    assert lion.get("foreach").TAKES_SCRATCH and sgd.get("foreach").TAKES_SCRATCH
     with pytest.raises(ValueError, match="unknown Lion backend 'fused'"):
         lion.get("fused")
     with pytest.raises(ValueError, match="unknown SGD backend 'fused'"):
