@@ -393,6 +393,23 @@ def analyze(
             abs(d["mean"]) / seed_std if seed_std and d["mean"] is not None else None
         )
         gvs[label(cfg)] = d
+    # shard vs global under the same FSDP2 sharding (same reduction order): the factor alone
+    same = {}
+    for cfg in configs:
+        ref = runs.get(("cadamw", "global", cfg[2]), {})
+        if cfg[1] != "shard" or not runs[cfg] or not ref:
+            continue
+        d = mean_std(
+            [
+                float(val_curve(runs[cfg][s])[1][-1] - val_curve(ref[s])[1][-1])
+                for s in sorted(runs[cfg])
+                if s in ref
+            ]
+        )
+        if d["n"] > 1 and d["std"] > 0:
+            d["t_paired"] = d["mean"] / (d["std"] / math.sqrt(d["n"]))
+        same[f"{label(cfg)} - {label(('cadamw', 'global', cfg[2]))}"] = d
+    summary["shard_vs_global_same_world_final_val"] = same
     summary["global_vs_shard_final_val"] = gvs
 
     # shard-factor deviation: virtual Shard(0) blocks of the gathered per-row mask counts
@@ -563,6 +580,13 @@ def markdown(s: dict[str, Any], fixed: list[int]) -> str:
         L.append(
             f"| {name} | {vals} | {pm(d)} | {'n/a' if t is None else f'{t:+.2f}'} | "
             f"{d['seed_std_global_final']:.4f} |"
+        )
+    for name, d in s.get("shard_vs_global_same_world_final_val", {}).items():
+        vals = ", ".join(f"{v:+.4f}" for v in d["values"])
+        t = d.get("t_paired")
+        L.append(
+            f"| {name} (same sharding) | {vals} | {pm(d)} | "
+            f"{'n/a' if t is None else f'{t:+.2f}'} | |"
         )
     L += [
         "",

@@ -56,6 +56,11 @@ def run_name(opt: str, scale: str, world: int, seed: int) -> str:
     return f"{opt}_{scale or 'na'}_w{world}_s{seed}"
 
 
+def job_name(cfg: tuple[str, str, int], seed: int, lr: float | None) -> str:
+    name = run_name(*cfg, seed)
+    return name if lr is None else f"{name}_lr{lr:g}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,10 +117,8 @@ def one_run(
     cfg: tuple[str, str, int], seed: int, args: argparse.Namespace, lr: float | None = None
 ) -> dict:
     opt, scale, world = cfg
-    name = run_name(opt, scale, world, seed)
-    folder = "runs"
-    if lr is not None:  # learning-rate sensitivity runs live apart from the table
-        name, folder = f"{name}_lr{lr:g}", "runs_lr"
+    name = job_name(cfg, seed, lr)
+    folder = "runs" if lr is None else "runs_lr"  # lr sensitivity runs live apart
     (args.out / folder).mkdir(parents=True, exist_ok=True)
     csv_path = args.out / folder / f"{name}.csv"
     if not args.force and csv_path.exists() and csv_path.with_suffix(".json").exists():
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(cfg, sweep_seed, lr) for lr in sweep for cfg in SWEEP_CONFIGS]
         if args.only:
             keep = [x.strip() for x in args.only.split(",") if x.strip()]
-            jobs = [j for j in jobs if any(run_name(*j[0], j[1]).startswith(k) for k in keep)]
+            jobs = [j for j in jobs if any(job_name(*j).startswith(k) for k in keep)]
         t0 = time.time()
         with ThreadPoolExecutor(max(1, args.jobs)) as ex:
             results = list(ex.map(lambda j: one_run(j[0], j[1], args, j[2]), jobs))
