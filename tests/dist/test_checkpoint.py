@@ -61,7 +61,8 @@ def flat_tensors(x: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def final_state(root: Path, deepspeed: bool = False) -> dict[str, torch.Tensor]:
-    sub = next(root.iterdir()) if not (root / ck.MARKER).exists() else root
+    # a checkpoint root, or bench.py's --ckpt-dir holding one root per engine/mode
+    sub = root if ck.newest(root) is not None else next(d for d in root.iterdir() if d.is_dir())
     path = ck.newest(sub)
     assert path is not None, f"no complete checkpoint under {sub}"
     return flat_tensors(ck.read_deepspeed(path) if deepspeed else ck.read(path))
@@ -308,22 +309,25 @@ def test_fsdp2_stopped_by_a_crash_in_a_write_resumes_bitwise(
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_fsdp2_reshard_4_to_2_ranks(fsdp2_reference: Path, tmp_path: Path) -> None:
-    d = tmp_path / "ck"
-    args = [*COMMON, "--steps", str(2 * N), "--ckpt-dir", str(d), "--grad-reduce-dtype", "fp64"]
-    run_bench(4, [*args, "--batch", "4", "--stop-after", str(N)], timeout=240)
-    out = run_bench(2, [*args, "--batch", "8"])
-    assert "saved on 4 ranks, now 2" in out
-    a, b = final_state(d), final_state(fsdp2_reference / "ck")
-    assert a.keys() == b.keys()
-    worst = max(
-        float(
-            (a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp_min(1e-30)
-        )
+def test_fsdp2_reshard_4_to_2_ranks(tmp_path: Path) -> None:
+    """Saved on 4 ranks, resumed on 2, continued: equal to the uninterrupted 2-rank run
+    within 1e-6 relative (the worker makes gradients world-independent: see its doc)."""
+    worker = ROOT / "tests" / "dist" / "workers" / "ckpt_worker.py"
+    ref, d = tmp_path / "ref", tmp_path / "ck"
+    steps = ["--steps", str(2 * N), "--stop", str(N)]
+    torchrun(worker, 2, ["--phase", "ref", "--dir", str(ref), *steps], timeout=200)
+    torchrun(worker, 4, ["--phase", "save", "--dir", str(d), *steps], timeout=240)
+    out = torchrun(worker, 2, ["--phase", "resume", "--dir", str(d), *steps], timeout=200).stdout
+    assert f"resumed at step {N}, saved on 4 ranks" in out
+    a, b = final_state(d), final_state(ref)
+    assert a.keys() == b.keys() and sum("exp_avg_sq" in k for k in a) == 21
+    rel = max(
+        float((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max())
         for k in a
-        if b[k].numel()
+        if b[k].numel() and float(b[k].abs().max()) > 0
     )
-    assert worst <= 1e-6, worst
+    assert rel <= 1e-6, rel
+    print(f"reshard 4 -> 2: max relative difference (params and optimizer state) {rel:.3e}")
 
 
 def test_resume_fails_clearly_when_the_settings_differ(
