@@ -227,9 +227,9 @@ def main() -> int:
     ap.add_argument("--check-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="restart_tally", help="output file stem (date appended)")
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    date = time.strftime("%Y-%m-%d")
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join([sys.executable, *sys.argv]),
@@ -273,6 +273,7 @@ def main() -> int:
                     env_fix=a.env_fix,
                 )
                 doc["runs"].append(r)
+                write(doc, a)
                 print(
                     f"restart run {i + 1}/{a.runs}: {r['outcome']} ({r['seconds']} s) {r.get('resumed')}",
                     flush=True,
@@ -280,10 +281,18 @@ def main() -> int:
     for i in range(a.check_runs):
         r = check_against_ddp(a.check_steps, a.check_timeout)
         doc["check_runs"].append(r)
+        write(doc, a)
         print(
             f"check run {i + 1}/{a.check_runs}: exit {r['returncode']} ({r['seconds']} s)",
             flush=True,
         )
+    write(doc, a)
+    return 0
+
+
+def write(doc: dict[str, Any], a: argparse.Namespace) -> None:
+    """The JSON and the Markdown summary, rewritten after every run (a partial tally
+    survives an interrupted session)."""
     tally = {
         k: sum(r["outcome"] == k for r in doc["runs"]) for k in ("resumed_equal", "failed", "hung")
     }
@@ -293,30 +302,39 @@ def main() -> int:
     doc["tally"], doc["check_exit_codes"] = tally, codes
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"restart_tally_{date}"
+    stem = out / f"{a.name}_{doc['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    md = [
-        f"# Kill-and-restart tally ({doc['date']}, torch {doc['torch']}, CPU gloo)",
-        "",
-        f"Command: `{doc['command']}`",
-        "",
-        f"Scenario ({a.runs} runs, each bounded by {a.timeout:g} s): `{doc['scenario']}`"
-        + (
+    md = [f"# {a.name} ({doc['date']}, torch {doc['torch']}, CPU gloo, shared 2-core machine)"]
+    md += ["", f"Command: `{doc['command']}`", ""]
+    if a.runs:
+        env_note = (
             " (with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)"
             if a.env_fix
             else " (torchrun's environment as is: no TORCH_DISABLE_SHARE_RDZV_TCP_STORE)"
-        ),
-        "",
-        "| resumed and bitwise equal | failed | hung |",
-        "|---|---|---|",
-        f"| {tally['resumed_equal']} | {tally['failed']} | {tally['hung']} |",
-        "",
-        f"`python launch/bench.py --check-against ddp --steps {a.check_steps} --no-progress`, "
-        f"{a.check_runs} runs: exit codes {codes}",
-    ]
+        )
+        steps = sorted(
+            {(r.get("resumed") or "- ").split(" at step ")[-1].split(" ")[0] for r in doc["runs"]}
+        )
+        md += [
+            f"Kill-and-restart scenario, {len(doc['runs'])} of {a.runs} runs done, each bounded "
+            f"by {a.timeout:g} s: `{doc['scenario']}`{env_note}",
+            "",
+            "| resumed and bitwise equal | failed | hung |",
+            "|---|---|---|",
+            f"| {tally['resumed_equal']} | {tally['failed']} | {tally['hung']} |",
+            "",
+            f"Steps resumed from: {', '.join(steps)}",
+            "",
+        ]
+    if a.check_runs:
+        aborted = sum(bool(r.get("aborted")) for r in doc["check_runs"])
+        md += [
+            f"`python launch/bench.py --check-against ddp --steps {a.check_steps} --no-progress`, "
+            f"{len(doc['check_runs'])} of {a.check_runs} runs done: exit codes {codes}; "
+            f"'terminate called' in stderr: {aborted}",
+        ]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    print("\n".join(md), flush=True)
 
 
 if __name__ == "__main__":

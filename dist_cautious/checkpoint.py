@@ -52,6 +52,7 @@ __all__ = [
     "load_deepspeed",
     "newest",
     "read",
+    "read_deepspeed",
     "save",
     "save_deepspeed",
     "step_path",
@@ -452,6 +453,11 @@ def _diff_groups(path: Path, info: dict, optimizer: Any) -> str | None:
         return None
     want = info.get("optimizer")
     have = type(optimizer).__name__
+    if want is None:
+        return (
+            f"checkpoint {path} was saved without an optimizer: load it with optimizer=None "
+            f"(model only), then train the {have} from fresh state"
+        )
     if want is not None and want != have:
         return (
             f"checkpoint {path} holds the state of a {want} optimizer, not of this {have}: "
@@ -812,3 +818,14 @@ def load_deepspeed(
         world_size=int(info["world_size"]),
         rng_restored=restored,
     )
+
+
+def read_deepspeed(path: str | os.PathLike) -> dict[str, Any]:
+    """Every ``.pt`` file of a DeepSpeed checkpoint directory, ``{file name: content}``,
+    read with ``torch.load(weights_only=True)`` (the same allowlist as
+    :func:`load_deepspeed`), for inspection and tests."""
+    out: dict[str, Any] = {}
+    with torch.serialization.safe_globals(_ds_safe_globals()):
+        for f in sorted(Path(path).glob("*.pt")):
+            out[f.name] = torch.load(f, map_location="cpu", weights_only=True)
+    return out
