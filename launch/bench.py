@@ -827,6 +827,12 @@ class Checkpoints:
         except ck.CheckpointMismatch as e:
             raise SystemExit(f"bench: rank {self.ctx.rank}: cannot resume: {e}") from None
         if got is None:
+            if self.ctx.rank == 0:
+                print(
+                    f"bench: {self.run.engine}/{self.run.mode}: no complete checkpoint in "
+                    f"{self.root}: starting at step 0",
+                    flush=True,
+                )
             return 0, []
         if self.ctx.rank == 0:
             print(

@@ -373,6 +373,13 @@ def test_resume_is_bitwise(engine: str, nproc: int, extra: list[str], tmp_path: 
     assert f"at step {N}" in out and "resumed from" in out
     ds = engine == "deepspeed"
     assert_bitwise(final_state(b_dir, ds), final_state(a_dir, ds), moments=1 if ds else 21)
+    if "2" in extra:  # ZeRO partitions do not reshard: 2 ranks' checkpoint on 1 rank
+        c_dir = tmp_path / "c"
+        resume_copy(a_dir, N, c_dir)
+        with pytest.raises(AssertionError) as e:
+            run_bench(1, [*args, "--batch", "16", "--ckpt-dir", str(c_dir)], timeout=300)
+        assert "data-parallel size 2, this engine has 1" in str(e.value)
+        assert "ds_to_universal.py" in str(e.value)
 
 
 def test_killed_worker_restarts_resumes_and_ends_equal(
