@@ -135,6 +135,7 @@ def kill_and_restart(
     pg_timeout: float = 60.0,
     env_fix: bool = False,
     kill_rank: int = 1,
+    self_launch: bool = False,
 ) -> dict[str, Any]:
     """One kill-and-restart run; returns its outcome (see the module doc)."""
     ckpt, out = work / "ckpt", work / "final.pt"
@@ -148,6 +149,8 @@ def kill_and_restart(
         str(out),
     ]
     cmd = torchrun_cmd(2, args, 1)
+    if self_launch:  # bench.py's own elastic launch: python launch/bench.py --nproc 2 ...
+        cmd = [sys.executable, str(BENCH), "--nproc", "2", "--max-restarts", "1", *args]
     extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if env_fix else None
     log = work / "torchrun.log"
     t0 = time.monotonic()
@@ -222,6 +225,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--pg-timeout", type=float, default=60.0)
     ap.add_argument("--env-fix", action="store_true")
+    ap.add_argument(
+        "--self-launch",
+        action="store_true",
+        help="start python launch/bench.py --nproc 2 --max-restarts 1 instead of torchrun",
+    )
     ap.add_argument("--check-runs", type=int, default=20)
     ap.add_argument("--check-steps", type=int, default=300)
     ap.add_argument("--check-timeout", type=float, default=900.0)
@@ -250,6 +258,7 @@ def main() -> int:
         )
         + f"; kill -9 of rank 1 0-{a.max_delay} s after D/fsdp2-global/step_00000008/COMPLETE",
         "env_fix": a.env_fix,
+        "self_launch": a.self_launch,
         "runs": [],
         "check_runs": [],
     }
@@ -271,6 +280,7 @@ def main() -> int:
                     timeout=a.timeout,
                     pg_timeout=a.pg_timeout,
                     env_fix=a.env_fix,
+                    self_launch=a.self_launch,
                 )
                 doc["runs"].append(r)
                 write(doc, a)
@@ -312,6 +322,11 @@ def write(doc: dict[str, Any], a: argparse.Namespace) -> None:
             if a.env_fix
             else " (torchrun's environment as is: no TORCH_DISABLE_SHARE_RDZV_TCP_STORE)"
         )
+        if a.self_launch:
+            env_note = (
+                ", started instead as `python launch/bench.py --nproc 2 --max-restarts 1` "
+                "(bench.py's own elastic launch) with the same flags"
+            )
         steps = sorted(
             {(r.get("resumed") or "- ").split(" at step ")[-1].split(" ")[0] for r in doc["runs"]}
         )
