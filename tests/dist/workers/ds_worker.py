@@ -5,25 +5,28 @@ usage: ds_worker.py OUT.json SPEC [SPEC ...]
 A SPEC is dot-separated tokens, e.g. ``z2.global.fp32.gas2.rr``:
 
 * ``z0`` .. ``z3``: ZeRO stage;
-* ``global`` / ``shard``: CAdamW ``scale``; ``mixed``: the decay group ``global``, the
-  no-decay group ``shard`` (per-group options);
+* ``global`` / ``shard``: the optimizer's ``scale``; ``mixed``: the decay group ``global``,
+  the no-decay group ``shard`` (per-group options);
+* ``clion`` / ``csgd`` (any ``tests/optimizers.py`` row name; default ``cadamw``): the
+  optimizer, its hyperparameters (weight decay per param group: ``WD``) and float64 oracle;
 * ``fp32`` / ``bf16`` / ``bf16acc32`` (bf16 model, fp32 gradient accumulation: ZeRO-1 then
   uses ``BF16_Optimizer``) / ``fp16`` (static loss scale);
 * ``gasN``: gradient accumulation steps; ``rr``: ZeRO-2 round-robin gradients;
   ``subN``: ZeRO-3 ``sub_group_size``; ``offp``: ZeRO-3 ``offload_param`` to CPU;
-* ``fsdp``: also train the same model with FSDP2 + CAdamW and compare;
+* ``fsdp``: also train the same model with FSDP2 + the same optimizer and compare;
 * ``forgot``: plain ``deepspeed.initialize`` without the adapter; record the error.
 
 What is measured, against references computed here that share no code with the adapter:
 
-* trajectory: final parameters after ``STEPS`` optimizer steps vs (a) single-process
-  ``CAdamW`` on the full batch and (b) the float64 oracle ``tests/oracle.py`` with float64
+* trajectory: final parameters after ``STEPS`` optimizer steps vs (a) the row's optimizer
+  in one process on the full batch and (b) its float64 oracle ``tests/oracle.py`` with float64
   gradients of a float64 copy of the model; ``scale="shard"`` is compared with a float64
   oracle over the ZeRO *fragments* (each fragment its own tensor), computed from the
   documented ZeRO partitioning rules (``expected_*`` below);
 * step audit, every ``optimizer.step()`` call: the flat fp32 partitions, gradients and
   moments of all ranks are gathered before and after the step, whole tensors rebuilt with
   the expected rules, one float64 oracle step applied to them (per tensor for ``global``,
+  from the states of the row's ``state_keys``,
   per fragment for ``shard``) and compared with what the ranks computed; alignment padding
   must stay untouched; all-reduces inside the step are counted;
 * layout: the adapter's fragments equal the expected rules and DeepSpeed's own
@@ -54,17 +57,18 @@ if str(ROOT) not in sys.path:
 
 import deepspeed  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
+from row_oracle import GroupedOracle  # noqa: E402
 
-from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious import deepspeed as dc_ds  # noqa: E402
-from tests.oracle import Float64CAdamW, rel_err  # noqa: E402
+from dist_cautious.base import CautiousOptimizer  # noqa: E402
+from tests.optimizers import ROWS, Row  # noqa: E402
+from tests.oracle import rel_err  # noqa: E402
 
 ds_logger.setLevel(logging.ERROR)
 
 STEPS = 10
 MB = 4  # micro-batch per rank
-LR, BETAS, EPS = 1e-2, (0.9, 0.99), 1e-8
-WD = {"decay": 0.1, "no_decay": 0.0}
+WD = {"decay": 0.1, "no_decay": 0.0}  # per param group; the rest of a row's hyper as given
 CKPT_ROOT = Path(".")  # set in main(): next to the output file
 DTYPES = {
     "fp32": torch.float32,
@@ -137,11 +141,17 @@ def param_groups(net: nn.Module) -> list[dict]:
     ]
 
 
-def make_opt(groups: list[dict], c: dict) -> CAdamW:
+def hyper(row: Row) -> dict:
+    """The row's hyperparameters but weight decay (set per param group: ``WD``)."""
+    return {k: v for k, v in row.hyper.items() if k != "weight_decay"}
+
+
+def make_opt(groups: list[dict], c: dict) -> CautiousOptimizer:
+    row = ROWS[c["row"]]
     if c["scale"] == "mixed":  # decay group (first) global, the other groups shard
         groups = [dict(g, scale="shard") if i else g for i, g in enumerate(groups)]
-        return CAdamW(groups, lr=LR, betas=BETAS, eps=EPS)
-    return CAdamW(groups, lr=LR, betas=BETAS, eps=EPS, scale=c["scale"])
+        return row.cls(groups, **hyper(row))
+    return row.cls(groups, scale=c["scale"], **hyper(row))
 
 
 def batch(t: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,22 +224,19 @@ def round_robin(items: list, world: int) -> list:
 # ----------------------------------------------------------------- references
 
 
-def oracle_run(net0: nn.Module, world: int, gas: int, units_of: dict[str, list[tuple[int, int]]]):
-    """Float64 C-AdamW on float64 gradients of a float64 copy of ``net0``; each tensor is
-    stepped as the list of element ranges ``units_of[name]`` (one range: whole tensor)."""
+def oracle_run(
+    net0: nn.Module, world: int, gas: int, units_of: dict[str, list[tuple[int, int]]], row: Row
+):
+    """The row's float64 oracle on float64 gradients of a float64 copy of ``net0``; each
+    tensor is stepped as the list of element ranges ``units_of[name]`` (one range: whole
+    tensor)."""
     m64 = copy.deepcopy(net0).double()
     names = [n for n, _ in m64.named_parameters()]
     wd_of = {n: WD[g] for g, ns in group_names(m64).items() for n in ns}
     start = {n: p.detach().reshape(-1).clone() for n, p in m64.named_parameters()}
     shapes = {n: p.shape for n, p in m64.named_parameters()}
     units = [(n, a, b) for n in names for (a, b) in units_of[n]]
-    orc = Float64CAdamW(
-        [start[n][a:b] for n, a, b in units],
-        lr=LR,
-        betas=BETAS,
-        eps=EPS,
-        weight_decays=[wd_of[n] for n, _, _ in units],
-    )
+    orc = GroupedOracle(row, [start[n][a:b] for n, a, b in units], [wd_of[n] for n, _, _ in units])
 
     def full() -> dict[str, torch.Tensor]:
         out = {n: torch.empty(shapes[n].numel(), dtype=torch.float64) for n in names}
@@ -246,10 +253,10 @@ def oracle_run(net0: nn.Module, world: int, gas: int, units_of: dict[str, list[t
     return {n: t.detach() for n, t in full().items()}
 
 
-def single_process_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch.Tensor]:
-    """dist_cautious.CAdamW in one process on the full global batch (fp32)."""
+def single_process_run(net0: nn.Module, world: int, gas: int, row: Row) -> dict[str, torch.Tensor]:
+    """The row's optimizer in one process on the full global batch (fp32)."""
     net = copy.deepcopy(net0)
-    opt = CAdamW(param_groups(net), lr=LR, betas=BETAS, eps=EPS, backend="reference")
+    opt = row.cls(param_groups(net), backend="reference", **hyper(row))
     for t in range(STEPS):
         X, Y = batch(t, world * gas * MB)
         opt.zero_grad(set_to_none=True)
@@ -258,7 +265,7 @@ def single_process_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch
     return {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
-def fsdp2_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch.Tensor]:
+def fsdp2_run(net0: nn.Module, world: int, gas: int, row: Row) -> dict[str, torch.Tensor]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -268,7 +275,7 @@ def fsdp2_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch.Tensor]:
     for m in (net.l1, net.l2, net.l3):
         fully_shard(m, mesh=mesh)
     fully_shard(net, mesh=mesh)
-    opt = CAdamW(param_groups(net), lr=LR, betas=BETAS, eps=EPS)
+    opt = row.cls(param_groups(net), **hyper(row))
     for t in range(STEPS):
         X, Y = batch(t, world * gas * MB)
         idx = torch.cat(
@@ -284,12 +291,19 @@ def fsdp2_run(net0: nn.Module, world: int, gas: int) -> dict[str, torch.Tensor]:
 
 
 class Audit:
-    """Checks every optimizer.step() call of the CAdamW inside an engine (see module doc)."""
+    """Checks every optimizer.step() call of the optimizer inside an engine (see module doc).
 
-    def __init__(self, opt: CAdamW, specs: dict[int, dict], scale: str, world: int) -> None:
-        self.opt, self.specs, self.scale, self.world = opt, specs, scale, world
+    ``err``: the worst relative error of the parameters (``p``), of every state tensor of
+    the row (by state key: ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) and of the
+    update, over all calls."""
+
+    def __init__(
+        self, opt: CautiousOptimizer, specs: dict[int, dict], row: Row, world: int
+    ) -> None:
+        self.opt, self.specs, self.row, self.world = opt, specs, row, world
+        self.keys = row.state_keys
         self.calls = 0
-        self.err = {"p": 0.0, "m": 0.0, "v": 0.0, "update": 0.0}
+        self.err = {"p": 0.0, **{k: 0.0 for k in self.keys}, "update": 0.0}
         self.other_min_diff = math.inf  # min over calls of max diff to the other mode
         self.other_max_diff = 0.0
         self.padding_ok = True
@@ -319,15 +333,20 @@ class Audit:
                 if p.grad is None:
                     continue
                 st = opt.state.get(p, {})
-                z = torch.zeros(p.numel(), dtype=torch.float64)
+                t = int(st["step"]) if st else 0
+                before = {  # the state before the step (zeros before the first: not used)
+                    f"s0_{k}": st[k].double().reshape(-1).clone()
+                    if t
+                    else torch.zeros(p.numel(), dtype=torch.float64)
+                    for k in self.keys
+                }
                 self._rec.append(
                     dict(
                         p=p,
                         old=p.detach().double().reshape(-1).clone(),
                         grad=p.grad.detach().double().reshape(-1).clone(),
-                        m=st["exp_avg"].double().reshape(-1).clone() if st else z,
-                        v=st["exp_avg_sq"].double().reshape(-1).clone() if st else z.clone(),
-                        t=int(st["step"]) if st else 0,
+                        **before,
+                        t=t,
                         wd=g["weight_decay"],
                         scale=g["scale"],
                     )
@@ -358,11 +377,9 @@ class Audit:
             cur = dict(
                 old=r["old"],
                 grad=r["grad"],
-                m=r["m"],
-                v=r["v"],
+                **{f"s0_{k}": r[f"s0_{k}"] for k in self.keys},
                 new=p.detach().double().reshape(-1),
-                m_new=st["exp_avg"].double().reshape(-1),
-                v_new=st["exp_avg_sq"].double().reshape(-1),
+                **{f"s1_{k}": st[k].double().reshape(-1) for k in self.keys},
             )
             gat = {k: self._gather(v, spec) for k, v in cur.items()}
             frs = spec["frags"]  # per rank of the partition group: (k, lp, hp, len)
@@ -389,25 +406,23 @@ class Audit:
             straddling = {k for k in whole if sum(1 for u in frag_units if u[0] == k) > 1}
 
             def oracle(units, whole=whole, numels=numels, r=r):
-                o = Float64CAdamW(
+                o = GroupedOracle(
+                    self.row,
                     [whole[k]["old"][lp : lp + ln] for k, lp, ln in units],
-                    lr=LR,
-                    betas=BETAS,
-                    eps=EPS,
-                    weight_decay=r["wd"],
+                    [r["wd"]] * len(units),
                 )
-                o.m = [whole[k]["m"][lp : lp + ln].clone() for k, lp, ln in units]
-                o.v = [whole[k]["v"][lp : lp + ln].clone() for k, lp, ln in units]
-                o.t = [r["t"]] * len(units)
+                o.load(
+                    [[whole[k][f"s0_{key}"][lp : lp + ln] for k, lp, ln in units] for key in self.keys],
+                    r["t"],
+                )  # fmt: skip
                 o.step([whole[k]["grad"][lp : lp + ln] for k, lp, ln in units])
                 res = {
-                    k: {key: torch.zeros(numels[k], dtype=torch.float64) for key in ("p", "m", "v")}
+                    k: {key: torch.zeros(numels[k], dtype=torch.float64) for key in ("p", *self.keys)}
                     for k in whole
-                }
-                for (k, lp, ln), a, b, c in zip(units, o.p, o.m, o.v):
-                    res[k]["p"][lp : lp + ln] = a
-                    res[k]["m"][lp : lp + ln] = b
-                    res[k]["v"][lp : lp + ln] = c
+                }  # fmt: skip
+                for key, got in zip(("p", *self.keys), (o.p, *o.states())):
+                    for (k, lp, ln), a in zip(units, got):
+                        res[k][key][lp : lp + ln] = a
                 return res
 
             glob = oracle([(k, 0, numels[k]) for k in whole])
@@ -415,8 +430,8 @@ class Audit:
             mine_o, other_o = (glob, shard) if r["scale"] == "global" else (shard, glob)
             for k, w in whole.items():
                 self.err["p"] = max(self.err["p"], rel_err(w["new"], mine_o[k]["p"]))
-                self.err["m"] = max(self.err["m"], rel_err(w["m_new"], mine_o[k]["m"]))
-                self.err["v"] = max(self.err["v"], rel_err(w["v_new"], mine_o[k]["v"]))
+                for key in self.keys:
+                    self.err[key] = max(self.err[key], rel_err(w[f"s1_{key}"], mine_o[k][key]))
                 self.err["update"] = max(
                     self.err["update"], rel_err(w["new"] - w["old"], mine_o[k]["p"] - w["old"])
                 )
@@ -446,9 +461,12 @@ def parse(spec: str) -> dict:
         moe=False,
         ckpt=False,
         align=False,
+        row="cadamw",
     )
     for tok in spec.split("."):
-        if tok.startswith("z"):
+        if tok in ROWS:
+            c["row"] = tok
+        elif tok.startswith("z"):
             c["stage"] = int(tok[1:])
         elif tok in ("global", "shard", "mixed"):
             c["scale"] = tok
@@ -490,8 +508,10 @@ def ds_config(c: dict, world: int) -> dict:
     return dc_ds.config(cfg)
 
 
-def specs_for(engine, opt: CAdamW, net: nn.Module, c: dict, orig: list[dict]) -> tuple[dict, dict]:
-    """Expected layout of every flat tensor CAdamW will step, and layout checks.
+def specs_for(
+    engine, opt: CautiousOptimizer, net: nn.Module, c: dict, orig: list[dict]
+) -> tuple[dict, dict]:
+    """Expected layout of every flat tensor the optimizer will step, and layout checks.
 
     ``orig``: the optimizer's param groups as the user built them (names, MoE name), taken
     before ``deepspeed.initialize`` replaced their tensors.
@@ -532,7 +552,7 @@ def specs_for(engine, opt: CAdamW, net: nn.Module, c: dict, orig: list[dict]) ->
         for i, g in enumerate(orig):
             for n, p32 in zip(g["names"], wrapper.fp32_groups[i]):
                 flat_groups.append((p32, [n], [[(0, 0, 0, named[n].numel())]], True, None))
-    elif isinstance(wrapper, CAdamW):
+    elif isinstance(wrapper, CautiousOptimizer):
         for n, p in named.items():
             flat_groups.append((p, [n], [[(0, 0, 0, p.numel())]], True, None))
     else:
@@ -667,7 +687,9 @@ def run(spec: str, world: int) -> dict:
     assert dc_ds.attach(engine) is opt  # idempotent
     specs, checks = specs_for(engine, opt, net, c, orig)
     res.update(checks)
-    audit = Audit(opt, specs, c["scale"], world)
+    row = ROWS[c["row"]]
+    res["optimizer"] = type(opt).__name__
+    audit = Audit(opt, specs, row, world)
     half = STEPS // 2
     boundary_ok = train(engine, c, 0, half if c["ckpt"] else STEPS, audit)
     if c["ckpt"]:
@@ -704,19 +726,19 @@ def run(spec: str, world: int) -> dict:
         p0 = {n: p.detach().clone() for n, p in net0.named_parameters()}
         whole = {n: [(0, p.numel())] for n, p in net0.named_parameters()}
         if c["scale"] == "global":
-            res["vs_single_process"] = compare(got, single_process_run(net0, world, gas), p0)
-            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, whole), p0)
+            res["vs_single_process"] = compare(got, single_process_run(net0, world, gas, row), p0)
+            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, whole, row), p0)
         elif c["scale"] == "mixed":  # whole tensors in the decay group, fragments elsewhere
             frs = fragments_of(net0, c, world)
             decay = set(group_names(net0)["decay"])
             units = {n: whole[n] if n in decay else frs[n] for n in whole}
-            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, units), p0)
+            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, units, row), p0)
         else:
             frs = fragments_of(net0, c, world)
-            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, frs), p0)
-            res["vs_global_oracle"] = compare(got, oracle_run(net0, world, gas, whole), p0)
+            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, frs, row), p0)
+            res["vs_global_oracle"] = compare(got, oracle_run(net0, world, gas, whole, row), p0)
         if c["fsdp"]:
-            res["vs_fsdp2"] = compare(got, fsdp2_run(net0, world, gas), p0)
+            res["vs_fsdp2"] = compare(got, fsdp2_run(net0, world, gas, row), p0)
     res["kept_fraction"] = opt.kept_fraction
     engine.destroy()
     # max over ranks of every error; rank-local facts are AND-ed
