@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import repeat
@@ -210,7 +211,11 @@ class CautiousOptimizer(Optimizer):
 
     def _init_tables(self) -> None:
         # What is not in torch's (defaults, state, param_groups): rebuilt by __setstate__.
-        self._given: dict[int, Tensor] = {}  # tensors passed in by the user, by id
+        # Tensors passed in by the user, by id, held weakly: HF Accelerate / the HF Trainer
+        # swap sharded DTensors into param_groups after construction, and the originals (the
+        # unsharded model) must be freed. A dead entry leaves at once, so a recycled id never
+        # matches; look up with ``_was_given`` (identity, not just the id).
+        self._given: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self._layouts: dict[int, ParamLayout] = {}  # registered by adapters, by id
         self._layout_params: dict[int, Tensor] = {}  # ... and their tensors
         self._stats: ReducedCounts | None = None
@@ -241,6 +246,10 @@ class CautiousOptimizer(Optimizer):
         """ids of every tensor this optimizer may step (given, or registered by an adapter)."""
         return set(self._given) | set(self._layouts)
 
+    def _was_given(self, p: Tensor) -> bool:
+        """``p`` itself (not a new tensor that reuses a freed one's id) was given."""
+        return self._given.get(id(p)) is p
+
     # ------------------------------------------------------------------ copy / pickle
     #
     # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups. Everything
@@ -250,7 +259,13 @@ class CautiousOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         # a tensor with a registered layout is only known through it (pickle drops layouts)
-        state["_given_params"] = [p for i, p in self._given.items() if i not in self._layouts]
+        # only the given tensors it still steps: a swapped-out original is not copied
+        state["_given_params"] = [
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if self._was_given(p) and id(p) not in self._layouts
+        ]
         state["_registered"] = _Registered(
             [(self._layout_params[i], layout) for i, layout in self._layouts.items()]
         )
@@ -269,7 +284,7 @@ class CautiousOptimizer(Optimizer):
                 self.defaults.setdefault(key, value)  # saved by an older version
             if given is None:  # torch's own format: the groups' tensors were given
                 given = [p for g in self.param_groups for p in g["params"]]
-            self._given = {id(p): p for p in given}
+            self._given = weakref.WeakValueDictionary((id(p), p) for p in given)
             if registered is not None:
                 for p, layout in registered.pairs:
                     self.register_layout(p, layout)
@@ -328,7 +343,7 @@ class CautiousOptimizer(Optimizer):
             # shape), so one swapped into param_groups after construction (HF Accelerate's
             # FSDP2 path) is stepped exactly, like one given at construction.
             return DEFAULT_LAYOUT
-        if id(p) not in self._given:
+        if not self._was_given(p):
             raise RuntimeError(
                 f"{type(self).__name__} is asked to step a tensor it was never given (shape "
                 f"{tuple(p.shape)}, dtype {p.dtype}). DeepSpeed does this when it swaps the "
