@@ -23,8 +23,11 @@ class Float64CAdamW:
         maximize: bool = False,
         weight_decays: list[float] | None = None,
         cautious_wd: bool = False,
+        factor_lag: int = 0,
     ) -> None:
         self.cautious_wd = cautious_wd  # decay only where u * p >= 0 (arXiv 2510.12402)
+        self.factor_lag = factor_lag
+        self.prev: list[int | None] = [None for _ in params]
         self.p = [t.detach().to(torch.float64).clone() for t in params]
         self.m = [torch.zeros_like(t) for t in self.p]
         self.v = [torch.zeros_like(t) for t in self.p]
@@ -62,7 +65,7 @@ class Float64CAdamW:
             n = g.numel()
             nnz = int(mask.sum().item())
             self.kept.append(nnz)
-            a = self.alpha(nnz, n)
+            a = self.alpha(lagged(self, i, nnz), n)
             u = (m_new / (1 - b1**t)) / ((v_new / (1 - b2**t)).sqrt() + self.eps)
             if self.cautious_wd:
                 dmask = (u * self.p[i] >= 0).to(g.dtype)
@@ -74,6 +77,15 @@ class Float64CAdamW:
             self.m[i] = torch.where(live, m_new, self.m[i])
             self.v[i] = torch.where(live, v_new, self.v[i])
             self.p[i] = torch.where(live, p_new, self.p[i])
+
+
+def lagged(oracle: object, i: int, nnz: int) -> int:
+    """The count parameter ``i``'s factor uses this step: with ``factor_lag=1`` the count of
+    its previous step (its first step, or after ``prev[i] = None``: this step's); this
+    step's count is remembered for the next."""
+    prev = oracle.prev[i]  # type: ignore[attr-defined]
+    oracle.prev[i] = nnz  # type: ignore[attr-defined]
+    return prev if oracle.factor_lag and prev is not None else nnz  # type: ignore[attr-defined]
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -111,9 +123,11 @@ class Float64CLion:
         clamp: float = 1e-3,
         maximize: bool = False,
         cautious_wd: bool = False,
+        factor_lag: int = 0,
     ) -> None:
         self.p = [t.detach().to(torch.float64).clone() for t in params]
         self.m = [torch.zeros_like(t) for t in self.p]
+        self.factor_lag, self.prev = factor_lag, [None for _ in self.p]
         self.lr, self.betas, self.wd = lr, betas, weight_decay
         self.formula, self.clamp, self.maximize, self.cautious_wd = (
             formula,
@@ -137,7 +151,7 @@ class Float64CLion:
             mask = (u * g > 0).to(g.dtype)
             nnz = int(mask.sum().item())
             self.kept.append(nnz)
-            a = _factor(self.formula, self.clamp, nnz, g.numel())
+            a = _factor(self.formula, self.clamp, lagged(self, i, nnz), g.numel())
             dmask = (u * p >= 0).to(g.dtype) if self.cautious_wd else torch.ones_like(p)
             self.p[i] = p - self.lr * self.wd * dmask * p - self.lr * a * mask * u
             self.m[i] = b2 * m + (1 - b2) * g
@@ -163,9 +177,11 @@ class Float64CSGD:
         clamp: float = 1e-3,
         maximize: bool = False,
         cautious_wd: bool = False,
+        factor_lag: int = 0,
     ) -> None:
         self.p = [t.detach().to(torch.float64).clone() for t in params]
         self.buf: list[Tensor | None] = [None for _ in self.p]
+        self.factor_lag, self.prev = factor_lag, [None for _ in self.p]
         self.lr, self.momentum, self.dampening, self.nesterov = lr, momentum, dampening, nesterov
         self.wd, self.formula, self.clamp = weight_decay, formula, clamp
         self.maximize, self.cautious_wd = maximize, cautious_wd
@@ -189,6 +205,6 @@ class Float64CSGD:
             mask = (d * g > 0).to(g.dtype)
             nnz = int(mask.sum().item())
             self.kept.append(nnz)
-            a = _factor(self.formula, self.clamp, nnz, g.numel())
+            a = _factor(self.formula, self.clamp, lagged(self, i, nnz), g.numel())
             decay = self.lr * self.wd * (d * p >= 0).to(g.dtype) * p if self.cautious_wd else 0.0
             self.p[i] = p - decay - self.lr * a * mask * d

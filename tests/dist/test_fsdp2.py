@@ -47,14 +47,27 @@ def w2(tmp_path_factory, ckpt) -> dict:
         2,
         out,
         ckpt,
-        ["backward", "handset", "frozen", "ddp", "dcp_save", "errors", "mixed_scale", "guard"],
+        [
+            "backward",
+            "handset",
+            "frozen",
+            "ddp",
+            "dcp_save",
+            "errors",
+            "mixed_scale",
+            "guard",
+            "lag",
+            "lag_dcp_save",
+        ],
     )
 
 
 @pytest.fixture(scope="module")
 def w4(tmp_path_factory, ckpt, w2) -> dict:  # w2 first: it writes the checkpoint
     out = tmp_path_factory.mktemp("w4") / "out.json"
-    return _launch(4, out, ckpt, ["backward", "handset", "hsdp", "tp", "mixed", "dcp_load"])
+    return _launch(
+        4, out, ckpt, ["backward", "handset", "hsdp", "tp", "mixed", "dcp_load", "lag_dcp_load"]
+    )
 
 
 def _assert_matches(
@@ -174,6 +187,29 @@ def test_dcp_save_on_2_load_on_4(w4):
     r = w4["dcp_load"]
     assert r["loaded_steps"] == [5.0] and r["state_is_dtensor"], r
     _assert_matches(r["at_load"])
+    _assert_matches(r["after"])
+
+
+def test_factor_lag_fsdp2_uneven_and_empty_shards_equal_single_process(w2):
+    """factor_lag=1 on 2 ranks (w35 split 2/1, w164 empty on rank 1): bitwise the
+    single-process factor_lag=1 optimizer, the lagged float64 oracle (which is far from
+    the exact factor's, so a lag that used this step's factor would fail), one all-reduce
+    per step left in flight after every step but the first, counts replicated on every
+    rank, and a mid-run DCP state_dict round trip bitwise the uninterrupted run."""
+    r = w2["lag"]
+    _assert_matches(r)
+    assert r["cadamw_param"] == 0.0, r
+    assert r["exact_vs_lag_delta"] > 100 * TOL_DELTA, r
+    _assert_counts(r, 1, [2])
+    assert r["in_flight"] == [False] + [True] * 9, r
+    assert r["counts_replicated"] and r["counts_are_single_process"], r
+    assert r["round_trip_max_abs"] == 0.0, r
+
+
+def test_factor_lag_dcp_save_on_2_load_on_4(w4):
+    """The saved counts are resharded with the checkpoint and used by the next step."""
+    r = w4["lag_dcp_load"]
+    assert r["counts_loaded"], r
     _assert_matches(r["after"])
 
 

@@ -559,7 +559,103 @@ def sc_guard(rank: int, world: int, ckpt: str) -> dict:
     return out
 
 
+def sc_lag(rank: int, world: int, ckpt: str) -> dict:
+    """factor_lag=1 on FSDP2 (uneven shards; w164's shard is empty on rank 1): equal to the
+    single-process optimizer with factor_lag=1 and its float64 oracle (which differs from
+    factor_lag=0's), the all-reduce left in flight after every step but the first, counts
+    replicated on every rank (empty shards included), and a mid-run round trip through
+    DCP's state_dict API equal (bitwise) to the uninterrupted run."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    mesh = init_device_mesh("cpu", (world,))
+    base, init = fresh_net()
+    shapes = [p.shape for p in init]
+    nets = [shard_net(copy.deepcopy(base), mesh) for _ in range(2)]
+    params = [list(n.parameters()) for n in nets]
+    opts = [ROW.cls(ps, factor_lag=1, **HYPER) for ps in params]
+    ref = FullReference(init, factor_lag=1, **HYPER)
+    exact = ROW.oracle(init, **HYPER)  # factor_lag=0: the lag must make a difference
+    counter = CollectiveCounter()
+    in_flight = []
+    for s in range(STEPS):
+        gs = split_signal_grads(shapes, s)
+        if s == STEPS // 2:  # the second run: through a state dict into a fresh optimizer
+            sd = get_optimizer_state_dict(nets[1], opts[1])
+            opts[1] = ROW.cls(params[1], factor_lag=1, **HYPER)
+            set_optimizer_state_dict(nets[1], opts[1], sd)
+        for k in range(2):
+            for p, g in zip(params[k], gs):
+                p.grad = shard_like(g, p)
+            if k == 0:
+                with counter.count():
+                    opts[0].step()
+                in_flight.append(opts[0]._pending is not None)
+            else:
+                opts[1].step()
+        ref.step(gs)
+        exact.step(gs)
+    out = {k: gather_max(v) for k, v in compare(params[0], ref, init, opts[0]).items()}
+    out.update(counts_summary(counter, STEPS))
+    out["in_flight"] = in_flight
+    opts[0].state_dict()  # waits for the last step's all-reduce: its counts are state
+    counts = [int(opts[0].state[p]["cautious_count"]) for p in params[0]]
+    out["counts_replicated"] = all(c == counts for c in gather_all(counts))
+    out["counts_are_single_process"] = counts == [
+        int(ref.opt.state[p]["cautious_count"]) for p in ref.params
+    ]
+    out["round_trip_max_abs"] = gather_max(
+        max((local(a) - local(b)).abs().max().item() for a, b in zip(*params) if local(a).numel())
+    )
+    out["exact_vs_lag_delta"] = max(
+        rel_err(full(p).double() - i.double(), e - i.double())
+        for p, e, i in zip(params[0], exact.p, init)
+    )
+    return out
+
+
+def sc_lag_dcp_save(rank: int, world: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    net, init, params, _ = _dcp_setup(world)
+    opt = CAdamW(params, factor_lag=1, **HYPER)
+    _dcp_steps(params, opt, [p.shape for p in init], range(DCP_STEPS))
+    msd, osd = get_state_dict(net, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt + "_lag")
+    return {"saved_world": world}
+
+
+def sc_lag_dcp_load(rank: int, world: int, ckpt: str) -> dict:
+    """The factor_lag=1 checkpoint of world 2 resumed on world 4 (resharded): equal to the
+    single-process run with factor_lag=1 (the saved counts are used, not a fresh factor)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    net, init, params, _ = _dcp_setup(world)
+    opt = CAdamW(params, factor_lag=1, **HYPER)
+    shapes = [p.shape for p in init]
+    msd, osd = get_state_dict(net, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ckpt + "_lag")
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    ref = FullReference(init, factor_lag=1, **HYPER)
+    _dcp_steps(None, None, shapes, range(DCP_STEPS), ref=ref)  # replay the saved run
+    out: dict = {
+        "counts_loaded": [int(opt.state[p]["cautious_count"]) for p in params]
+        == [int(ref.opt.state[p]["cautious_count"]) for p in ref.params]
+    }
+    _dcp_steps(params, opt, shapes, range(DCP_STEPS, 2 * DCP_STEPS), ref=ref)
+    out["after"] = {k: gather_max(v) for k, v in compare(params, ref, init, opt).items()}
+    return out
+
+
 SCENARIOS = {
+    "lag": sc_lag,
+    "lag_dcp_save": sc_lag_dcp_save,
+    "lag_dcp_load": sc_lag_dcp_load,
     "backward": sc_backward,
     "handset": sc_handset,
     "frozen": sc_frozen,
