@@ -37,10 +37,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernels
+from . import device_step, kernels
+from .lag import COUNT_KEY, LagState, Pending, check_factor_lag
 from .layout import DEFAULT_LAYOUT, ParamLayout, SlotTable, is_dtensor, zeros_state
 from .plan import Bucket, Entry, Plan, factors, pieces_of
-from .reduce import ReducedCounts, check_agreement, device_index, reduce_counts
+from .reduce import ReducedCounts, check_agreement, device_index, reduce_counts, start_reduce
 
 SCALES = ("global", "shard")
 FORMULAS = ("clamp", "paper")
@@ -49,7 +50,15 @@ STATE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float1
 # The cautious options. Like every torch hyperparameter they live in each param group (so
 # they work per group, travel in ``state_dict()``, are restored by ``load_state_dict`` and
 # survive ``copy.deepcopy`` / ``pickle``); the constructor arguments are the defaults.
-OPTION_KEYS = ("scale", "formula", "clamp", "backend", "state_dtype", "cautious_weight_decay")
+OPTION_KEYS = (
+    "scale",
+    "formula",
+    "clamp",
+    "backend",
+    "state_dtype",
+    "cautious_weight_decay",
+    "factor_lag",
+)
 OPTION_DEFAULTS: dict[str, Any] = dict(
     scale="global",
     formula="clamp",
@@ -57,6 +66,7 @@ OPTION_DEFAULTS: dict[str, Any] = dict(
     backend="auto",
     state_dtype=None,
     cautious_weight_decay=False,
+    factor_lag=0,  # 1: the previous step's factor, the all-reduce off the critical path (lag.py)
 )
 
 
@@ -72,12 +82,19 @@ def real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, Tensor))
 
 
-def check_lr(lr: Any, where: str) -> None:
+def check_lr(lr: Any, where: str, capturable: bool = False) -> None:
+    """``lr``: a real number, or a 1-element floating tensor (a scheduler may update it in
+    place). A tensor's value is checked only without ``capturable`` (reading it is a host
+    synchronisation, which a capturable step must not do)."""
     if isinstance(lr, Tensor):
-        raise TypeError(
-            f"{where}: lr given as a Tensor ({lr!r}); pass a Python float "
-            "(float(lr); LR schedulers already set floats)"
-        )
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise TypeError(
+                f"{where}: lr given as a Tensor of {lr.numel()} elements and dtype {lr.dtype}; "
+                "a tensor lr must be a 0-d floating tensor, e.g. torch.tensor(1e-3)"
+            )
+        if capturable or torch.compiler.is_compiling():
+            return
+        lr = float(lr)
     if not real(lr):
         raise TypeError(
             f"{where}: lr={lr!r} of type {type(lr).__name__}; it must be a real number "
@@ -131,6 +148,172 @@ def check_options(opts: dict[str, Any], where: str) -> None:
     cwd = opts.get("cautious_weight_decay", False)
     if not isinstance(cwd, bool):
         raise ValueError(f"{where}: cautious_weight_decay={cwd!r} must be True or False")
+    cap = opts.get("capturable", False)
+    if not isinstance(cap, bool):
+        raise ValueError(f"{where}: capturable={cap!r} must be True or False")
+    check_factor_lag(opts.get("factor_lag", 0), scale, where)
+    check_torch_flags(opts, where)
+
+
+# ---------------------------------------------------------------------- torch's flags
+#
+# torch.optim's implementation keywords. Every optimizer here accepts them and keeps them as
+# group keys, as torch does, with torch's meaning where it maps: ``foreach``/``fused`` pick
+# the backend (``backend_name``), ``amsgrad=True`` and ``differentiable=True`` are refused.
+TORCH_FLAG_DEFAULTS: dict[str, Any] = dict(
+    foreach=None, fused=None, capturable=False, differentiable=False
+)
+# Group keys older torch versions did not save, healed at load as torch heals them (with
+# this optimizer's default). Any other missing hyperparameter is refused at load.
+HEALED_KEYS = ("maximize", "foreach", "fused", "capturable", "differentiable")
+
+
+def check_torch_flags(opts: dict[str, Any], where: str) -> None:
+    """``foreach`` / ``fused`` against each other and ``backend``; ``amsgrad`` and
+    ``differentiable`` (not implemented) refused. Device checks: :func:`check_fused`."""
+    foreach, fused, backend = opts.get("foreach"), opts.get("fused"), opts.get("backend", "auto")
+    for key, v in (("foreach", foreach), ("fused", fused)):
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{where}: {key}={v!r} must be True, False or None (torch's meaning)")
+    if foreach and fused:
+        raise ValueError(
+            f"{where}: fused=True and foreach=True together (torch refuses them too); choose "
+            "one: fused=True (the triton backend, CUDA) or foreach=True (the foreach backend)"
+        )
+    for key, v, means in (("foreach", foreach, "foreach"), ("fused", fused, "triton")):
+        if v is None or backend == "auto":
+            continue
+        if v and backend != means or not v and backend == means:
+            raise ValueError(
+                f"{where}: {key}={v!r} contradicts backend={backend!r} ({key}=True means "
+                f"backend={means!r}); pass one of them"
+            )
+    if opts.get("amsgrad", False):
+        raise ValueError(
+            f"{where}: amsgrad=True is not supported (the cautious mask is defined on the "
+            "plain update); use amsgrad=False, or torch.optim.AdamW(amsgrad=True) without "
+            "the mask"
+        )
+    if opts.get("differentiable", False):
+        raise ValueError(
+            f"{where}: differentiable=True is not supported (the step runs under no_grad, "
+            "with in-place kernels and a non-differentiable mask); use differentiable=False, "
+            "or torch.optim's differentiable optimizers to differentiate through a step"
+        )
+
+
+def backend_name(group: dict[str, Any]) -> str:
+    """The backend a group asks for: ``backend``, unless it is ``"auto"`` and torch's
+    ``fused`` / ``foreach`` choose (``fused=True``: ``"triton"``; ``foreach=True``:
+    ``"foreach"``; ``foreach=False``: ``"reference"``, torch's single-tensor loop;
+    ``fused=False``: ``"foreach"``). ``"auto"`` is resolved per device by the optimizer."""
+    backend = group["backend"]
+    if backend != "auto":
+        return backend
+    fused, foreach = group.get("fused"), group.get("foreach")
+    if fused:
+        return "triton"
+    if foreach:
+        return "foreach"
+    if foreach is False:
+        return "reference"
+    if fused is False:
+        return "foreach"
+    return "auto"
+
+
+def check_fused(group: dict[str, Any], devices: Iterable[torch.device], where: str) -> None:
+    """``fused=True`` needs the fused (triton) backend: a CUDA device with Triton."""
+    if not group.get("fused"):
+        return
+    for device in devices:
+        if device.type != "cuda":
+            raise ValueError(
+                f"{where}: fused=True asks for the fused (triton) backend, which runs on CUDA; "
+                f"this group's parameters are on {device.type}. Use foreach=True (the foreach "
+                "backend, the fast one there) or leave fused unset"
+            )
+        if not kernels.triton_available():
+            raise ValueError(
+                f"{where}: fused=True asks for the fused (triton) backend, but Triton cannot be "
+                "imported (pip install triton); or use foreach=True (the foreach backend)"
+            )
+
+
+def _devices(params: Iterable[Tensor]) -> set[torch.device]:
+    return {(p.to_local() if is_dtensor(p) else p).device for p in params}
+
+
+# Keys that torch.optim's optimizers, its LR schedulers and common recipes put into param
+# groups: not ours, kept and ignored (as torch keeps them). Other unknown keys are kept too,
+# unless they look like a misspelling of one of the optimizer's own keys (check_group_keys).
+_SCHEDULER_KEYS = frozenset(
+    {"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "momentum",
+     "betas", "param_names", "lr_scale", "weight_decay_scale"}
+)  # fmt: skip
+TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown key is taken for a misspelling
+
+
+def _torch_keys() -> frozenset[str]:
+    keys = getattr(_torch_keys, "cache", None)
+    if keys is None:
+        import inspect
+
+        found = set(_SCHEDULER_KEYS)
+        for attr in dir(torch.optim):
+            cls = getattr(torch.optim, attr)
+            if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer:
+                try:
+                    found |= set(inspect.signature(cls.__init__).parameters) - {"self"}
+                except (TypeError, ValueError):  # pragma: no cover
+                    pass
+        keys = _torch_keys.cache = frozenset(found)  # type: ignore[attr-defined]
+    return keys
+
+
+def check_group_keys(group: dict[str, Any], ours: Iterable[str], where: str) -> None:
+    """Raise for an unknown key that looks like a misspelling of one of ``ours`` (difflib
+    similarity >= TYPO_CUTOFF); keys torch.optim or its schedulers use, and other custom
+    keys (``name``, ``layer_id``, ...), are kept, as torch keeps them."""
+    import difflib
+
+    ours = list(ours)
+    known = {"params", *ours}
+    for key in group:
+        if key in known or not isinstance(key, str) or key in _torch_keys():
+            continue
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise ValueError(
+                f"{where} has unknown key {key!r}; did you mean {close[0]!r}? (a misspelt key "
+                f"would be ignored.) Rename it to {close[0]!r}, or give a custom key a name "
+                "that is not this close to one of the optimizer's keys"
+            )
+
+
+def check_param_names(group: dict[str, Any], gi: int) -> None:
+    """``param_names`` (torch >= 2.6: a group built from ``named_parameters()``) name the
+    tensors across ranks (the guard in reduce.py): one string per parameter, unique."""
+    names = group.get("param_names")
+    if names is None:
+        return
+    n = len(group["params"])
+    if not isinstance(names, (list, tuple)) or len(names) != n:
+        raise ValueError(
+            f"param group {gi}: param_names must be a list of one name per parameter ({n}), "
+            f"got {names!r}; build the group from model.named_parameters()"
+        )
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"param group {gi}: parameter name {name!r} is not a string")
+        if name in seen:
+            raise ValueError(
+                f"param group {gi} names two parameters {name!r}; names identify tensors "
+                "across ranks (dist_cautious matches count slots by name), so they must be "
+                "unique in a group: use the names of model.named_parameters()"
+            )
+        seen.add(name)
 
 
 class _Registered:
@@ -166,8 +349,11 @@ class CautiousOptimizer(Optimizer):
 
     state_keys: ClassVar[tuple[str, ...]] = ()
     compat_keys: ClassVar[dict[str, Any]] = {}
-    # torch SGD keeps no "step": a loaded state without one is healed to 1 (a buffer exists)
+    # torch SGD, lion-pytorch and timm Lion keep no "step": a loaded state without one is
+    # healed to 1 (a buffer exists)
     step_optional: ClassVar[bool] = False
+    # group keys an older state dict may lack, healed at load with this optimizer's default
+    healed_keys: ClassVar[tuple[str, ...]] = HEALED_KEYS
 
     def __init__(
         self,
@@ -177,7 +363,10 @@ class CautiousOptimizer(Optimizer):
     ) -> None:
         name = type(self).__name__
         self._check_hyper(defaults, name)
+        options = {**TORCH_FLAG_DEFAULTS, **options}
         check_options(options, name)
+        if "amsgrad" not in self.compat_keys:  # checked False above; torch SGD keeps none
+            options.pop("amsgrad", None)
         self._init_tables()
         super().__init__(params, {**defaults, **self.compat_keys, **options})
 
@@ -221,6 +410,7 @@ class CautiousOptimizer(Optimizer):
         self._stats: ReducedCounts | None = None
         self._plan: Plan | None = None  # cached step plan, see step()
         self._validated: set = set()  # count-vector signatures all ranks agreed on (reduce.py)
+        self._pending: Pending | None = None  # factor_lag=1: the last step's all-reduce
 
     # ------------------------------------------------------------------ options
     #
@@ -257,6 +447,7 @@ class CautiousOptimizer(Optimizer):
     # was given and the adapters' layouts, which are added here; the caches are rebuilt.
 
     def __getstate__(self) -> dict[str, Any]:
+        self._finish_pending()  # the last step's counts belong to the state
         state = super().__getstate__()
         # a tensor with a registered layout is only known through it (pickle drops layouts)
         # only the given tensors it still steps: a swapped-out original is not copied
@@ -280,7 +471,8 @@ class CautiousOptimizer(Optimizer):
         super().__setstate__(state)
         if unpickled:
             self._init_tables()
-            for key, value in {**OPTION_DEFAULTS, **self.compat_keys}.items():
+            older = {**OPTION_DEFAULTS, **TORCH_FLAG_DEFAULTS, **self.compat_keys}
+            for key, value in older.items():
                 self.defaults.setdefault(key, value)  # saved by an older version
             if given is None:  # torch's own format: the groups' tensors were given
                 given = [p for g in self.param_groups for p in g["params"]]
@@ -289,7 +481,7 @@ class CautiousOptimizer(Optimizer):
                 for p, layout in registered.pairs:
                     self.register_layout(p, layout)
         for group in self.param_groups:  # groups saved without our keys (torch, older)
-            for key in (*OPTION_KEYS, *self.compat_keys):
+            for key in (*OPTION_KEYS, *self.compat_keys, *self.healed_keys):
                 group.setdefault(key, self.defaults[key])
         self._plan = None
 
@@ -301,6 +493,8 @@ class CautiousOptimizer(Optimizer):
         if isinstance(params, (list, tuple)):
             seen: set[int] = set()
             for p in params:
+                if isinstance(p, tuple) and len(p) == 2:  # (name, tensor): named_parameters()
+                    p = p[1]
                 if id(p) in seen:
                     raise ValueError(
                         f"param group {gi} lists the same parameter (shape "
@@ -308,9 +502,17 @@ class CautiousOptimizer(Optimizer):
                         "one state. Pass each parameter once."
                     )
                 seen.add(id(p))
+        if isinstance(param_group, dict):  # a misspelt key would be ignored: refuse it
+            check_group_keys(param_group, self.defaults, f"param group {gi}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._check_group(group, gi)
+        try:
+            check_fused(group, _devices(group["params"]), f"param group {gi}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        check_param_names(group, gi)
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(
@@ -373,27 +575,71 @@ class CautiousOptimizer(Optimizer):
         * State tensors are restored in the loaded group's ``state_dtype`` from the saved
           values, bitwise: torch would cast them to the parameter's dtype (float64 moments of
           float32 parameters, float32 moments of bfloat16 parameters would lose precision).
+        * A single-device state dict (full plain tensors) loaded for DTensor parameters
+          (FSDP2, TP) is sharded like each parameter, every rank from its own copy: load the
+          same state dict on every rank.
         * The state dict is checked first: a state dict of another optimizer, missing or
           misshapen state tensors raise a ``ValueError`` naming the parameter and the key,
           before anything is loaded.
         """
+        state_dict = self._run_load_pre_hooks(state_dict)  # they may translate a format
         self._check_loadable(state_dict)
+        self._finish_pending()
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # they ran above
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         current = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, (p, group) in zip(saved_ids, current):
             st = saved_state.get(pid)
             if not st:
                 continue
-            if "step" not in self.state[p]:  # a torch SGD state: its buffer exists, >= 1 step
+            if "step" not in self.state[p]:  # torch SGD / Lion state: a buffer exists, >= 1 step
                 self.state[p]["step"] = torch.tensor(1.0, dtype=torch.float32)
             dt = self._state_dtype_for(p, group)
             for key in self.state_keys:
                 v = st[key]
                 if self.state[p][key].dtype != dt or v.dtype != dt:
                     self.state[p][key] = v.to(device=self.state[p][key].device, dtype=dt)
+                if is_dtensor(p) and not is_dtensor(self.state[p][key]):
+                    # a single-device (full) state: shard it like the parameter (FSDP2, TP),
+                    # each rank from its own copy (no collective)
+                    from torch.distributed.tensor import distribute_tensor
+
+                    self.state[p][key] = distribute_tensor(
+                        self.state[p][key], p.device_mesh, p.placements, src_data_rank=None
+                    )
+            if torch.is_tensor(st.get(COUNT_KEY)):  # factor_lag=1 counts: exact int64 again
+                self.state[p][COUNT_KEY] = st[COUNT_KEY].to(torch.int64, copy=True)
         self._plan = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``; with ``factor_lag=1`` the last step's
+        count all-reduce is waited for first, so its counts are in the state."""
+        self._finish_pending()
+        return super().state_dict()
+
+    def _finish_pending(self) -> None:
+        """Wait for the last step's count all-reduce (``factor_lag=1``) and store its counts."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            self._pending = None
+            self._stats = pending.finish()
+
+    def _run_load_pre_hooks(self, state_dict: Any) -> Any:
+        """torch's ``register_load_state_dict_pre_hook`` hooks, run before the state dict is
+        checked (as torch runs them first), on a shallow copy as torch does."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        return state_dict
 
     def _check_loadable(self, state_dict: Any) -> None:
         name = type(self).__name__
@@ -407,14 +653,19 @@ class CautiousOptimizer(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in groups for i in g.get("params", ())]
         for gi, g in enumerate(groups):
-            self._check_group({**self.defaults, **g}, gi, where=f"loaded param group {gi}")
+            where = f"loaded param group {gi}"
+            self._check_group({**self.defaults, **g}, gi, where=where)
+            if gi < len(self.param_groups):
+                check_fused(
+                    {**self.defaults, **g}, _devices(self.param_groups[gi]["params"]), where
+                )
         required = self.state_keys if self.step_optional else ("step", *self.state_keys)
         for k, (pid, p) in enumerate(zip(saved_ids, params)):
             st = state_dict["state"].get(pid)
             if not st:
                 continue
             what = f"loaded state of parameter {k} (id {pid!r}, shape {tuple(p.shape)})"
-            foreign = sorted(set(st) - {"step", *self.state_keys})
+            foreign = sorted(set(st) - {"step", COUNT_KEY, *self.state_keys})
             if foreign:
                 raise ValueError(
                     f"{what} has keys {foreign}, which {name} does not keep (its state is "
@@ -436,6 +687,17 @@ class CautiousOptimizer(Optimizer):
                         "the parameter's; the state dict belongs to another model (or another "
                         "sharding: use torch.distributed.checkpoint to reshard)"
                     )
+        # A group key nobody can default (a hyperparameter) is refused here, not at the step.
+        healable = {"params", *OPTION_KEYS, *self.compat_keys, *self.healed_keys}
+        for gi, g in enumerate(groups):
+            lacking = [key for key in self.defaults if key not in g and key not in healable]
+            if lacking:
+                raise ValueError(
+                    f"loaded param group {gi} lacks {lacking} (a truncated or hand-edited "
+                    f"state dict, or another optimizer's): only {sorted(self.healed_keys)} and "
+                    "the cautious options are filled in (as torch fills them in for older "
+                    f"state dicts); add the value(s) to state_dict['param_groups'][{gi}]"
+                )
 
     def _state_dtype_for(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         dt = group.get("state_dtype", self.defaults["state_dtype"])
@@ -483,6 +745,16 @@ class CautiousOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if device_step.wanted(self) and any(g.get("factor_lag") for g in self.param_groups):
+            raise NotImplementedError(
+                "factor_lag=1 has no capturable / torch.compile step (its all-reduce is left in "
+                "flight between steps); use factor_lag=0 with capturable=True or torch.compile, "
+                "or factor_lag=1 in eager mode with capturable=False"
+            )
+        if device_step.wanted(self):  # capturable=True, or under torch.compile
+            device_step.step(self)
+            return loss
+        self._finish_pending()  # factor_lag=1: the previous step's counts, reduced
         plan = getattr(self, "_plan", None)
         grads = self._reuse(plan) if plan is not None else None
         if grads is None:
@@ -494,6 +766,18 @@ class CautiousOptimizer(Optimizer):
                 self._check_agreement(plan)
         self._execute(plan, grads)  # gradients are held by locals only, never by the plan
         return loss
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        steps: list[Tensor],
+        states: list[Tensor],
+    ) -> tuple:
+        """The device-scalar step's gather (``device_step.init_group``). Named as torch's
+        optimizers name it: dynamo runs it eagerly instead of tracing it."""
+        return device_step.init_group(self, group, params, grads, steps, states)
 
     def _check_agreement(self, plan: Plan) -> None:
         """The ranks' one-time check that they count the same tensors (see reduce.py), before
@@ -512,7 +796,10 @@ class CautiousOptimizer(Optimizer):
     def _settings(self) -> tuple:
         """What a cached plan depends on besides parameters, gradients and state objects
         (formula, clamp and the other scalars are read at every step)."""
-        return tuple((g["scale"], g["backend"], g["state_dtype"]) for g in self.param_groups)
+        return tuple(
+            (g["scale"], backend_name(g), g["state_dtype"], g["factor_lag"])
+            for g in self.param_groups
+        )
 
     def _make_plan(self) -> tuple[Plan | None, list[list[Tensor]] | None]:
         """Walk every parameter (the reference path); cache the plan when it may be reused."""
@@ -523,14 +810,20 @@ class CautiousOptimizer(Optimizer):
         params: list[Tensor] = []
         none_pattern: list[bool] = []
         entries: list[Entry] = []
+        entry_layouts: list[ParamLayout] = []
         created: list[bool] = []
         cacheable = True
         n_states = len(self.state_keys)
+        for gi, group in enumerate(self.param_groups):  # before any state changes
+            if group.get("fused"):
+                check_fused(group, _devices(group["params"]), f"param group {gi}")
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
             table.current_group = gi
             shard = group["scale"] == "shard"
-            for p in group["params"]:
+            names = group.get("param_names")  # torch >= 2.6: from named_parameters()
+            for j, p in enumerate(group["params"]):
+                table.current_name = names[j] if names is not None else None
                 layout = self._layout_for(p)
                 if layout is not DEFAULT_LAYOUT:
                     cacheable = False
@@ -555,6 +848,7 @@ class CautiousOptimizer(Optimizer):
                 states = tuple(state[k] for k in self.state_keys)
                 ei = len(entries)
                 entries.append(Entry(p, state, states, token, gi, step))
+                entry_layouts.append(layout)
                 for pc in pieces_of(layout, p, g, states, token, shard):
                     key = (
                         gi,
@@ -566,7 +860,7 @@ class CautiousOptimizer(Optimizer):
                     )
                     b = buckets.get(key)
                     if b is None:
-                        be = self._resolve(group["backend"], pc.param.device)
+                        be = self._resolve(backend_name(group), pc.param.device)
                         b = buckets[key] = Bucket(gi, step, be, shard, n_states)
                     b.add(pc, ei)
                     bucket_grads[key].append(pc.grad)
@@ -589,6 +883,16 @@ class CautiousOptimizer(Optimizer):
             state_keys=self.state_keys,
         )
         grads = [bucket_grads[k] for k in order]
+        lag_groups = {gi for gi, g in enumerate(self.param_groups) if g["factor_lag"] == 1}
+        if lag_groups:
+            piece_entry = [i for b in plan.buckets for i in b.src]
+            plan.lag = LagState(entries, entry_layouts, plan.pieces, piece_entry, lag_groups, home)
+            # the all-reduce may be left in flight only when every slot is lagged
+            plan.lag.deferrable = all(
+                self.param_groups[gi]["factor_lag"] == 1
+                for gis in table.group_index.values()
+                for gi in gis
+            )
         if cacheable:
             plan.freeze()
             self._plan = plan
@@ -616,6 +920,9 @@ class CautiousOptimizer(Optimizer):
         for key, objs in zip(plan.state_keys, plan.tensors):
             if not all(map(is_, map(dict.get, states, repeat(key)), objs)):
                 return None  # a state tensor was replaced
+        lag = getattr(plan, "lag", None)
+        if lag is not None and not lag.intact():
+            return None  # a cautious_count was replaced
         egrads = list(map(pgrads.__getitem__, plan.grad_index))
         if any(map(_IS_SPARSE, egrads)):
             return None  # the full path raises the error
@@ -664,12 +971,19 @@ class CautiousOptimizer(Optimizer):
         # bucket's backend can compute the factor inside its update kernel (triton), the
         # update is launched straight from the local counts and the statistics are reduced
         # after it: the factor's small launches leave the critical path. Same numbers.
-        fuse = not plan.table.sizes and all(
-            getattr(b.backend, "SUPPORTS_FUSED_FACTOR", False) and b.device == home
-            for b in plan.buckets
+        lag: LagState | None = getattr(plan, "lag", None)
+        fuse = (
+            lag is None
+            and not plan.table.sizes
+            and all(
+                b.backend.caps.fused_factor and b.device == home
+                for b in plan.buckets
+            )
         )
         slices = plan.slices
-        if fuse:
+        if lag is not None:  # factor_lag=1 in some group (lag.py)
+            alphas = self._lagged_factors(plan, lag, local_counts)
+        elif fuse:
             numels = plan.local_numels.get(home)
             if numels is None:
                 numels = device_index(tuple(pc.param.numel() for pc in plan.pieces), home)
@@ -702,12 +1016,39 @@ class CautiousOptimizer(Optimizer):
                 plan.pieces, plan.piece_group, local_counts, plan.table, len(groups)
             )
 
+    def _lagged_factors(
+        self, plan: Plan, lag: LagState, local_counts: Tensor
+    ) -> dict[torch.dtype, Tensor]:
+        """The factors of a step with ``factor_lag=1`` groups: the previous step's counts for
+        lagged pieces, this step's for the others. The all-reduce of this step's counts is
+        left in flight (waited for at the next step) when no factor of this step needs it."""
+        groups = self.param_groups
+        args = (plan.pieces, plan.piece_group, local_counts, plan.table, len(groups))
+        if lag.deferrable and not lag.fresh and plan.table.sizes:
+            # every sharded tensor's factor lags: this step needs no reduced count
+            work = start_reduce(*args, validated=self._validated)
+            numels = device_index(tuple(pc.numel for pc in plan.pieces), local_counts.device)
+            used = ReducedCounts(lag.counts(local_counts), numels, numels[:0], numels[:0])
+            alphas = factors(used, groups, plan.buckets, plan.slices)
+            lag.store_local(local_counts)
+            self._pending = Pending(work, lag)
+        else:
+            red = reduce_counts(*args, validated=self._validated)
+            self._stats = red
+            used = ReducedCounts(lag.counts(red.counts), red.numels, red.numels, red.numels)
+            alphas = factors(used, groups, plan.buckets, plan.slices)
+            lag.store_local(local_counts)
+            lag.store_reduced(red)
+        lag.stepped()
+        return alphas
+
     # ------------------------------------------------------------------ statistics
 
     @property
     def mask_stats(self) -> dict[str, Tensor] | None:
         """Device tensors of the last step, per param group: ``kept`` (elements the mask
         kept) and ``elements`` (elements stepped). Reading them does not synchronise."""
+        self._finish_pending()
         if self._stats is None:
             return None
         return {"kept": self._stats.kept_per_group, "elements": self._stats.elements_per_group}
@@ -720,6 +1061,7 @@ class CautiousOptimizer(Optimizer):
         ``scale="shard"`` this rank's pieces only. ``None`` before the first step.
         Reading it synchronises with the device (it calls ``.item()``).
         """
+        self._finish_pending()
         if self._stats is None:
             return None
         e = int(self._stats.elements_per_group.sum().item())
@@ -729,6 +1071,7 @@ class CautiousOptimizer(Optimizer):
     @property
     def kept_fraction_per_group(self) -> list[float | None]:
         """Like :attr:`kept_fraction`, one value per param group (``None`` where nothing stepped)."""
+        self._finish_pending()
         if self._stats is None:
             return [None] * len(self.param_groups)
         k = self._stats.kept_per_group.tolist()

@@ -10,9 +10,9 @@ to float tolerance; the tests check it), at a cost of about ``(2 + 1) * 4 * nume
 moved per fp32 parameter per step, against 16 bytes per sharded *tensor* for CAdamW.
 
 Plain (non-DTensor) parameters take the local path, as in the reference. Arithmetic is
-the same as :mod:`dist_cautious.kernels.reference` (decoupled, unmasked weight decay; bias
-corrections as ``torch.optim.AdamW``); the first-moment update and the factor reuse the
-package's kernels.
+the same as :mod:`dist_cautious.kernels.reference` (decoupled, unmasked weight decay, or with
+``cautious_weight_decay=True`` decay only where ``m * p >= 0``; bias corrections as
+``torch.optim.AdamW``); the first-moment update and the factor reuse the package's kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .base import backend_name
 from .kernels import UpdateHyper, cautious_factor, compute_dtype
 from .layout import DTensor
 from .optim import CAdamW
@@ -52,8 +53,11 @@ class AllGatherCAdamW(CAdamW):
                 f"AllGatherCAdamW computes the full-tensor mask mean; scale={kwargs['scale']!r} "
                 "is not supported (use CAdamW(scale='shard') for the local variant)"
             )
-        if kwargs.get("backend", "auto") == "triton":
-            raise ValueError("AllGatherCAdamW is a per-parameter baseline; use backend='foreach'")
+        if kwargs.get("backend", "auto") == "triton" or kwargs.get("fused"):
+            raise ValueError(
+                "AllGatherCAdamW is a per-parameter baseline (no fused kernel); use "
+                "backend='foreach' (or foreach=True)"
+            )
         super().__init__(params, *args, **kwargs)
 
     @torch.no_grad()
@@ -75,7 +79,7 @@ class AllGatherCAdamW(CAdamW):
                 g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
                 pl, gl, ml, vl = _local(p), _local(g), _local(m), _local(v)
                 be = kernels.get_backend(
-                    "reference" if group["backend"] == "reference" else "foreach"
+                    "reference" if backend_name(group) == "reference" else "foreach"
                 )
                 local_count = be.count_pass([gl], [ml], beta1, maximize)  # m updated in place
                 dt = compute_dtype(ml)
@@ -111,7 +115,10 @@ class AllGatherCAdamW(CAdamW):
                 vl.copy_(vl.to(dt).mul(beta2).addcmul_(gc, gc, value=1 - beta2))
                 pc = pl.to(dt)
                 if h.weight_decay != 0:
-                    pc = pc.mul(1 - h.lr * h.weight_decay)
+                    if group["cautious_weight_decay"]:  # as kernels/reference.py: where m*p >= 0
+                        pc = torch.where(ml.to(dt) * pc >= 0, pc.mul(1 - h.lr * h.weight_decay), pc)
+                    else:
+                        pc = pc.mul(1 - h.lr * h.weight_decay)
                 denom = (vl.to(dt).sqrt() / h.bias_correction2_sqrt).add_(h.eps)
                 pc = pc.addcdiv(ml.to(dt) * mask_local, denom, value=-h.step_size)
                 pl.copy_(pc)

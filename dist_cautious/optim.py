@@ -47,6 +47,22 @@ def _options(**kw: Any) -> dict[str, Any]:
     return kw
 
 
+def _torch_flags(
+    foreach: bool | None, fused: bool | None, capturable: bool, differentiable: bool, amsgrad: bool
+) -> dict[str, Any]:
+    """torch.optim's keywords, kept as group keys as torch keeps them (checked by the base,
+    ``check_torch_flags``: ``foreach`` / ``fused`` pick the backend, ``amsgrad`` and
+    ``differentiable`` must be False). ``capturable``'s meaning (tensor lr, no host sync)
+    belongs to the step and its lr check (``check_lr``), not to this function."""
+    return dict(
+        foreach=foreach,
+        fused=fused,
+        capturable=capturable,
+        differentiable=differentiable,
+        amsgrad=amsgrad,
+    )
+
+
 # --------------------------------------------------------------------------- AdamW
 
 # Keys torch.optim.AdamW keeps in every group. We keep them too (with AdamW's meaning) so
@@ -85,12 +101,17 @@ class CAdamW(CautiousOptimizer):
         formula: ``"clamp"`` (timm and the reference repository) or ``"paper"``.
         clamp: lower bound on the kept fraction in the ``"clamp"`` formula (default 1e-3).
         maximize: maximize the objective instead of minimizing it.
-        backend: ``"auto"`` (Triton on CUDA when available, else ``"foreach"``),
-            ``"foreach"``, ``"triton"`` or ``"reference"`` (slow, readable; the test oracle).
+        backend: ``"auto"`` (Triton on CUDA when available; on CPU the fused ``"cpu"``
+            kernel when it can be built, else ``"foreach"``), ``"foreach"``, ``"triton"``,
+            ``"cpu"`` or ``"reference"`` (slow, readable; the test oracle).
         state_dtype: dtype of ``exp_avg`` / ``exp_avg_sq``. ``None`` (default): float32 for
             float16/bfloat16 parameters, the parameter's dtype otherwise.
         cautious_weight_decay: decay only where ``m * W >= 0`` (the Adam direction agrees in
             sign with the weight), arXiv 2510.12402. Default False (AdamW's decay).
+        factor_lag: ``0`` (default): this step's exact factor. ``1``: the factor of the
+            parameter's previous step (its first step uses the exact one); the count
+            all-reduce of a step is then waited for at the next step, off the critical path.
+            Needs ``scale="global"``. The previous counts are state (``cautious_count``).
 
     Every option is a param-group key: set it per group, it travels in ``state_dict()``.
     """
@@ -113,6 +134,12 @@ class CAdamW(CautiousOptimizer):
         backend: str = "auto",
         state_dtype: torch.dtype | None = None,
         cautious_weight_decay: bool = False,
+        factor_lag: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        amsgrad: bool = False,
     ) -> None:
         check_betas(betas, "CAdamW")  # before tuple(betas) can fail without a message
         defaults = dict(
@@ -125,20 +152,17 @@ class CAdamW(CautiousOptimizer):
             backend=backend,
             state_dtype=state_dtype,
             cautious_weight_decay=cautious_weight_decay,
+            factor_lag=factor_lag,
+            **_torch_flags(foreach, fused, capturable, differentiable, amsgrad),
         )
         super().__init__(params, defaults, options)
 
     def _check_hyper(self, group: dict[str, Any], where: str) -> None:
-        check_lr(group["lr"], where)
+        check_lr(group["lr"], where, group.get("capturable", False))
         check_betas(group["betas"], where)
         check_nonneg("eps", group["eps"], where, positive=True)
         check_nonneg("weight_decay", group["weight_decay"], where)
-        for key, ok in (("amsgrad", False), ("capturable", False), ("differentiable", False)):
-            if group.get(key, ok) != ok:
-                raise ValueError(
-                    f"{where} has {key}={group[key]!r}, which CAdamW does not implement; "
-                    f"set it to {ok} (it may come from a loaded Adam/AdamW state dict)"
-                )
+        # amsgrad=True / differentiable=True: refused by the base (check_torch_flags)
         if not group.get("decoupled_weight_decay", True):
             raise ValueError(
                 f"{where} has decoupled_weight_decay=False (an Adam state dict?); "
@@ -146,12 +170,17 @@ class CAdamW(CautiousOptimizer):
             )
 
     def _resolve(self, name: str, device: torch.device) -> Any:
+        if name == "auto" and device.type == "cpu":  # fused CPU kernel when it builds
+            from .kernels import cpu_fused
+
+            if cpu_fused.auto_enabled():
+                return cpu_fused
         return kernels.get_backend(kernels.resolve(name, device))
 
     def _count(self, b: Bucket, grads: list[Tensor], group: dict[str, Any]) -> tuple[Tensor, dict]:
         beta1, maximize = group["betas"][0], bool(group["maximize"])
         exp_avgs = b.states[0]
-        if getattr(b.backend, "DEFER_EXP_AVG", False):
+        if b.backend.caps.deferred_exp_avg:
             # triton: pass 1 read-only, the exp_avg write deferred to pass 2 if it says so
             c, deferred = b.backend.count_pass(grads, exp_avgs, beta1, maximize, defer_exp_avg=True)
             return c, ({"exp_avg_pending": True} if deferred else {})
@@ -186,10 +215,7 @@ class CAdamW(CautiousOptimizer):
 
 def _backend_of(module_name: str, name: str, device: torch.device) -> Any:
     """A Lion / SGD kernel backend: ``auto`` is Triton on CUDA when available, else foreach."""
-    import importlib
-
-    mod = importlib.import_module(f".kernels.{module_name}", __package__)
-    return mod.get(kernels.resolve(name, device))
+    return kernels.get_backend(kernels.resolve(name, device), module_name)
 
 
 class CLion(CautiousOptimizer):
@@ -211,6 +237,7 @@ class CLion(CautiousOptimizer):
 
     state_keys = ("exp_avg",)
     compat_keys: dict[str, Any] = {}
+    step_optional = True  # lion-pytorch and timm Lion keep no step counter (Lion needs none)
 
     def __init__(
         self,
@@ -226,6 +253,12 @@ class CLion(CautiousOptimizer):
         backend: str = "auto",
         state_dtype: torch.dtype | None = None,
         cautious_weight_decay: bool = False,
+        factor_lag: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        amsgrad: bool = False,
     ) -> None:
         check_betas(betas, "CLion")
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize)
@@ -236,11 +269,13 @@ class CLion(CautiousOptimizer):
             backend=backend,
             state_dtype=state_dtype,
             cautious_weight_decay=cautious_weight_decay,
+            factor_lag=factor_lag,
+            **_torch_flags(foreach, fused, capturable, differentiable, amsgrad),
         )
         super().__init__(params, defaults, options)
 
     def _check_hyper(self, group: dict[str, Any], where: str) -> None:
-        check_lr(group["lr"], where)
+        check_lr(group["lr"], where, group.get("capturable", False))
         check_betas(group["betas"], where)
         check_nonneg("weight_decay", group["weight_decay"], where)
 
@@ -302,6 +337,7 @@ class CSGD(CautiousOptimizer):
     state_keys = ("momentum_buffer",)
     compat_keys = _SGD_GROUP_KEYS
     step_optional = True  # torch SGD keeps no step counter
+    healed_keys = (*CautiousOptimizer.healed_keys, "nesterov")  # as torch SGD heals it
 
     def __init__(
         self,
@@ -319,6 +355,12 @@ class CSGD(CautiousOptimizer):
         backend: str = "auto",
         state_dtype: torch.dtype | None = None,
         cautious_weight_decay: bool = False,
+        factor_lag: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        amsgrad: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -335,11 +377,13 @@ class CSGD(CautiousOptimizer):
             backend=backend,
             state_dtype=state_dtype,
             cautious_weight_decay=cautious_weight_decay,
+            factor_lag=factor_lag,
+            **_torch_flags(foreach, fused, capturable, differentiable, amsgrad),
         )
         super().__init__(params, defaults, options)
 
     def _check_hyper(self, group: dict[str, Any], where: str) -> None:
-        check_lr(group["lr"], where)
+        check_lr(group["lr"], where, group.get("capturable", False))
         m, d = group["momentum"], group["dampening"]
         if not real(m) or not 0 < m < 1:
             raise ValueError(

@@ -197,3 +197,181 @@ def test_one_base_for_all():
     # the step machinery lives only in the base
     for c in (CAdamW, CLion, CSGD):
         assert not {"_make_plan", "_reuse", "_execute", "load_state_dict"} & set(c.__dict__)
+
+
+# ---------------------------------------------------------------- group keys (issue 17 s.4)
+
+TYPOS = {  # per row: a misspelt key of its own and the key it means
+    "cadamw": ("weight_decy", "weight_decay"),
+    "clion": ("betsa", "betas"),
+    "csgd": ("momentom", "momentum"),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_misspelt_group_key_raises_naming_the_closest_key(name):
+    row = ROWS[name]
+    ps = params_of()
+    for typo, meant in (("formla", "formula"), ("sclae", "scale"), TYPOS[name]):
+        with pytest.raises(ValueError, match=rf"param group 0 has unknown key '{typo}'.*'{meant}'"):
+            row.cls([{"params": ps, typo: 1}], **row.hyper)
+    opt = row.cls(ps[:1], **row.hyper)
+    with pytest.raises(ValueError, match=r"param group 1 has unknown key 'formla'.*'formula'"):
+        opt.add_param_group({"params": ps[1:], "formla": "paper"})
+    assert len(opt.param_groups) == 1  # nothing was added
+
+
+# Keys that torch.optim, its LR schedulers and common recipes put into param groups: they
+# are not ours, and must keep working (kept in the group, the numbers unchanged).
+FOREIGN_KEYS = dict(
+    initial_lr=1e-2, max_lr=1e-2, min_lr=1e-5, base_momentum=0.85, max_momentum=0.95,
+    momentum=0.9, betas=(0.9, 0.99), foreach=None, fused=None, capturable=False,
+    differentiable=False, decoupled_weight_decay=True, nesterov=False, amsgrad=False,
+    lr_scale=1.0, name="decay", layer_id=3, caution=False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_foreign_group_keys_and_scheduler_keys_keep_working(name):
+    row = ROWS[name]
+    a, b = params_of(), params_of()
+    extra = {k: v for k, v in FOREIGN_KEYS.items() if k not in row.hyper}
+    opt_a = row.cls(a, **row.hyper)
+    opt_b = row.cls([{"params": b, **extra}], **row.hyper)
+    assert opt_b.param_groups[0]["name"] == "decay"
+    run(opt_a, a, 3)
+    run(opt_b, b, 3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # schedulers that cycle momentum add their own keys after construction
+    for opt, ps in ((opt_a, a), (opt_b, b)):
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=10)
+        for s in range(3, 6):
+            run(opt, ps, 1, start=s)
+            sched.step()
+        assert "max_momentum" in opt.param_groups[0]
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- torch's keywords (issue 18 s.3)
+
+
+def create_optimizer_like_timm(cls, params, lr, weight_decay=0.0, foreach=None, **kwargs):
+    """What timm.optim.create_optimizer_v2 does with its arguments (timm 1.x)."""
+    opt_args = dict(weight_decay=weight_decay, **kwargs)
+    if lr is not None:
+        opt_args["lr"] = lr
+    if foreach is not None:
+        opt_args["foreach"] = foreach
+    return cls(params, **opt_args)
+
+
+def _backends_used(opt, params, steps=3):
+    seen = []
+    resolve = opt._resolve
+    opt._resolve = lambda n, d: (seen.append(n), resolve(n, d))[1]
+    run(opt, params, steps)
+    del opt._resolve
+    return set(seen)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("foreach, backend", [(True, "foreach"), (False, "reference")])
+def test_torch_foreach_keyword_picks_the_backend(name, foreach, backend):
+    row = ROWS[name]
+    a, b = params_of(), params_of()
+    hyper = {k: v for k, v in row.hyper.items() if k not in ("lr", "weight_decay")}
+    opt = create_optimizer_like_timm(
+        row.cls, a, row.hyper["lr"], row.hyper["weight_decay"], foreach=foreach, **hyper
+    )
+    assert opt.param_groups[0]["foreach"] is foreach
+    ref = row.cls(b, backend=backend, **row.hyper)
+    assert _backends_used(opt, a) == {backend}
+    run(ref, b, 3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)  # the same backend: bitwise
+    # per group, as torch: one group single-tensor, the other foreach
+    c = params_of()
+    opt2 = row.cls([{"params": c[:2], "foreach": False}, {"params": c[2:]}], **row.hyper)
+    assert _backends_used(opt2, c) == {"reference", "auto"}
+    # torch's defaults are accepted as keywords and kept as group keys
+    opt3 = row.cls(
+        params_of(), foreach=None, fused=None, capturable=False, differentiable=False,
+        amsgrad=False, **row.hyper,
+    )  # fmt: skip
+    g = opt3.param_groups[0]
+    assert (g["foreach"], g["fused"], g["capturable"], g["differentiable"]) == (
+        None, None, False, False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_keyword_contradictions_raise_naming_the_alternative(name):
+    row = ROWS[name]
+    ps = params_of()
+    cases = [
+        (dict(fused=True), r"fused=True .*cpu.*foreach=True"),
+        (dict(fused=True, foreach=True), r"fused=True and foreach=True"),
+        (dict(foreach=True, backend="reference"), r"foreach=True contradicts backend='reference'"),
+        (dict(foreach=False, backend="foreach"), r"foreach=False contradicts backend='foreach'"),
+        (dict(fused=True, backend="foreach"), r"fused=True contradicts backend='foreach'"),
+        (dict(fused=False, backend="triton"), r"fused=False contradicts backend='triton'"),
+        (dict(foreach="yes"), r"foreach='yes' must be True, False or None"),
+        (dict(amsgrad=True), r"amsgrad=True is not supported.*amsgrad=False"),
+        (dict(differentiable=True), r"differentiable=True is not supported.*torch.optim"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            row.cls(ps, **{**row.hyper, **kwargs})
+    # the same in a param group, and at load from a state dict that says so
+    with pytest.raises(ValueError, match=r"param group 0: fused=True .*cpu"):
+        row.cls([{"params": ps, "fused": True}], **row.hyper)
+    opt = row.cls(ps, **row.hyper)
+    run(opt, ps, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["fused"] = True  # e.g. from a CUDA run with fused=True
+    with pytest.raises(ValueError, match=r"loaded param group 0: fused=True .*cpu"):
+        row.cls(params_of(), **row.hyper).load_state_dict(sd)
+
+
+def test_fused_keyword_maps_to_triton_where_the_device_has_it(monkeypatch):
+    from dist_cautious import base, kernels
+
+    group = dict(backend="auto", foreach=None, fused=True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    base.check_fused(group, [torch.device("cuda", 0)], "g")  # no error
+    assert base.backend_name(group) == "triton"
+    assert base.backend_name({**group, "fused": False}) == "foreach"
+    assert base.backend_name({**group, "fused": None, "foreach": False}) == "reference"
+    assert base.backend_name({**group, "fused": None}) == "auto"
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"fused=True .*Triton.*foreach=True"):
+        base.check_fused(group, [torch.device("cuda", 0)], "g")
+
+
+# ---------------------------------------------------------------- the all-gather baseline
+
+
+def test_allgather_baseline_applies_cautious_weight_decay():
+    from dist_cautious.baselines import AllGatherCAdamW
+    from tests.oracle import Float64CAdamW
+
+    hyper = ROWS["cadamw"].hyper
+    out = {}
+    for cwd in (False, True):
+        a, b = params_of(), params_of()
+        ag = AllGatherCAdamW(a, cautious_weight_decay=cwd, **hyper)
+        ref = CAdamW(b, cautious_weight_decay=cwd, backend="reference", **hyper)
+        oracle = Float64CAdamW(a, cautious_wd=cwd, **hyper)
+        for s in range(6):
+            gs = grads_at(s)
+            for p, q, g in zip(a, b, gs):
+                p.grad, q.grad = g.clone(), g.clone()
+            ag.step()
+            ref.step()
+            oracle.step(gs)
+        for p, q, o in zip(a, b, oracle.p):
+            assert rel_err(p, q) < 1e-6 and rel_err(p, o) < 1e-6, (cwd, rel_err(p, o))
+        out[cwd] = a
+    assert any(not torch.equal(x, y) for x, y in zip(out[False], out[True]))

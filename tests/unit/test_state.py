@@ -356,3 +356,145 @@ def test_copies_of_an_optimizer_with_a_registered_flat_layout():
     assert opt2._layouts[id(flat2)] is opt._layouts[id(flat)]
     with pytest.raises(RuntimeError, match="asked to step a tensor it was never given"):
         opt3.step()
+
+
+# ---------------------------------------------------------------- foreign and older state dicts
+# (issue 17 section 4): every row of tests/optimizers.py, against an uninterrupted run and
+# the row's float64 oracle.
+
+from tests.optimizers import ROWS  # noqa: E402
+
+ROW_NAMES = sorted(ROWS)
+
+
+def _row_run(row, params, oracle, steps):
+    for s in steps:
+        gs = grads_for(s, [tuple(p.shape) for p in params])
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        if row is not None:
+            row.step()
+        if oracle is not None:
+            oracle.step(gs)
+
+
+def _interrupted(name, edit, hook=None):
+    """Run a row 3 steps, pass its state dict through ``edit``, load it into a fresh
+    optimizer (with ``hook`` registered as a load_state_dict pre-hook), run 3 more steps.
+    Returns (params of the uninterrupted run, params of the resumed one, oracle, resumed opt)."""
+    row = ROWS[name]
+    a = make_params()
+    b = [p.detach().clone().requires_grad_() for p in a]
+    oracle = row.oracle(a, **row.hyper)
+    opt_a = row.cls(a, **row.hyper)
+    opt_b = row.cls(b, **row.hyper)
+    _row_run(opt_a, a, oracle, range(3))
+    _row_run(opt_b, b, None, range(3))
+    sd = edit(copy.deepcopy(opt_b.state_dict()))
+    fresh_params = [p.detach().clone().requires_grad_() for p in b]
+    fresh = row.cls(fresh_params, **row.hyper)
+    if hook is not None:
+        fresh.register_load_state_dict_pre_hook(hook)
+    fresh.load_state_dict(sd)
+    _row_run(opt_a, a, oracle, range(3, 6))
+    _row_run(fresh, fresh_params, None, range(3, 6))
+    return a, fresh_params, oracle, fresh
+
+
+def _assert_resumed_exactly(a, resumed, oracle):
+    for pa, pr, ref in zip(a, resumed, oracle.p):
+        assert torch.equal(pa, pr), rel_err(pa, pr)
+        assert rel_err(pr, ref) < 1e-6, rel_err(pr, ref)
+
+
+def _lion_pytorch_format(sd):
+    """What lion-pytorch / timm Lion save: ``exp_avg`` only (no ``step``), their group keys."""
+    for st in sd["state"].values():
+        del st["step"]
+    sd["param_groups"] = [
+        {k: g[k] for k in ("params", "lr", "betas", "weight_decay")} for g in sd["param_groups"]
+    ]
+    return sd
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
+def test_state_without_step_loads_where_the_counterpart_keeps_none(name):
+    """lion-pytorch and timm Lion keep no ``step`` (nor does torch SGD): CLion and CSGD heal
+    it and resume exactly; CAdamW needs it (bias correction) and says so."""
+
+    def strip_step(sd):
+        if name == "clion":
+            return _lion_pytorch_format(sd)
+        for st in sd["state"].values():
+            del st["step"]
+        return sd
+
+    if name == "cadamw":
+        with pytest.raises(ValueError, match=r"parameter 0 .* lacks \['step'\]"):
+            _interrupted(name, strip_step)
+        return
+    a, resumed, oracle, fresh = _interrupted(name, strip_step)
+    _assert_resumed_exactly(a, resumed, oracle)
+    assert all(int(fresh.state[p]["step"]) == 4 for p in resumed)  # healed to 1, then 3 steps
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
+def test_load_state_dict_pre_hooks_run_before_validation(name):
+    """A pre-hook that translates a foreign format (here: renamed state keys) is honoured,
+    as torch.optim's own optimizers honour it."""
+    row = ROWS[name]
+
+    def rename(sd):
+        for st in sd["state"].values():
+            for key in row.state_keys:
+                st["old_" + key] = st.pop(key)
+        return sd
+
+    def translate(opt, sd):
+        for st in sd["state"].values():
+            for key in row.state_keys:
+                st[key] = st.pop("old_" + key)
+        return sd
+
+    a, resumed, oracle, _ = _interrupted(name, rename, hook=translate)
+    _assert_resumed_exactly(a, resumed, oracle)
+    if name == "cadamw":  # what torch AdamW does with the same hook
+        ps = make_params()
+        adamw = torch.optim.AdamW(ps)
+        step_with(adamw, ps, 0)
+        sd = rename(copy.deepcopy(adamw.state_dict()))
+        fresh = torch.optim.AdamW(ps)
+        fresh.register_load_state_dict_pre_hook(translate)
+        fresh.load_state_dict(sd)
+
+
+# torch's test_can_load_older_state_dict: flags that older torch versions did not save
+OLDER_TORCH_FLAGS = ("foreach", "differentiable", "fused", "maximize", "capturable")
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
+def test_older_state_dict_without_torch_flags_loads_and_steps(name):
+    def drop_flags(sd):
+        for g in sd["param_groups"]:
+            for flag in OLDER_TORCH_FLAGS:
+                g.pop(flag, None)
+        return sd
+
+    a, resumed, oracle, fresh = _interrupted(name, drop_flags)
+    _assert_resumed_exactly(a, resumed, oracle)
+    assert fresh.param_groups[0]["maximize"] is False
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
+def test_state_dict_group_lacking_a_hyperparameter_is_refused_at_load(name):
+    key = "momentum" if name == "csgd" else "betas"
+    row = ROWS[name]
+    ps = make_params()
+    opt = row.cls(ps, **row.hyper)
+    step_with(opt, ps, 0)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0][key]
+    fresh = row.cls([p.detach().clone().requires_grad_() for p in ps], **row.hyper)
+    with pytest.raises(ValueError, match=rf"loaded param group 0 lacks \['{key}'\]"):
+        fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0  # nothing was loaded
