@@ -143,13 +143,16 @@ def test_mask_zero_after_full_flip():
     assert torch.equal(p.detach(), before)
 
 
-def test_counts_exact_beyond_float32():
+# each CPU backend is bitwise the torch AdamW that computes like it: foreach the for-loop /
+# foreach AdamW (torch's CPU sqrt), the fused CPU kernel torch's fused CPU AdamW (IEEE sqrt)
+@pytest.mark.parametrize("backend, torch_kw", [("foreach", {}), ("cpu", {"fused": True})])
+def test_counts_exact_beyond_float32(backend, torch_kw):
     """2**24 + 3 elements, all kept: alpha must be exactly 1 (a float32 count would not be)."""
     n = 2**24 + 3
     p = torch.zeros(n, requires_grad=True)
     q = torch.zeros(n, requires_grad=True)
-    ca = CAdamW([p], lr=1e-3, weight_decay=0.0)
-    aw = torch.optim.AdamW([q], lr=1e-3, weight_decay=0.0)
+    ca = CAdamW([p], lr=1e-3, weight_decay=0.0, backend=backend)
+    aw = torch.optim.AdamW([q], lr=1e-3, weight_decay=0.0, **torch_kw)
     g = torch.rand(n) + 0.5
     p.grad, q.grad = g, g.clone()
     ca.step()
@@ -339,7 +342,7 @@ def test_loading_adamw_state_of_bf16_params_keeps_fp32_moments():
     [
         (dict(lr=-1e-3), "lr=-0.001"),
         (dict(lr=float("nan")), "lr=nan"),
-        (dict(lr=torch.tensor(1e-3)), "lr given as a Tensor"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "lr given as a Tensor of 2 elements"),
         (dict(betas=(1.0, 0.999)), "beta1=1.0"),
         (dict(betas=(0.9, -0.1)), "beta2=-0.1"),
         (dict(betas=(0.9,)), "betas="),
@@ -417,6 +420,8 @@ def test_unknown_tensor_in_param_groups_raises():
 
 
 def test_auto_backend_on_cpu_is_foreach():
+    """kernels.resolve (shared by CLion / CSGD) maps auto to foreach on CPU; CAdamW's own
+    auto picks the fused CPU kernel (tests/unit/test_cpu_kernel.py)."""
     from dist_cautious import kernels
 
     assert kernels.resolve("auto", torch.device("cpu")) == "foreach"

@@ -1,0 +1,230 @@
+"""The device-scalar step: what ``capturable=True`` and ``torch.compile(opt.step)`` run.
+
+The planned step (:mod:`.base`, :mod:`.plan`) is fast in eager mode because it caches a plan
+and reads small things on the host (Python step counts, CPU factors folded into scalars,
+the per-step cross-rank fingerprint on gloo). None of that can be traced by dynamo or
+captured in a CUDA graph. This module computes the same algorithm with everything that
+changes from step to step kept in tensors:
+
+1. gather (``CautiousOptimizer._init_group``, plain Python; dynamo runs it eagerly, as for
+   torch's optimizers, and guards on what it saw): per param group the parameters with a
+   gradient, their gradients, state tensors and step counters (moved to the parameter's
+   device, as torch's capturable AdamW keeps them), and per parameter the constants the
+   step needs: the factor's ``N`` and the names of the process groups its count is summed
+   over. The cross-rank agreement check (:func:`.reduce.check_agreement`) runs here, once
+   per layout, before anything is stepped: outside a captured or compiled steady state;
+2. count pass (:mod:`.kernels.capturable`, per param group): exact int64 counts, a device
+   vector;
+3. reduce: per process group, one functional all-reduce
+   (``torch.distributed._functional_collectives.all_reduce``, traceable by dynamo) of the
+   counts of every piece whose tensor that group shards (all param groups together), in
+   the first-appearance order every rank computes alike; factors on the device. The
+   per-step ``[h, h*h]`` fingerprint check of the planned step is **not** done here: it
+   is a host read, and the one-time check in (1) covers the layout;
+4. update pass (:mod:`.kernels.capturable`), step counters incremented on the device.
+
+Supported layouts: plain tensors, DDP, DTensors (FSDP2, HSDP, TP). Adapter layouts (FSDP1
+flat parameters, DeepSpeed ZeRO partitions) raise: use the planned step there
+(``capturable=False``, no ``torch.compile`` of the optimizer step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .kernels import capturable as cap
+from .kernels import cautious_factor
+from .layout import DEFAULT_LAYOUT, SlotTable, group_key, is_dtensor, shard_reduction
+from .reduce import ReducedCounts, check_agreement, device_index
+
+
+def wanted(opt: Any) -> bool:
+    """Take this path: under ``torch.compile`` (dynamo also sets every group's
+    ``capturable`` to True), or when any param group asks for ``capturable=True``."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(g.get("capturable", False) for g in opt.param_groups)
+
+
+def _math(opt: Any) -> Any:
+    from .optim import CSGD, CAdamW, CLion
+
+    for cls, math in ((CAdamW, cap.ADAMW), (CLion, cap.LION), (CSGD, cap.SGD)):
+        if isinstance(opt, cls):
+            return math
+    raise NotImplementedError(
+        f"{type(opt).__name__} has no capturable step; set capturable=False and do not "
+        "torch.compile its step"
+    )
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def init_group(
+    opt: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    states: list[Tensor],
+) -> tuple:
+    """Fill the lists for ``group`` (``states`` key-major: every parameter's first state
+    tensor, then every second one); return per parameter ``(N, process group names)``."""
+    gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
+    opt._check_group(group, gi)
+    if group.get("factor_lag", 0):
+        raise ValueError(
+            f"param group {gi}: factor_lag={group['factor_lag']!r} is not implemented by the "
+            "capturable / torch.compile step; use factor_lag=0 there, or capturable=False "
+            "without torch.compile"
+        )
+    shard = group["scale"] == "shard"
+    table = SlotTable()
+    table.current_group = gi
+    info = []
+    per_key: list[list[Tensor]] = [[] for _ in opt.state_keys]
+    for p in group["params"]:
+        if opt._layout_for(p) is not DEFAULT_LAYOUT:  # (raises for tensors never given)
+            raise NotImplementedError(
+                f"param group {gi}: a parameter of shape {tuple(p.shape)} has an adapter "
+                "layout (FSDP1 flat parameter or DeepSpeed ZeRO partition), which the "
+                "capturable / torch.compile step does not handle; use capturable=False and "
+                "the eager step for FSDP1 and ZeRO"
+            )
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise RuntimeError(
+                f"sparse gradient for a parameter of shape {tuple(p.shape)}: "
+                f"{type(opt).__name__} does not support sparse gradients"
+            )
+        red = None if shard or not is_dtensor(p) else shard_reduction(p)
+        if red is not None:
+            tag = (tuple(p.shape), str(p.dtype).replace("torch.", ""))
+            table.reserve(red, p.numel(), tag)
+            names = tuple(str(group_key(pg)) for pg in red.groups)
+            for pg in red.groups:
+                if not getattr(pg, "group_name", None):
+                    raise RuntimeError("a process group without a registered name")
+        else:
+            names = ()
+        local = _local(p)
+        state = opt._state_for(p, group)
+        t = state["step"]
+        if t._base is not None or t.device != local.device:
+            # a view of the planned step's shared counter buffer, or on another device
+            state["step"] = t.detach().to(local.device, copy=True)
+            opt._plan = None
+        params.append(p)
+        grads.append(g)
+        steps.append(state["step"])
+        for lst, key in zip(per_key, opt.state_keys):
+            lst.append(state[key])
+        info.append((int(p.numel()) if red is not None else int(local.numel()), names))
+    for lst in per_key:
+        states.extend(lst)
+    if params:
+        _stats_buffers(opt, _local(params[0]).device)
+    if table.sizes:
+        check_agreement(table, opt._validated)
+    return tuple(info)
+
+
+def _stats_buffers(opt: Any, device: torch.device) -> None:
+    """Kept / stepped elements per param group: buffers the step writes in place (a traced
+    step cannot rebind ``opt._stats``); ``opt._stats`` points at them."""
+    box = getattr(opt, "_device_stats", None)
+    n = len(opt.param_groups)
+    if box is None or box[0].numel() != n or box[0].device != device:
+        box = tuple(torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
+        opt._device_stats = box
+    if opt._stats is None or opt._stats.kept_per_group is not box[0]:
+        none = box[0][:0]
+        opt._stats = ReducedCounts(none, none, box[0], box[1])
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    # eager: cached device tensors (no host-to-device copy per step, capturable); traced: a
+    # constant of the graph
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    return device_index(tuple(values), device)
+
+
+def step(opt: Any) -> None:
+    """One step of ``opt`` on the device-scalar path (see the module doc)."""
+    math = _math(opt)
+    n_keys = len(opt.state_keys)
+    work = []
+    for group in opt.param_groups:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        steps: list[Tensor] = []
+        states: list[Tensor] = []
+        info = opt._init_group(group, params, grads, steps, states)
+        work.append((group, params, grads, steps, states, info))
+
+    # pass 1, per param group
+    counts_parts = []
+    passes = []
+    device = None
+    for group, params, grads, steps, states, info in work:
+        if not params:
+            passes.append(None)
+            continue
+        n = len(params)
+        ps = [_local(p) for p in params]
+        gs = [_local(g) for g in grads]
+        sts = tuple([_local(t) for t in states[k * n : (k + 1) * n]] for k in range(n_keys))
+        torch._foreach_add_(steps, 1)
+        svec = torch.stack(steps)
+        c, kw = math.count(ps, gs, sts, svec, group)
+        device = c.device
+        counts_parts.append(c)
+        passes.append((ps, gs, sts, svec, kw))
+    if device is None:
+        return
+    counts = torch.cat(counts_parts) if len(counts_parts) > 1 else counts_parts[0]
+
+    # reduce: one functional all-reduce per process group over every piece it shards
+    flat_info = [x for _, params, *_, info in work if params for x in info]
+    order: dict[str, list[int]] = {}
+    for i, (_, names) in enumerate(flat_info):
+        for name in names:
+            order.setdefault(name, []).append(i)
+    if order:
+        import torch.distributed._functional_collectives as funcol
+
+        for name, idx in order.items():
+            if len(idx) == len(flat_info):
+                counts = funcol.all_reduce(counts, "sum", name)
+            else:
+                ii = _index(idx, device)
+                summed = funcol.all_reduce(counts.index_select(0, ii), "sum", name)
+                counts = counts.index_copy(0, ii, summed)
+    numels = _index([n for n, _ in flat_info], device)
+
+    # factors and pass 2, per param group
+    kept, elems = [], []
+    off = 0
+    for (group, params, grads, *_), pa in zip(work, passes):
+        if pa is None:
+            kept.append(torch.zeros((), dtype=torch.int64, device=device))
+            elems.append(torch.zeros((), dtype=torch.int64, device=device))
+            continue
+        ps, gs, sts, svec, kw = pa
+        c, nn = counts[off : off + len(ps)], numels[off : off + len(ps)]
+        off += len(ps)
+        alphas = cautious_factor(c, nn, group["formula"], float(group["clamp"]), torch.float64)
+        math.update(ps, gs, sts, svec, alphas, group, kw)
+        kept.append(c.sum())
+        elems.append(nn.sum())
+    kept_buf, elems_buf = opt._device_stats  # see _stats_buffers
+    kept_buf.copy_(torch.stack(kept))
+    elems_buf.copy_(torch.stack(elems))

@@ -1,0 +1,329 @@
+"""The device-scalar step (``dist_cautious/device_step.py``): ``capturable=True``, a tensor
+``lr`` and ``torch.compile(opt.step, fullgraph=True)``, for every optimizer row.
+
+Checked against the float64 oracle (tests/oracle.py) and against the planned (eager) step;
+"no host synchronisation" is checked by running the step under modes that raise on every
+host read of a tensor. The compiled tests share one compile per optimizer (inductor on CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_cautious import CSGD, CAdamW
+from tests.optimizers import ROWS
+from tests.oracle import rel_err
+
+SHAPES = [(7, 5), (1,), (0,), (33,)]
+NAMES = sorted(ROWS)
+
+
+def params_of(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def grads_at(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(500 + step)
+    drift = 0.3 * torch.randn((), generator=g).item()
+    return [(torch.randn(s, generator=g) + drift).to(dtype) for s in SHAPES]
+
+
+def set_grads(params, step):
+    for p, g in zip(params, grads_at(step, params[0].dtype)):
+        p.grad = g.clone()
+
+
+def max_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    return max(((x.detach() - y.detach()).abs().max().item() for x, y in zip(a, b) if x.numel()))
+
+
+# ---------------------------------------------------------------- host-sync detector
+
+
+class HostSync(AssertionError):
+    pass
+
+
+_READS = {
+    Tensor.item: "item()",
+    Tensor.tolist: "tolist()",
+    Tensor.__bool__: "bool(tensor)",
+    Tensor.__int__: "int(tensor)",
+    Tensor.__float__: "float(tensor)",
+    Tensor.__index__: "tensor as an index",
+    Tensor.numpy: "numpy()",
+    Tensor.cpu: "cpu()",
+}
+
+
+def _names_host(x) -> bool:
+    return (isinstance(x, str) and x.startswith("cpu")) or (
+        isinstance(x, torch.device) and x.type == "cpu"
+    )
+
+
+class NoHostReads(TorchFunctionMode):
+    """Raise on any Python-level host read of a tensor: ``.item()``, ``.tolist()``,
+    ``bool/int/float(tensor)`` (every data-dependent ``if``), ``.numpy()``, ``.cpu()``,
+    ``.to("cpu")`` and ``torch.tensor(<tensors>)``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = _READS.get(func)
+        if what is None and func is Tensor.to:
+            if any(_names_host(a) for a in (*args[1:], *kwargs.values())):
+                what = "a copy to the host (.to('cpu'))"
+        if what is None and func in (torch.tensor, torch.as_tensor):
+            if any(isinstance(a, Tensor) for a in _flatten(args)):
+                what = "torch.tensor(<tensors>) (reads their values)"
+        if what is not None:
+            raise HostSync(f"host synchronisation inside step(): {what}")
+        return func(*args, **kwargs)
+
+
+def _flatten(xs):
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            yield from _flatten(x)
+        else:
+            yield x
+
+
+class NoScalarReads(TorchDispatchMode):
+    """Raise on the aten op every C++-level scalar read goes through."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise HostSync(f"host synchronisation inside step(): {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def step_without_host_reads(opt) -> None:
+    with NoHostReads(), NoScalarReads():
+        opt.step()
+
+
+# ---------------------------------------------------------------- capturable, eager
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("formula", ["clamp", "paper"])
+@pytest.mark.parametrize("cwd", [False, True])
+def test_capturable_matches_oracle_and_planned_step(name, formula, cwd):
+    row = ROWS[name]
+    a, b = params_of(), params_of()
+    planned = row.cls(a, formula=formula, cautious_weight_decay=cwd, **row.hyper)
+    cap = row.cls(b, formula=formula, cautious_weight_decay=cwd, **row.hyper)
+    for g in cap.param_groups:
+        g["capturable"] = True
+    oracle = row.oracle(b, formula=formula, cautious_wd=cwd, **row.hyper)
+    for s in range(20):
+        set_grads(a, s)
+        set_grads(b, s)
+        planned.step()
+        step_without_host_reads(cap)
+        oracle.step(grads_at(s))
+    assert max_diff(a, b) < 1e-6, (name, max_diff(a, b))
+    for p, ref in zip(b, oracle.p):
+        assert rel_err(p, ref) < 1e-6, (name, p.shape, rel_err(p, ref))
+    for key, refs in zip(row.state_keys, row.oracle_states(oracle)):
+        for p, ref in zip(b, refs):
+            if p.numel():
+                assert rel_err(cap.state[p][key], ref) < 1e-6, (name, key)
+    assert all(cap.state[p]["step"].item() == 20 for p in b)
+    assert cap.kept_fraction == pytest.approx(planned.kept_fraction)
+    assert 0.2 < cap.kept_fraction < 0.99
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capturable_float64_matches_the_oracle_closely(name):
+    row = ROWS[name]
+    params = params_of(dtype=torch.float64)
+    opt = row.cls(params, **row.hyper)
+    for g in opt.param_groups:
+        g["capturable"] = True
+    oracle = row.oracle(params, **row.hyper)
+    for s in range(10):
+        set_grads(params, s)
+        opt.step()
+        oracle.step(grads_at(s, torch.float64))
+    for p, ref in zip(params, oracle.p):
+        assert rel_err(p, ref) < 1e-12, (name, rel_err(p, ref))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("variant", ["bf16_params", "bf16_state", "maximize"])
+def test_capturable_dtypes_and_flags_match_the_planned_step(name, variant):
+    row = ROWS[name]
+    dtype = torch.bfloat16 if variant == "bf16_params" else torch.float32
+    extra = {"state_dtype": torch.bfloat16} if variant == "bf16_state" else {}
+    if variant == "maximize":
+        extra["maximize"] = True
+    a, b = params_of(dtype=dtype), params_of(dtype=dtype)
+    planned = row.cls(a, **row.hyper, **extra)
+    cap = row.cls(b, **row.hyper, **extra)
+    for g in cap.param_groups:
+        g["capturable"] = True
+    for s in range(8):
+        set_grads(a, s)
+        set_grads(b, s)
+        planned.step()
+        step_without_host_reads(cap)
+    for p, q in zip(a, b):
+        assert q.dtype == dtype
+        if p.numel():  # one rounding of the 16-bit value apart at most
+            assert rel_err(q, p) < (1e-2 if dtype == torch.bfloat16 else 1e-6), (name, variant)
+    for p, q in zip(a, b):
+        for key in row.state_keys:
+            assert cap.state[q][key].dtype == planned.state[p][key].dtype
+
+
+def test_capturable_csgd_first_step_and_dampening():
+    # the first step's buffer is the gradient itself (torch SGD), later ones are dampened:
+    # a per-tensor 0/1 weight on the device instead of a Python branch
+    a, b = params_of(), params_of()
+    hyper = dict(lr=1e-2, momentum=0.9, dampening=0.3, weight_decay=0.01)
+    planned, cap = CSGD(a, **hyper), CSGD(b, **hyper)
+    cap.param_groups[0]["capturable"] = True
+    for s in range(3):
+        set_grads(a, s)
+        set_grads(b, s)
+        planned.step()
+        step_without_host_reads(cap)
+        for p, q in zip(a, b):
+            if p.numel():
+                buf_p = planned.state[p]["momentum_buffer"]
+                buf_q = cap.state[q]["momentum_buffer"]
+                assert rel_err(buf_q, buf_p) < 1e-6, s
+    assert max_diff(a, b) < 1e-6
+
+
+# ---------------------------------------------------------------- no host sync
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capturable_step_does_not_read_the_host(name):
+    row = ROWS[name]
+    params = params_of()
+    lr = torch.tensor(row.hyper["lr"])
+    opt = row.cls(params, **{**row.hyper, "lr": lr})
+    for g in opt.param_groups:
+        g["capturable"] = True
+    for s in range(3):  # the first step creates the state: also without host reads
+        set_grads(params, s)
+        step_without_host_reads(opt)
+    # the detector works: the planned step reads counts and factors on the host (CPU)
+    eager = row.cls(params_of(), **row.hyper)
+    set_grads(eager.param_groups[0]["params"], 0)
+    with pytest.raises(HostSync):
+        step_without_host_reads(eager)
+
+
+def test_host_read_detector_catches_each_kind():
+    t = torch.tensor(1.5)
+    for read in (
+        lambda: t.item(),
+        lambda: t.tolist(),
+        lambda: bool(t > 0),
+        lambda: int(t),
+        lambda: float(t),
+        lambda: t.to("cpu"),
+        lambda: torch.tensor([t, t]),
+    ):
+        with pytest.raises(HostSync):
+            with NoHostReads(), NoScalarReads():
+                read()
+
+
+# ---------------------------------------------------------------- tensor lr
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("capturable", [False, True])
+def test_tensor_lr_updated_in_place_by_a_scheduler_equals_the_float_run(name, capturable):
+    row = ROWS[name]
+    a, b = params_of(), params_of()
+    fl = row.cls(a, **row.hyper)
+    te = row.cls(b, **{**row.hyper, "lr": torch.tensor(row.hyper["lr"])})
+    lr_t = te.param_groups[0]["lr"]
+    for g in (*fl.param_groups, *te.param_groups):
+        g["capturable"] = capturable
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.8**i) for o in (fl, te)]
+    for s in range(6):
+        set_grads(a, s)
+        set_grads(b, s)
+        fl.step()
+        te.step()
+        for sc in sched:
+            sc.step()
+    assert te.param_groups[0]["lr"] is lr_t  # updated in place, still a tensor
+    assert lr_t.item() == pytest.approx(row.hyper["lr"] * 0.8**6)
+    # the tensor holds the float32 rounding of the float schedule: equal to that rounding
+    assert 0 < max_diff(a, b) < 1e-6 or max_diff(a, b) == 0
+
+
+def test_bad_tensor_lr_and_capturable_values_raise():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(TypeError, match="lr given as a Tensor of 2 elements"):
+        CAdamW([p], lr=torch.tensor([1e-3, 1e-3]))
+    with pytest.raises(TypeError, match="0-d floating tensor"):
+        CAdamW([p], lr=torch.tensor(1))
+    with pytest.raises(ValueError, match="lr=-0.001"):
+        CAdamW([p], lr=torch.tensor(-1e-3))
+    with pytest.raises(ValueError, match="capturable='yes' must be True or False"):
+        CAdamW([{"params": [p], "capturable": "yes"}])
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.fixture(scope="module")
+def compiled_runs():
+    """Per row: 20 steps of ``torch.compile(opt.step, fullgraph=True)`` next to the planned
+    step and the oracle, with dynamo's counters (one compile per row, shared)."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for name in NAMES:
+        row = ROWS[name]
+        torch._dynamo.reset()
+        counters.clear()
+        a, b = params_of(), params_of()
+        planned = row.cls(a, **row.hyper)
+        # a tensor lr: a scheduler can change it without a recompile
+        opt = row.cls(b, **{**row.hyper, "lr": torch.tensor(row.hyper["lr"])})
+        oracle = row.oracle(b, **row.hyper)
+        step = torch.compile(opt.step, fullgraph=True)
+        for s in range(20):
+            set_grads(a, s)
+            set_grads(b, s)
+            planned.step()
+            step()
+            oracle.step(grads_at(s))
+        out[name] = dict(
+            planned=a,
+            compiled=b,
+            oracle=oracle,
+            opt=opt,
+            breaks=sum(counters["graph_break"].values()),
+            graphs=counters["stats"]["unique_graphs"],
+        )
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_step_fullgraph_equals_eager_and_the_oracle(name, compiled_runs):
+    r = compiled_runs[name]
+    assert r["breaks"] == 0
+    assert r["graphs"] == 1, r["graphs"]  # one graph, no recompile over 20 steps
+    assert max_diff(r["planned"], r["compiled"]) < 1e-6
+    for p, ref in zip(r["compiled"], r["oracle"].p):
+        assert rel_err(p, ref) < 1e-6, (name, p.shape, rel_err(p, ref))
+    assert all(r["opt"].state[p]["step"].item() == 20 for p in r["compiled"])
+    assert 0.2 < r["opt"].kept_fraction < 0.99
