@@ -234,8 +234,9 @@ def test_nothing_is_unpickled_that_could_run_code(tmp_path: Path) -> None:
 
     md = path / ".metadata"
     md.write_bytes(pickle.dumps(Evil()))
-    marker = json.loads((path / ck.MARKER).read_text())  # keep the size check quiet
+    marker = json.loads((path / ck.MARKER).read_text())  # keep size and checksum quiet
     marker["files"][".metadata"] = md.stat().st_size
+    marker[ck.CHECKSUM][".metadata"] = ck.crc32_file(md)
     (path / ck.MARKER).write_text(json.dumps(marker))
     with pytest.raises(ck.CheckpointMismatch, match=r"refers to posix\.system.*refusing"):
         ck.load(tmp_path, m, o)
