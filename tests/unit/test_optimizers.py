@@ -375,3 +375,42 @@ def test_allgather_baseline_applies_cautious_weight_decay():
             assert rel_err(p, q) < 1e-6 and rel_err(p, o) < 1e-6, (cwd, rel_err(p, o))
         out[cwd] = a
     assert any(not torch.equal(x, y) for x, y in zip(out[False], out[True]))
+
+
+def test_allgather_baseline_cautious_weight_decay_on_dtensors(tmp_path):
+    """The DTensor path (all-gather, mask, scatter) of the baseline on a one-rank mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dist_cautious.baselines import AllGatherCAdamW
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        hyper = ROWS["cadamw"].hyper
+        out = {}
+        for cwd in (False, True):
+            init = params_of()
+            d = [
+                torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+                for p in init
+            ]
+            ag = AllGatherCAdamW(d, cautious_weight_decay=cwd, **hyper)
+            ref = CAdamW(init, cautious_weight_decay=cwd, backend="reference", **hyper)
+            for s in range(4):
+                for p, q, g in zip(d, init, grads_at(s)):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                    q.grad = g.clone()
+                ag.step()
+                ref.step()
+            for p, q in zip(d, init):
+                assert rel_err(p.full_tensor(), q) < 1e-6, (cwd, rel_err(p.full_tensor(), q))
+            out[cwd] = [p.full_tensor() for p in d]
+        assert any(not torch.equal(x, y) for x, y in zip(out[False], out[True]))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
