@@ -112,6 +112,13 @@ class CAdamW(CautiousOptimizer):
             parameter's previous step (its first step uses the exact one); the count
             all-reduce of a step is then waited for at the next step, off the critical path.
             Needs ``scale="global"``. The previous counts are state (``cautious_count``).
+        foreach, fused, capturable, differentiable, amsgrad: torch.optim's keywords, kept as
+            group keys like torch's. With ``backend="auto"``: ``foreach=True`` runs the
+            ``foreach`` backend, ``foreach=False`` the single-tensor ``reference`` one,
+            ``fused=True`` the ``triton`` backend (CUDA only: elsewhere it raises, naming
+            ``foreach=True``); a contradiction (``fused=True, foreach=True``, or either
+            against an explicit ``backend``) raises. ``amsgrad=True`` and
+            ``differentiable=True`` raise (not implemented).
 
     Every option is a param-group key: set it per group, it travels in ``state_dict()``.
     """
@@ -232,7 +239,8 @@ class CLion(CautiousOptimizer):
     Args: ``lr`` (default 1e-4), ``betas`` (default (0.9, 0.99)), ``weight_decay`` (default
     0, decoupled), ``maximize`` and the cautious options of :class:`CAdamW` (``scale``,
     ``formula``, ``clamp``, ``backend``, ``state_dtype``, ``cautious_weight_decay``: decay
-    only where ``u * W >= 0``).
+    only where ``u * W >= 0``) and torch's keywords (``foreach``, ``fused``, ...). State
+    dicts of lion-pytorch and timm's Lion (``exp_avg``, no ``step``) load.
     """
 
     state_keys = ("exp_avg",)
@@ -332,6 +340,8 @@ class CSGD(CautiousOptimizer):
     nothing: use ``torch.optim.SGD``). ``cautious_weight_decay=True`` replaces the L2 term
     by a decoupled decay applied only where ``d * W >= 0``:
     ``W <- W - lr * wd * 1[d * W >= 0] * W - lr * alpha * mask * d`` (with ``g' = g``).
+    The cautious options and torch's keywords (``foreach``, ``fused``, ...) are
+    :class:`CAdamW`'s.
     """
 
     state_keys = ("momentum_buffer",)
