@@ -20,9 +20,13 @@ Scenarios (each trains the same tiny model for ``STEPS`` optimizer steps on 2 ra
 
 Accelerate (and so the HF Trainer) refuses FSDP on CPU without a word: with no GPU its
 ``AcceleratorState`` picks ``MULTI_CPU`` and drops the plugin (the run is then plain DDP).
-``force_fsdp`` puts back the two fields it would have set on a GPU machine
-(``distributed_type = FSDP``, ``fsdp_plugin``); everything after that -- ``prepare``,
-wrapping, the optimizer swap, backward, step -- is Accelerate's and the Trainer's own code.
+``cpu_fsdp_state`` patches ``AcceleratorState.__init__`` before any ``Accelerator`` is built
+to do what its GPU branch does (``distributed_type = FSDP``,
+``fsdp_plugin.set_mixed_precision(...)``, ``fsdp_plugin``); everything after that -- the
+Trainer's post-processing, ``prepare``, wrapping, activation checkpointing, the optimizer
+swap, mixed precision, clipping, backward, step, save / resume -- is the frameworks' own code.
+After set-up every FSDP2 scenario records how many original parameters are still alive and
+the parameter bytes per rank (``resources``).
 
 Every rank records the batches it trained on; they are gathered and replayed in one
 process by a reference: ``dist_cautious.CAdamW`` on a plain copy of the initial model, the
@@ -34,10 +38,12 @@ tests/dist/test_integrations.py asserts on those numbers.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 import traceback
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,10 +131,53 @@ def clean(name: str) -> str:
     return name
 
 
+def rank_grads(net: nn.Module, per_rank: list[tuple], mp: str) -> list[torch.Tensor]:
+    """The averaged gradient a sharded step reduces, with the casts of precision ``mp``:
+
+    * ``"fp32"``: plain fp32;
+    * ``"autocast"``: ``torch.autocast("cpu", bfloat16)`` around the forward, fp32
+      parameters and fp32 gradients (Lightning ``precision="bf16-mixed"``);
+    * ``"bf16_params"``: FSDP's mixed precision (FSDP2 ``MixedPrecisionPolicy`` / FSDP1
+      ``MixedPrecision`` with param_dtype = reduce_dtype = bfloat16, as Accelerate sets for
+      ``mixed_precision="bf16"``) plus Accelerate's autocast: each rank computes with
+      bfloat16 copies of the parameters and inputs, its bfloat16 gradient is halved and the
+      two are summed in bfloat16 (one rounding), then cast to the fp32 master gradient.
+    """
+    params = list(net.parameters())
+    if mp == "fp32":
+        loss = sum(F.mse_loss(net(x), y) for x, y in per_rank) / len(per_rank)
+        return list(torch.autograd.grad(loss, params))
+    if mp == "autocast":  # each rank's gradient on its own (autocast caches its casts)
+        total = [torch.zeros_like(p) for p in params]
+        for x, y in per_rank:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.mse_loss(net(x), y)
+            gs = torch.autograd.grad(loss, params)
+            total = [t + g / len(per_rank) for t, g in zip(total, gs)]
+        return total
+    assert mp == "bf16_params", mp
+    names = [n for n, _ in net.named_parameters()]
+    total = [torch.zeros_like(p) for p in params]
+    for x, y in per_rank:
+        low = {n: p.detach().bfloat16().requires_grad_() for n, p in zip(names, params)}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.func.functional_call(net, low, (x.bfloat16(),))
+        loss = F.mse_loss(out.float(), y)
+        gs = torch.autograd.grad(loss, [low[n] for n in names])
+        total = [t + g.float() for t, g in zip(total, gs)]
+    return [(t.bfloat16().float()) / len(per_rank) for t in total]
+
+
 def reference(
-    init: dict[str, torch.Tensor], batches: list[list[tuple]], decay_names: set[str] | None
-) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Single-process CAdamW on the full model; ``batches[step][rank] = (x, y)``."""
+    init: dict[str, torch.Tensor],
+    batches: list[list[tuple]],
+    decay_names: set[str] | None,
+    mp: str = "fp32",
+    clip: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], float | None, int]:
+    """Single-process CAdamW on the full model; ``batches[step][rank] = (x, y)``; the
+    gradients with the casts of ``mp`` (see ``rank_grads``), clipped to total norm
+    ``clip`` as ``torch.nn.utils.clip_grad_norm_`` (the Trainer's ``max_grad_norm``)."""
     net = TinyNet()
     net.load_state_dict(init)
     named = list(net.named_parameters())
@@ -143,12 +192,15 @@ def reference(
             backend="foreach",
             **HYPER,
         )
+    clipped = 0
     for per_rank in batches:
-        loss = sum(F.mse_loss(net(x), y) for x, y in per_rank) / len(per_rank)
-        loss.backward()
+        for (_, p), g in zip(named, rank_grads(net, per_rank, mp)):
+            p.grad = g
+        if clip > 0:
+            clipped += int(torch.nn.utils.clip_grad_norm_(net.parameters(), clip) > clip)
         opt.step()
         opt.zero_grad()
-    return {n: p.detach().clone() for n, p in named}, opt.kept_fraction
+    return {n: p.detach().clone() for n, p in named}, opt.kept_fraction, clipped
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,8 +220,50 @@ def inner(opt) -> CAdamW:
     return opt
 
 
+def originals(model: nn.Module) -> list[weakref.ref]:
+    """Weak references to a model's parameters before a framework shards it."""
+    return [weakref.ref(p) for p in model.parameters()]
+
+
+def resources(refs: list[weakref.ref], model: nn.Module) -> dict:
+    """After set-up: how many original (unsharded) parameters are still alive, and the bytes
+    of parameter storage this rank holds (its shards' storages plus any live original),
+    against the bytes of the whole model. Gathered from every rank (issue 17, item 1)."""
+    gc.collect()
+    storages: dict[int, int] = {}
+    for p in model.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    alive = 0
+    for r in refs:
+        o = r()
+        if o is not None:
+            alive += 1
+            storages.setdefault(o.untyped_storage().data_ptr(), o.untyped_storage().nbytes())
+        del o
+    init = init_state().values()
+    model_bytes = sum(v.numel() * v.element_size() for v in init)
+    w = dist.get_world_size()  # FSDP2 pads dim 0 to a multiple of the world size
+    shard_bytes = sum(-(-v.shape[0] // w) * v[0].numel() * v.element_size() for v in init)
+    mine = {"alive": alive, "bytes": sum(storages.values())}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {
+        "originals": len(refs),
+        "originals_alive": [e["alive"] for e in everyone],
+        "param_bytes": [e["bytes"] for e in everyone],
+        "model_bytes": model_bytes,
+        "padded_shard_bytes": shard_bytes,  # ceil(rows / W) rows of every tensor
+    }
+
+
 def report(
-    model: nn.Module, opt, batches: list[list[tuple]], decay_names: set[str] | None = None
+    model: nn.Module,
+    opt,
+    batches: list[list[tuple]],
+    decay_names: set[str] | None = None,
+    mp: str = "fp32",
+    clip: float = 0.0,
 ) -> dict:
     init = init_state()
     got = full_params(model)
@@ -187,7 +281,7 @@ def report(
     res: dict = {"kinds": kinds, "state_steps": steps, "n_steps": len(batches)}
     res["local_fraction"] = fractions  # of all elements, per rank: < 1 means sharded
     if dist.get_rank() == 0:
-        ref, ref_kept = reference(init, batches, decay_names)
+        ref, ref_kept, clipped = reference(init, batches, decay_names, mp, clip)
         missing = sorted(set(ref) - set(got))
         res["missing"] = missing
         names = [n for n in ref if n in got]
@@ -195,6 +289,12 @@ def report(
         res["delta"] = max(rel_err(got[n] - init[n], ref[n] - init[n]) for n in names)
         res["moved"] = min((ref[n] - init[n]).norm().item() for n in names)
         res["kept"], res["ref_kept"] = kept, ref_kept
+        res["clipped_steps"] = clipped
+        if mp != "fp32" or clip > 0:  # how far the same run is from a reference without them
+            plain, _, _ = reference(init, batches, decay_names)
+            res["delta_plain_ref"] = max(
+                rel_err(got[n] - init[n], plain[n] - init[n]) for n in names
+            )
     return res
 
 
@@ -209,21 +309,41 @@ def gather_batches(mine: list[tuple]) -> list[list[tuple]]:
 # --- HF Accelerate ------------------------------------------------------------------------
 
 
-def force_fsdp(accelerator, plugin) -> bool:
-    """What Accelerate sets on a GPU machine; on CPU it silently drops the FSDP plugin."""
-    from accelerate.state import PartialState
+CPU_FSDP_FORCED: list[bool] = []  # one entry per AcceleratorState built with a plugin
+
+
+def cpu_fsdp_state() -> None:
+    """On CPU Accelerate's ``AcceleratorState.__init__`` silently drops the FSDP plugin (its
+    state becomes MULTI_CPU). Patched before any ``Accelerator`` is built, it then does what
+    its GPU branch does, in the same place: ``distributed_type = FSDP``,
+    ``fsdp_plugin.set_mixed_precision(mixed_precision)`` (FSDP2 ``MixedPrecisionPolicy`` /
+    FSDP1 ``MixedPrecision``) and ``fsdp_plugin``. So the Trainer's own post-processing (its
+    ``is_fsdp_enabled``, ``fsdp_config`` options such as activation checkpointing,
+    ``max_grad_norm``) runs on the state it would have on a GPU machine."""
+    import inspect
+
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
-    refused = accelerator.state.distributed_type != DistributedType.FSDP
-    if refused:
-        if accelerator.state.distributed_type != DistributedType.MULTI_CPU:
-            raise RuntimeError(f"expected MULTI_CPU, got {accelerator.state.distributed_type}")
-        # AcceleratorState re-reads PartialState's fields whenever it is built again, and on
-        # a GPU machine it writes FSDP there too: set both, as it would.
-        accelerator.state.distributed_type = DistributedType.FSDP
+    orig = AcceleratorState.__init__
+    if getattr(orig, "_dc_cpu_fsdp", False):
+        return
+    sig = inspect.signature(orig)
+
+    def init(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        plugin = sig.bind(self, *args, **kwargs).arguments.get("fsdp_plugin")
+        if plugin is None or self.distributed_type != DistributedType.MULTI_CPU:
+            return
+        self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":
+            plugin.set_mixed_precision(self._mixed_precision)
+        self.fsdp_plugin = plugin
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-    return refused
+        CPU_FSDP_FORCED.append(True)
+
+    init._dc_cpu_fsdp = True
+    AcceleratorState.__init__ = init
 
 
 def fsdp1_cpu_device_id() -> None:
@@ -257,11 +377,15 @@ def reset_accelerate() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
 
 
-def sc_accel(version: int = 2, scale: str = "global", flat: bool = False) -> dict:
+MP_CASTS = {"no": "fp32", "bf16": "bf16_params"}  # Accelerate's mixed_precision -> casts
+
+
+def sc_accel(version: int = 2, scale: str = "global", flat: bool = False, mp: str = "no") -> dict:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     reset_accelerate()
+    cpu_fsdp_state()
     rank = dist.get_rank()
     extra = {} if version == 2 else dict(use_orig_params=not flat, sync_module_states=False)
     plugin = FullyShardedDataParallelPlugin(
@@ -271,12 +395,14 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False) -> dic
         reshard_after_forward=True if version == 2 else "FULL_SHARD",
         **extra,
     )
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
-    refused = force_fsdp(accelerator, plugin)
+    n_forced = len(CPU_FSDP_FORCED)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, mixed_precision=mp)
+    refused = len(CPU_FSDP_FORCED) > n_forced
     if version == 1:
         fsdp1_cpu_device_id()
     net = TinyNet()
     net.load_state_dict(init_state())
+    refs = originals(net)
     decay_names = None
     if flat:  # FlatParameters: prepare the model first, then the optimizer on its params
         net = accelerator.prepare(net)
@@ -286,6 +412,8 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False) -> dic
         opt = CAdamW(groups(list(net.named_parameters())), scale=scale, **HYPER)
         net, opt = accelerator.prepare(net, opt)
     seen = (str(accelerator.distributed_type), accelerator.state.fsdp_plugin.fsdp_version)
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy
+    res_mem = resources(refs, net)
     mine = []
     for step in range(STEPS):
         x, y = batch(step, rank)
@@ -294,7 +422,9 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False) -> dic
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad()
-    res = report(net, opt, gather_batches(mine), decay_names)
+    res = report(net, opt, gather_batches(mine), decay_names, mp=MP_CASTS[mp])
+    res.update(res_mem)
+    res["mp_policy"] = None if policy is None else str(policy.param_dtype)
     res["refused_cpu_fsdp"] = refused
     res["prepared_as"] = seen
     res["wrapper"] = type(net).__name__
@@ -310,6 +440,8 @@ def sc_accel_resume(state_dict_type: str) -> dict:
 
     rank = dist.get_rank()
     ckpt = Path(os.environ["DC_OUT_DIR"]) / f"accel_ckpt_{state_dict_type}"
+    cpu_fsdp_state()
+    refs: list = []
 
     def prepared():
         reset_accelerate()
@@ -320,9 +452,9 @@ def sc_accel_resume(state_dict_type: str) -> dict:
             state_dict_type=state_dict_type,
         )
         accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
-        force_fsdp(accelerator, plugin)
         net = TinyNet()
         net.load_state_dict(init_state())
+        refs.append(originals(net))
         opt = CAdamW(groups(list(net.named_parameters())), **HYPER)
         net, opt = accelerator.prepare(net, opt)
         return accelerator, net, opt
@@ -342,8 +474,10 @@ def sc_accel_resume(state_dict_type: str) -> dict:
     accelerator.save_state(str(ckpt))
     accelerator, net, opt = prepared()  # fresh: initial weights, empty state
     accelerator.load_state(str(ckpt))
+    res_mem = resources(refs[-1], net)  # after the resumed set-up (the first run's are gone)
     train(accelerator, net, opt, range(STEPS // 2, STEPS))
     res = report(net, opt, gather_batches(mine))
+    res.update(res_mem)
     reset_accelerate()
     return res
 
@@ -351,10 +485,33 @@ def sc_accel_resume(state_dict_type: str) -> dict:
 # --- HF Trainer ---------------------------------------------------------------------------
 
 
-def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: int = 1) -> dict:
-    from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+def sc_trainer(
+    fsdp_version: int,
+    how: str,
+    use_orig_params: bool = True,
+    gas: int = 1,
+    bf16: bool = False,
+    ac: bool = False,
+    clip: bool = False,
+    resume: bool = False,
+) -> dict:
+    """``clip``: the Trainer's default ``max_grad_norm`` (1.0; else 0) with targets large
+    enough that it clips; ``ac``: ``fsdp_config["activation_checkpointing"]``; ``bf16``:
+    ``bf16=True``; ``resume``: a run that saves at step 5, then a fresh Trainer and model
+    ``train(resume_from_checkpoint=...)`` to step 10."""
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     reset_accelerate()
+    cpu_fsdp_state()  # before the Trainer builds its Accelerator: its own set-up runs
+    if fsdp_version == 1:
+        fsdp1_cpu_device_id()
+    n_forced = len(CPU_FSDP_FORCED)
 
     class TinyConfig(PretrainedConfig):
         model_type = "dc_tiny"
@@ -385,6 +542,8 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
             g = torch.Generator().manual_seed(7)
             n = 2 * BATCH * STEPS * gas
             self.x, self.y = torch.randn(n, D_IN, generator=g), torch.randn(n, D_OUT, generator=g)
+            if clip:
+                self.y *= 10  # gradient norms of ~3-8: max_grad_norm=1.0 clips every step
 
         def __len__(self) -> int:
             return len(self.x)
@@ -392,18 +551,16 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
         def __getitem__(self, i):
             return {"x": self.x[i], "labels": self.y[i]}
 
-    class CPUFSDPTrainer(Trainer):
-        def create_accelerator_and_postprocess(self) -> None:
-            super().create_accelerator_and_postprocess()
-            from accelerate.utils import FullyShardedDataParallelPlugin
+    class Resources(TrainerCallback):
+        """After the Trainer's set-up (prepare: sharding, the optimizer swap)."""
 
-            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-            self.refused_cpu_fsdp = force_fsdp(self.accelerator, plugin)
-            if fsdp_version == 1:
-                fsdp1_cpu_device_id()
-            self.is_fsdp_enabled = True
+        def __init__(self, refs: list) -> None:
+            self.refs, self.seen = refs, None
 
-    class CAdamWTrainer(CPUFSDPTrainer):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.seen = resources(self.refs, model)
+
+    class CAdamWTrainer(Trainer):
         """The recipe: build CAdamW in create_optimizer (under FSDP2 on the unsharded model,
         before Accelerate shards it and swaps DTensors in; under FSDP1 on the wrapped model)."""
 
@@ -423,14 +580,24 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
                 )
             return self.optimizer
 
-    model = TinyModel(TinyConfig())
-    model.net.load_state_dict(init_state())
+    def new_model():
+        m = TinyModel(TinyConfig())
+        m.net.load_state_dict(init_state())
+        return m
+
+    model = new_model()
     fsdp_config: dict = {"fsdp_version": fsdp_version, "transformer_layer_cls_to_wrap": ["Block"]}
     if fsdp_version == 1:
         fsdp_config["use_orig_params"] = use_orig_params
         fsdp_config["sync_module_states"] = False  # Accelerate refuses it on CPU (seeded init)
+    if ac:
+        fsdp_config["activation_checkpointing"] = True
+    out_dir = Path(os.environ["DC_OUT_DIR"]) / f"hf_out_{fsdp_version}_{how}_{int(resume)}"
+    extra_args: dict = {} if clip else {"max_grad_norm": 0.0}  # clip: the Trainer's default
+    if resume:
+        extra_args.update(save_strategy="steps", save_steps=STEPS // 2)
     args = TrainingArguments(
-        output_dir=str(Path(os.environ["DC_OUT_DIR"]) / "hf_out"),
+        output_dir=str(out_dir),
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=gas,
         max_steps=STEPS,
@@ -441,18 +608,18 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
         weight_decay=WD,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        max_grad_norm=0.0,  # the Trainer clips at 1.0 by default; the reference does not clip
         fsdp="full_shard",
         fsdp_config=fsdp_config,
         use_cpu=True,
+        bf16=bf16,
         report_to=[],
-        save_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
+        **({"save_strategy": "no"} | extra_args),
     )
     kw: dict = {}
-    cls = CPUFSDPTrainer
+    cls = Trainer
     if how == "optimizers":  # the Trainer refuses a ready optimizer under FSDP
         try:
             cls(
@@ -470,9 +637,26 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
     else:  # the Trainer builds it (its decay / no-decay groups, its lr, betas, eps)
         # (the Trainer passes only the param groups: lr, betas and eps go in the kwargs)
         kw["optimizer_cls_and_kwargs"] = (CAdamW, dict(HYPER))
-    trainer = cls(model=model, args=args, train_dataset=Data(), **kw)
+    watch = Resources(originals(model))
+    trainer = cls(model=model, args=args, train_dataset=Data(), callbacks=[watch], **kw)
     decay_names = {clean(n) for n in trainer.get_decay_parameter_names(model)}
     trainer.train()
+    micro = gather_batches(model.seen)  # [micro-step][rank]
+    extra: dict = {}
+    if resume:  # a fresh model and Trainer from the checkpoint of step 5
+        first = trainer
+        model = new_model()
+        watch = Resources(originals(model))
+        reset_accelerate()
+        trainer = cls(model=model, args=args, train_dataset=Data(), callbacks=[watch], **kw)
+        trainer.train(resume_from_checkpoint=str(out_dir / f"checkpoint-{STEPS // 2}"))
+        again = gather_batches(model.seen)
+        extra["resumed_batches_match"] = len(again) == len(micro) // 2 and all(
+            torch.equal(a[0], b[0])
+            for ra, rb in zip(again, micro[len(micro) // 2 :])
+            for a, b in zip(ra, rb)
+        )
+        extra["resumed_from_step"] = first.state.global_step // 2
     c = inner(trainer.optimizer)
     sizes = [len(g["params"]) for g in c.param_groups if g["params"]]
     if not use_orig_params:
@@ -481,12 +665,27 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
         # lands in the decay group. That is the Trainer's grouping, not CAdamW's: the
         # reference decays every tensor too.
         decay_names = set(init_state())  # every parameter name (TinyNet has no buffers)
-    micro = gather_batches(model.seen)  # [micro-step][rank]
     steps = [sum(micro[i : i + gas], []) for i in range(0, len(micro), gas)]
-    res = report(trainer.model, trainer.optimizer, steps, decay_names)
+    res = report(
+        trainer.model,
+        trainer.optimizer,
+        steps,
+        decay_names,
+        mp="bf16_params" if bf16 else "fp32",
+        clip=args.max_grad_norm,
+    )
+    res.update(watch.seen or {})
+    res.update(extra)
     res["micro_steps"] = len(micro)
     res["group_sizes"] = sizes
-    res["refused_cpu_fsdp"] = trainer.refused_cpu_fsdp
+    res["refused_cpu_fsdp"] = len(CPU_FSDP_FORCED) > n_forced
+    res["max_grad_norm"] = args.max_grad_norm
+    res["checkpointed_blocks"] = sum(
+        "CheckpointWrapper" in type(m).__name__ for m in trainer.model.modules()
+    )
+    res["mp_policy"] = str(
+        getattr(trainer.accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
+    )
     res["wrapper"] = type(trainer.model).__name__
     reset_accelerate()
     return res
@@ -495,11 +694,15 @@ def sc_trainer(fsdp_version: int, how: str, use_orig_params: bool = True, gas: i
 # --- Lightning ----------------------------------------------------------------------------
 
 
-def sc_lightning(strategy_name: str) -> dict:
+def sc_lightning(strategy_name: str, precision: str = "32-true", resume: bool = False) -> dict:
+    """``precision="bf16-mixed"``: Lightning's autocast (fp32 parameters and gradients);
+    ``resume``: 5 steps, ``trainer.save_checkpoint`` through the strategy (DCP for
+    ModelParallelStrategy), then a fresh module and Trainer ``fit(ckpt_path=...)`` to 10."""
     import lightning as L
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     rank = dist.get_rank()
+    ckpt = Path(os.environ["DC_OUT_DIR"]) / f"lightning_{strategy_name}_{precision}.ckpt"
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -507,6 +710,11 @@ def sc_lightning(strategy_name: str) -> dict:
             self.net = TinyNet()
             self.net.load_state_dict(init_state())
             self.seen: list[tuple] = []
+            self.refs = originals(self.net)
+            self.mem: dict = {}
+
+        def on_train_start(self) -> None:  # after configure_model / configure_optimizers
+            self.mem = resources(self.refs, self.trainer.strategy.model)
 
         def configure_model(self) -> None:
             if strategy_name == "mp":  # FSDP2: the user shards in configure_model
@@ -537,32 +745,50 @@ def sc_lightning(strategy_name: str) -> dict:
         """Lightning refuses ``type(strategy) is FSDPStrategy`` with accelerator="cpu";
         a subclass is the same strategy past that check."""
 
-    if strategy_name == "fsdp":
-        fsdp1_cpu_device_id()
-        strategy = CPUFSDPStrategy(
-            auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", process_group_backend="gloo"
-        )
-    else:
-        strategy = ModelParallelStrategy(
+    def strategy():
+        if strategy_name == "fsdp":
+            fsdp1_cpu_device_id()
+            return CPUFSDPStrategy(
+                auto_wrap_policy={Block},
+                sharding_strategy="FULL_SHARD",
+                process_group_backend="gloo",
+            )
+        return ModelParallelStrategy(
             data_parallel_size=dist.get_world_size(), tensor_parallel_size=1
         )
-    module = Module()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=dist.get_world_size(),
-        strategy=strategy,
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
-    loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
-    trainer.fit(module, loader)
+
+    def fit(max_steps: int, ckpt_path: str | None = None):
+        module = Module()
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=dist.get_world_size(),
+            strategy=strategy(),
+            precision=precision,
+            max_steps=max_steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+        )
+        loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return module, trainer
+
+    seen: list[tuple] = []
+    if resume:
+        module, trainer = fit(STEPS // 2)
+        trainer.save_checkpoint(str(ckpt))  # through the strategy
+        seen += module.seen
+        module, trainer = fit(STEPS, ckpt_path=str(ckpt))
+    else:
+        module, trainer = fit(STEPS)
+    seen += module.seen
     wrapped = trainer.strategy.model
-    res = report(wrapped, trainer.optimizers[0], gather_batches(module.seen))
+    mp = {"32-true": "fp32", "bf16-mixed": "autocast"}[precision]
+    res = report(wrapped, trainer.optimizers[0], gather_batches(seen), mp=mp)
+    res.update(module.mem)
     res["wrapper"] = type(wrapped).__name__
     return res
 
@@ -638,6 +864,9 @@ SCENARIOS = {
     "accel_fsdp2_resume_sharded": lambda: sc_accel_resume("SHARDED_STATE_DICT"),
     "accel_fsdp2_resume_full": lambda: sc_accel_resume("FULL_STATE_DICT"),
     "accel_fsdp1_flat": lambda: sc_accel(1, "global", flat=True),
+    "accel_fsdp2_bf16": lambda: sc_accel(2, "global", mp="bf16"),
+    "accel_fsdp2_bf16_shard": lambda: sc_accel(2, "shard", mp="bf16"),
+    "accel_fsdp1_bf16": lambda: sc_accel(1, "global", mp="bf16"),
     "trainer_fsdp2_optimizers": lambda: sc_trainer(2, "optimizers"),
     "trainer_fsdp2_override": lambda: sc_trainer(2, "override"),
     "trainer_fsdp1_override": lambda: sc_trainer(1, "override"),
@@ -645,8 +874,13 @@ SCENARIOS = {
     "trainer_fsdp2_gas2": lambda: sc_trainer(2, "override", gas=2),
     "trainer_fsdp1_orig": lambda: sc_trainer(1, "cls", use_orig_params=True),
     "trainer_fsdp1_flat": lambda: sc_trainer(1, "cls", use_orig_params=False),
+    "trainer_fsdp2_ac_clip": lambda: sc_trainer(2, "override", ac=True, clip=True),
+    "trainer_fsdp2_bf16": lambda: sc_trainer(2, "cls", bf16=True, ac=True, clip=True),
+    "trainer_fsdp2_resume": lambda: sc_trainer(2, "override", resume=True),
     "lightning_fsdp": lambda: sc_lightning("fsdp"),
     "lightning_mp": lambda: sc_lightning("mp"),
+    "lightning_mp_bf16": lambda: sc_lightning("mp", "bf16-mixed"),
+    "lightning_mp_resume": lambda: sc_lightning("mp", resume=True),
     "titan_fsdp2": sc_titan,
 }
 
