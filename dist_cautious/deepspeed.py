@@ -78,7 +78,26 @@ _DS_MESSAGES = dict(
 )
 
 
-def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
+def _names(order: list[Tensor], names: dict | None, where: str) -> list[str] | None:
+    """The count-slot names of a flat buffer's tensors, in flat order (``order``): the
+    engine's parameter name with the tensor's position in the flattening. DeepSpeed itself
+    needs every rank to flatten in the same order (its gradient reduce-scatter and the
+    partitions are positional), so the position is part of the identity: ranks that listed
+    the same tensors in different orders raise in the guard (:mod:`.reduce`) instead of
+    stepping partitions that hold other tensors on other ranks. None when the engine's
+    names are unknown (then only numels are compared)."""
+    if not names:
+        return None
+    out = []
+    for j, p in enumerate(order):
+        n = names.get(p)
+        if n is None:
+            return None
+        out.append(f"{n} ({where}, flat position {j})")
+    return out
+
+
+def _stage12_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, ZeroFlatLayout]]:
     """ZeRO 1/2 (``DeepSpeedZeroOptimizer``): group ``i`` is flattened in
     ``round_robin_bit16_groups[i]`` order (at ``round_robin_bit16_offsets[i]`` when
     ``parameter_alignment`` pads between tensors), padded to a multiple of the dp size, and
@@ -110,14 +129,21 @@ def _stage12_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
                 order, numels, _window(numels, offsets, rank * psize, psize)
             )
         ]
+        where = f"ZeRO-1/2 param group {i}"
         layout = ZeroFlatLayout(
-            frags, _reduction(pg), psize, f"ZeRO-1/2 param group {i}", group_params, **_DS_MESSAGES
+            frags,
+            _reduction(pg),
+            psize,
+            where,
+            group_params,
+            names=_names(order, names, where),
+            **_DS_MESSAGES,
         )
         out.append((flat, layout))
     return out
 
 
-def _bf16_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
+def _bf16_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, ZeroFlatLayout]]:
     """``BF16_Optimizer``: group ``i`` is ``bf16_groups[i]`` flattened contiguously, padded at
     the end to a multiple of the dp size; rank ``r`` owns ``[r * P, (r + 1) * P)`` with
     ``P = len(bf16_groups_flat[i]) // dp``, as ``fp32_groups_flat_partition[i]``."""
@@ -140,19 +166,21 @@ def _bf16_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
                 zip(numels, _window(numels, offsets, rank * psize, psize))
             )
         ]
+        where = f"BF16_Optimizer param group {i}"
         layout = ZeroFlatLayout(
             frags,
             _reduction(pg),
             psize,
-            f"BF16_Optimizer param group {i}",
+            where,
             group_params,
+            names=_names(group_params, names, where),
             **_DS_MESSAGES,
         )
         out.append((flat, layout))
     return out
 
 
-def _stage3_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
+def _stage3_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, ZeroFlatLayout]]:
     """ZeRO 3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter ``p`` is split on its own:
     rank ``r`` of its partition group holds elements ``[r * q, (r + 1) * q)`` of the flattened
     tensor (``q = p.partition_numel()``, the last ranks zero-padded). Sub-group ``s`` is
@@ -182,12 +210,14 @@ def _stage3_layouts(opt: Any) -> list[tuple[Tensor, ZeroFlatLayout]]:
         gid = (
             opt.sub_group_to_group_id.get(s, "?") if hasattr(opt, "sub_group_to_group_id") else "?"
         )
+        where = f"ZeRO-3 sub-group {s} (param group {gid})"
         layout = ZeroFlatLayout(
             frags,
             _reduction(pg),
             off,
-            f"ZeRO-3 sub-group {s} (param group {gid})",
+            where,
             params,
+            names=_names(params, names, where),
             **_DS_MESSAGES,
         )
         out.append((flat, layout))
@@ -334,7 +364,10 @@ def attach(engine: Any, *, verify: bool = True) -> CautiousOptimizer:
                 "remove it from the DeepSpeed config (ZeRO 0-3 on the accelerator, with or "
                 "without bf16/fp16, and offload_param='cpu' under ZeRO-3 are supported)"
             )
-    found = layouts(parent, kinds)
+    # the module's parameter names (DeepSpeedEngine.param_names: {param: name}) identify the
+    # count slots across ranks; absent when attach() is given a wrapper, not the engine
+    names = getattr(engine, "param_names", None)
+    found = layouts(parent, kinds, names=names if isinstance(names, dict) else None)
     if found is None:
         # No DeepSpeed optimizer wrapper around CAdamW: it steps the tensors it was given
         # (ZeRO disabled, fp32). Anything else it would be handed is unknown to us.
@@ -359,21 +392,24 @@ def attach(engine: Any, *, verify: bool = True) -> CautiousOptimizer:
     return opt
 
 
-def layouts(wrapper: Any, kinds: dict[str, type] | None = None) -> list[tuple[Tensor, Any]] | None:
+def layouts(
+    wrapper: Any, kinds: dict[str, type] | None = None, names: dict | None = None
+) -> list[tuple[Tensor, Any]] | None:
     """``[(flat tensor, layout)]`` for a DeepSpeed optimizer wrapper, from its metadata;
     ``None`` when ``wrapper`` is not a DeepSpeed optimizer wrapper. (What :func:`attach`
-    registers; public for tests and debugging.)"""
+    registers; public for tests and debugging.) ``names``: ``{parameter: name}`` of the
+    model (``engine.param_names``), which name the count slots (see :func:`_names`)."""
     kinds = _wrapper_types() if kinds is None else kinds
     if wrapper is None:
         return None
     if "stage3" in kinds and isinstance(wrapper, kinds["stage3"]):
-        return _stage3_layouts(wrapper)
+        return _stage3_layouts(wrapper, names)
     if "stage12" in kinds and isinstance(wrapper, kinds["stage12"]):
-        return _stage12_layouts(wrapper)
+        return _stage12_layouts(wrapper, names)
     if "bf16" in kinds and isinstance(wrapper, kinds["bf16"]):
         if not getattr(wrapper, "using_real_optimizer", True):
             return []
-        return _bf16_layouts(wrapper)
+        return _bf16_layouts(wrapper, names)
     if "fp16_unfused" in kinds and isinstance(wrapper, kinds["fp16_unfused"]):
         # fp32 master copies of whole tensors: plain per-tensor layout, no communication.
         return [(p, DEFAULT_LAYOUT) for group in wrapper.fp32_groups for p in group]

@@ -57,6 +57,11 @@ class FlatLayout:
     ``source`` names the framework whose metadata the fragments come from, and
     ``stale_hint`` says what to do when the tensor no longer has the partition's size; both
     only shape error messages.
+
+    ``names`` (one per fragment) name the original tensors the same way on every rank (FSDP1's
+    ``_fqns``, the DeepSpeed engine's parameter names); the slots are then matched across
+    ranks by name (:class:`~.layout.SlotTable`). Without them a layout of one fragment takes
+    the name the optimizer was given for the tensor (``param_names``), if any.
     """
 
     def __init__(
@@ -69,8 +74,14 @@ class FlatLayout:
         *,
         source: str = "the framework",
         stale_hint: str = "the flat parameter was re-partitioned after its layout was read",
+        names: Sequence[str] | None = None,
     ) -> None:
         self.fragments = tuple(fragments)
+        self.names = tuple(names) if names is not None else None
+        if self.names is not None and len(self.names) != len(self.fragments):
+            raise ValueError(
+                f"{where}: {len(self.names)} names for {len(self.fragments)} fragments"
+            )
         self.reduction = reduction
         self.partition_numel = int(partition_numel)
         self.where = where
@@ -109,7 +120,13 @@ class FlatLayout:
         self._check(param, "flat parameter")
         if self.reduction is None:
             return None
-        return tuple(table.reserve(self.reduction, f.numel) for f in self.fragments)
+        names = self.names
+        if names is None:
+            names = (table.current_name,) if len(self.fragments) == 1 else (None,) * len(self.fragments)  # fmt: skip
+        return tuple(
+            table.reserve(self.reduction, f.numel, (), name)
+            for f, name in zip(self.fragments, names)
+        )
 
     def pieces(
         self, param: Tensor, grad: Tensor, states: tuple[Tensor, ...], token: object

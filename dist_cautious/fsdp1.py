@@ -175,7 +175,19 @@ def _meta_key(h: Any) -> tuple:
         getattr(h.flat_param, "_shard_param_infos", None),
         getattr(h, "process_group", None),
         getattr(h, "_sharding_strategy", None),
+        getattr(h, "_handle_index", None),
     )
+
+
+def _names(h: Any) -> list[str]:
+    """Names of the handle's original tensors, the same on every rank: FSDP1's ``_fqns``
+    (relative to the wrapped module, so two wrapped layers both have ``lin.weight``) with
+    the handle's index in the root's module-order list of handles (``_handle_index``, set
+    when the root initialises, before the first forward). They identify the count slots
+    across ranks (:mod:`.reduce`), whether or not the optimizer was given names."""
+    fqns = [str(n) for n in h.flat_param._fqns]
+    k = getattr(h, "_handle_index", None)
+    return fqns if k is None else [f"{n} (FSDP1 unit {k})" for n in fqns]
 
 
 def _where(h: Any, index: int | None) -> str:
@@ -223,11 +235,14 @@ def _read(h: Any, where: str) -> tuple[list[Fragment], Reduction | None, int, bo
     pad_mask = list(fp._is_padding_mask)
     infos = tuple(fp._shard_param_infos)
     shapes = list(fp._shapes)
-    if not (len(numels) == len(infos) == len(shapes) == n_params) or len(pad_mask) != len(nwp):
+    n_fqns = len(fp._fqns)
+    if not (len(numels) == len(infos) == len(shapes) == n_fqns == n_params) or len(pad_mask) != len(
+        nwp
+    ):
         raise _fail(
             where,
             f"inconsistent metadata lengths (_num_params={n_params}, _numels={len(numels)}, "
-            f"_shard_param_infos={len(infos)}, _shapes={len(shapes)}, "
+            f"_shard_param_infos={len(infos)}, _shapes={len(shapes)}, _fqns={n_fqns}, "
             f"_numels_with_padding={len(nwp)}, _is_padding_mask={len(pad_mask)})",
         )
     real = [i for i, pad in enumerate(pad_mask) if not pad]
@@ -292,8 +307,9 @@ def _build(o: _Owner, p: Tensor) -> ParamLayout | None:
     where = _where(h, o.index)
     frags, red, size, sharded = _read(h, where)
     msgs = dict(source=_SOURCE, stale_hint=_STALE)
+    names = _names(h)
     if o.index is None:  # the FlatParameter: one fragment per original tensor
-        return FlatLayout(frags, red, size, where, **msgs)
+        return FlatLayout(frags, red, size, where, names=names, **msgs)
     f = frags[o.index]
     if not sharded:  # NO_SHARD: the original parameter, whole, in its own shape
         shape = tuple(h.flat_param._shapes[o.index])
@@ -305,7 +321,7 @@ def _build(o: _Owner, p: Tensor) -> ParamLayout | None:
         return None
     # use_orig_params=True: the tensor is this rank's fragment of one original tensor
     one = Fragment(f.index, f.numel, f.lp_start, 0, f.length)
-    return FlatLayout([one], red, f.length, where, **msgs)
+    return FlatLayout([one], red, f.length, where, names=[names[o.index]], **msgs)
 
 
 def layout_for(p: Tensor) -> ParamLayout | None:

@@ -8,7 +8,8 @@ The optimizer never reasons about FSDP or ZeRO. For every parameter it asks a
   **every** parameter of every group on every rank, in the same order, whether or not the
   parameter has a gradient here: this is what makes every rank build count vectors of
   the same length with the same meaning, so the all-reduce that follows cannot hang or
-  mix up tensors.
+  mix up tensors. A slot may carry a name (``param_names``, FSDP1 ``_fqns``, DeepSpeed's
+  parameter names); named slots are matched across ranks by name, not by position.
 * ``pieces(...)``: the local parts (views) of param / grad / each optimizer state tensor
   (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg; SGD: momentum_buffer), each tagged with the
   numel of the *original* tensor and its slot.
@@ -72,7 +73,16 @@ class Reduction:
 
 @dataclass
 class SlotTable:
-    """Count slots of one step, per reduction, in an order every rank agrees on."""
+    """Count slots of one step, per reduction, in an order every rank agrees on.
+
+    A slot is reserved (``reserve``) in the order the optimizer walks its parameters; its
+    *position* in the count vector (``positions``) is that order, except that **named**
+    slots (``param_names`` from ``named_parameters()``, FSDP1's ``_fqns``, the DeepSpeed
+    engine's parameter names) come first, sorted by (param group, name). So ranks that list
+    the same named tensors in different orders still sum each tensor's count with its own;
+    unnamed slots keep the walk's order (the guard can then only compare what each slot
+    claims: group, numel, shape, dtype). See :mod:`.reduce` for the guard.
+    """
 
     sizes: dict[Reduction, int] = field(default_factory=dict)
     numels: dict[Reduction, list[int]] = field(default_factory=dict)
@@ -80,24 +90,76 @@ class SlotTable:
     # what each slot claims to be (param group, numel, shape / dtype where known): the
     # ranks' agreement on it is checked inside the count all-reduce (reduce.py)
     tags: dict[Reduction, list[tuple]] = field(default_factory=dict)
+    # each slot's name (None: unnamed), in reservation order
+    names: dict[Reduction, list[str | None]] = field(default_factory=dict)
     current_group: int = 0
+    # the name of the parameter being walked (its group's ``param_names`` entry), for
+    # layouts that have no name of their own (DTensors)
+    current_name: str | None = None
     # the collective schedule derived from ``sizes`` (reduce.py); reserve() invalidates it
     schedule: list | None = field(default=None, repr=False, compare=False)
     agreed: bool = field(default=False, repr=False, compare=False)
+    _positions: dict | None = field(default=None, repr=False, compare=False)
 
-    def reserve(self, reduction: Reduction, numel: int, tag: tuple = ()) -> int:
-        """Reserve one slot for an original tensor of ``numel`` elements; return its index.
+    def reserve(
+        self, reduction: Reduction, numel: int, tag: tuple = (), name: str | None = None
+    ) -> int:
+        """Reserve one slot for an original tensor of ``numel`` elements; return its index
+        (in reservation order; :meth:`positions` maps it to its place in the vector).
 
-        ``tag`` describes the tensor further (e.g. shape and dtype), for the cross-rank
-        consistency check and its error message."""
+        ``tag`` describes the tensor further (e.g. shape and dtype), ``name`` names it (a
+        name every rank gives the same tensor); both feed the cross-rank consistency check
+        and its error message."""
         self.schedule = None
         self.agreed = False
+        self._positions = None
         i = self.sizes.get(reduction, 0)
         self.sizes[reduction] = i + 1
         self.numels.setdefault(reduction, []).append(numel)
         self.group_index.setdefault(reduction, []).append(self.current_group)
         self.tags.setdefault(reduction, []).append((self.current_group, int(numel), *tag))
+        self.names.setdefault(reduction, []).append(name)
         return i
+
+    def positions(self, reduction: Reduction) -> list[int] | None:
+        """Slot index (reservation order) -> position in the count vector, or None where
+        the two are the same (no named slot)."""
+        if self._positions is None:
+            out: dict = {}
+            for red, names in self.names.items():
+                if all(n is None for n in names):
+                    out[red] = None
+                    continue
+                gis = self.group_index[red]
+
+                def key(i: int, gis: list[int] = gis, names: list = names) -> tuple:
+                    n = names[i]
+                    return (0, gis[i], n, i) if n is not None else (1, 0, "", i)
+
+                order = sorted(range(len(names)), key=key)
+                pos = [0] * len(order)
+                for k, i in enumerate(order):
+                    pos[i] = k
+                out[red] = pos
+            self._positions = out
+        return self._positions.get(reduction)
+
+    def ordered(self, reduction: Reduction, values: list) -> list:
+        """``values`` (one per slot, in reservation order) in count-vector order."""
+        pos = self.positions(reduction)
+        if pos is None:
+            return list(values)
+        out = [None] * len(values)
+        for i, k in enumerate(pos):
+            out[k] = values[i]
+        return out
+
+    def signature(self, reduction: Reduction) -> list[tuple]:
+        """What each slot claims to be, in count-vector order: (group, numel, shape, dtype
+        where known, name or None)."""
+        return self.ordered(
+            reduction, [(*t, n) for t, n in zip(self.tags[reduction], self.names[reduction])]
+        )
 
 
 @dataclass
@@ -172,7 +234,7 @@ class TensorLayout:
             red = shard_reduction(param)
             if red is not None:
                 tag = (tuple(param.shape), str(param.dtype).replace("torch.", ""))
-                return (red, table.reserve(red, param.numel(), tag))
+                return (red, table.reserve(red, param.numel(), tag, table.current_name))
         return None
 
     def pieces(

@@ -2,9 +2,10 @@
 
 Every rank builds, for each :class:`~dist_cautious.layout.Reduction` in the step's
 :class:`~dist_cautious.layout.SlotTable`, one int64 vector ``[counts | elements]`` of
-``2 * slots`` entries: ``counts[s]`` is the number of kept elements of original tensor
-``s`` in this rank's pieces, ``elements[s]`` the number of its elements this rank stepped
-(used only for the kept-fraction statistic). Pieces add into their slot; slots this rank
+``2 * slots`` entries (slots in the table's vector order: named slots sorted by name):
+``counts[s]`` is the number of kept elements of original tensor ``s`` in this rank's
+pieces, ``elements[s]`` the number of its elements this rank stepped (used only for the
+kept-fraction statistic). Pieces add into their slot; slots this rank
 has no piece for (no gradient here, empty local shard) stay 0. The factor's ``N`` is the
 original tensor's numel, known on every rank from the DTensor's global shape, so it is not
 communicated.
@@ -51,22 +52,39 @@ checked rather than trusted, because breaking it otherwise gives wrong factors w
 word (same lengths, slots matched by position: parameters listed in another order on one
 rank) or a gloo abort / NCCL hang (different lengths):
 
-* every all-reduce vector starts with ``[h, h*h]``, ``h`` a 16-bit fingerprint of what the
-  collective's slots claim to be (param group, numel, shape, dtype per slot, in order). The
-  ranks agree iff ``w * sum(h*h) == sum(h)**2`` (equality in Cauchy-Schwarz: all ``h``
-  equal); every rank sees the same sums, so every rank decides the same way. Checked on the
-  host when the vector is on the host (gloo); on CUDA only at agreement checks (below), to
-  keep ``step()`` free of host syncs;
+* identity: each slot carries what it claims to be (param group, numel, shape and dtype for
+  DTensors) and, where one exists, a name (``param_names`` from ``named_parameters()``,
+  FSDP1's ``_fqns``, the DeepSpeed engine's names; :class:`~.layout.SlotTable`). Named
+  slots sit in the vector sorted by (group, name), so an order difference between ranks is
+  harmless; unnamed slots keep the walk's order, and a swap of two tensors with the same
+  tag (same shape) cannot be seen: pass names;
+* exact agreement test: a value ``x < 2**40`` is sent as a *lane* ``[x, hi, lo]`` with
+  ``x*x = hi * 2**40 + lo``. Every entry is below ``2**40``, so the int64 SUM over fewer than
+  :data:`MAX_WORLD` ``= 2**23`` ranks cannot overflow, and ``sum(x*x) = sum(hi) * 2**40 +
+  sum(lo)`` is rebuilt exactly in Python integers. The ranks sent the same ``x`` iff
+  ``w * sum(x*x) == sum(x)**2`` (equality in Cauchy-Schwarz); every rank sees the same sums,
+  so every rank decides the same way. (The former ``[h, h*h]`` with a 16-bit ``h`` let a
+  disagreement through with odds 2**-16; a single 31-bit ``h`` would overflow ``w * h*h``
+  sums at two ranks);
+* every all-reduce vector starts with one lane of ``h``, a 40-bit fingerprint (blake2b) of
+  the collective's slots, in vector order (24 bytes). Checked on the host when the vector
+  is on the host (gloo); on CUDA only at agreement checks (below), to keep ``step()`` free
+  of host syncs. It is a belt: it fires after the count pass, so the parameters are not
+  updated but that step's moments and step counters have advanced (the error says so);
 * the first time a collective's signature is seen (the first step, new param groups, a
-  new ZeRO-3 sub-group), :func:`check_agreement` sends one fixed-size ``[n, n*n, h, h*h]``
-  (``n`` the vector length) on that group before anything is stepped, so ranks that
-  disagree on the *number* of slots fail with a message instead of an abort. Signatures
-  agreed on are remembered by the optimizer; a cached plan skips the check;
+  new ZeRO-3 sub-group), :func:`check_agreement` sends one fixed-size vector of three lanes
+  (``n`` the vector length, and two independent 40-bit fingerprints: 80 bits) on that group
+  **before anything is stepped** (the optimizer undoes its planned step on failure), so
+  ranks that disagree on the *number* of slots fail with a message instead of an abort.
+  Signatures agreed on are remembered by the optimizer; a cached plan skips the check.
+  Moving the per-step check before the count pass would cost a collective (or, on CUDA, a
+  host sync) per step, so the plan-time check is what runs before stepping;
 * on disagreement every rank raises the same ``RuntimeError``; where the lengths agree, one
   more all-reduce of per-slot fingerprints names the first slot that differs (all ranks
   take that path together, since they all saw the same sums).
 
-What it cannot catch: a rank that changes its parameters mid-run *alone* sends the
+What it cannot catch: same-tag tensors in swapped places without names (above); a rank
+that changes its parameters mid-run *alone* to a layout it never had agreed sends the
 fixed-size check while the others send their count vectors (lengths differ: gloo aborts);
 and a rank with no sharded tensor at all on a group issues nothing there (the others wait
 until the process group's timeout).
@@ -74,8 +92,10 @@ until the process group's timeout).
 
 from __future__ import annotations
 
-import zlib
+import dataclasses
+import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,17 +119,41 @@ def device_index(values: tuple[int, ...], device: torch.device) -> Tensor:
     return t
 
 
-_HEAD = 2  # [h, h*h] at the start of every count vector
+_BITS = 40  # fingerprint width; every int64 entry of a lane is < 2**_BITS
+_MASK = (1 << _BITS) - 1
+MAX_WORLD = 1 << (63 - _BITS)  # sums of up to this many entries < 2**_BITS fit an int64
+_LANE = 3  # int64 entries per exactly-compared value: [x, x*x >> 40, x*x & (2**40 - 1)]
+_HEAD = _LANE  # one lane (a 40-bit fingerprint) at the start of every count vector
 
 
-def _fingerprint(obj: object) -> int:
-    """A 16-bit, process-independent fingerprint (``hash()`` is salted per process)."""
-    return 1 + (zlib.crc32(repr(obj).encode()) & 0xFFFF)
+def _fingerprint(obj: object, salt: bytes = b"") -> int:
+    """A 40-bit, process-independent fingerprint in [1, 2**40) (``hash()`` is salted per
+    process); ``salt`` gives independent fingerprints of the same object."""
+    d = hashlib.blake2b(repr(obj).encode(), digest_size=8, person=salt).digest()
+    return 1 + int.from_bytes(d, "little") % _MASK
 
 
-def _agree(total: int, total_sq: int, world: int) -> bool:
-    """All ranks sent the same value iff ``world * sum(x^2) == sum(x)^2``."""
-    return world * total_sq == total * total
+def _lane(x: int) -> list[int]:
+    """``x`` (0 <= x < 2**40) as ``[x, hi, lo]`` with ``x*x = hi * 2**40 + lo``: each entry is
+    below 2**40, so their SUM over up to :data:`MAX_WORLD` (2**23) ranks fits an int64."""
+    sq = x * x
+    return [x, sq >> _BITS, sq & _MASK]
+
+
+def _agree(lane: list[int], world: int) -> bool:
+    """All ``world`` ranks sent the same ``x`` iff ``world * sum(x^2) == sum(x)^2`` (equality
+    in Cauchy-Schwarz), with ``sum(x^2) = sum(hi) * 2**40 + sum(lo)`` rebuilt exactly (Python
+    integers) from the summed lane."""
+    s, s_hi, s_lo = lane
+    return world * ((s_hi << _BITS) + s_lo) == s * s
+
+
+def _check_world(w: int) -> None:
+    if w >= MAX_WORLD:
+        raise ValueError(
+            f"dist_cautious: a process group of {w} ranks; the cross-rank guard sums 40-bit "
+            f"values exactly in int64 for groups of fewer than {MAX_WORLD} ranks"
+        )
 
 
 def _all_reduce(vec: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, object]:
@@ -137,13 +181,14 @@ class Collective:
     group: dist.ProcessGroup
     reductions: tuple[Reduction, ...]
     signature: tuple = ()  # what its slots claim to be, in order (see the guard above)
-    fingerprint: int = 0  # 16-bit fingerprint of the signature
+    fingerprint: int = 0  # 40-bit fingerprint of the signature
 
     def length(self, table: SlotTable) -> int:
         return _HEAD + sum(2 * table.sizes[r] for r in self.reductions)
 
     def slot_tags(self, table: SlotTable) -> list[tuple]:
-        return [t for r in self.reductions for t in table.tags[r]]
+        """What each slot claims to be, in count-vector order (names included)."""
+        return [t for r in self.reductions for t in table.signature(r)]
 
 
 def plan_schedule(reductions: list[Reduction]) -> list[Collective]:
@@ -182,7 +227,7 @@ def _schedule(table: SlotTable) -> list[Collective]:
     if table.schedule is None:
         out = []
         for c in plan_schedule(list(table.sizes)):
-            sig = (group_key(c.group), tuple(tuple(table.tags[r]) for r in c.reductions))
+            sig = (group_key(c.group), tuple(tuple(table.signature(r)) for r in c.reductions))
             out.append(
                 Collective(c.round, c.group, c.reductions, sig, _fingerprint(sig))
             )  # fmt: skip
@@ -190,43 +235,63 @@ def _schedule(table: SlotTable) -> list[Collective]:
     return table.schedule
 
 
-def _disagreement(c: Collective, table: SlotTable, what: str) -> RuntimeError:
+_STEPPED = (
+    " This was caught by the per-step check inside the count all-reduce: the parameters "
+    "were not updated, but this step's moments and step counters had already advanced "
+    "(restore them from a checkpoint)."
+)
+
+
+def _disagreement(c: Collective, table: SlotTable, what: str, after: str = "") -> RuntimeError:
     w = dist.get_world_size(c.group)
     return RuntimeError(
         f"dist_cautious: the ranks of a process group of size {w} disagree on {what}. All "
-        "ranks must build the optimizer with the same parameters, in the same order and the "
-        "same param groups (the SPMD contract FSDP/ZeRO already impose); with different "
-        "ones the per-tensor counts would be summed across different tensors. This rank "
-        f"counts {sum(table.sizes[r] for r in c.reductions)} sharded tensors on this group."
+        "ranks must build the optimizer with the same parameters, in the same param groups "
+        "and, for tensors without names, in the same order (the SPMD contract FSDP/ZeRO "
+        "already impose); with different ones the per-tensor counts would be summed across "
+        "different tensors. Pass model.named_parameters() (or groups with 'param_names') so "
+        "that the order does not matter, and never build param groups from sets. This rank "
+        f"counts {sum(table.sizes[r] for r in c.reductions)} sharded tensors on this group." + after
     )
 
 
-def _name_first_mismatch(c: Collective, table: SlotTable, device: torch.device) -> None:
+def _describe(tag: tuple) -> str:
+    gi, numel, *rest, name = tag
+    desc = f"param group {gi}, {numel} elements" + (f", {rest}" if rest else "")
+    return desc + (f", named {name!r}" if name is not None else ", unnamed")
+
+
+def _name_first_mismatch(
+    c: Collective, table: SlotTable, device: torch.device, after: str = ""
+) -> None:
     """Every rank is here together (they saw the same sums) and the vector lengths agree:
     all-reduce per-slot fingerprints and raise naming the first slot that differs."""
     tags = c.slot_tags(table)
-    fps = [_fingerprint(t) for t in tags]
-    vec = torch.tensor(fps + [f * f for f in fps], dtype=torch.int64, device=device)
-    buf, work = _all_reduce(vec, c.group)
+    lanes = [_lane(_fingerprint(t)) for t in tags]
+    n = len(lanes)
+    flat = [v[j] for j in range(_LANE) for v in lanes]  # [x... | hi... | lo...]
+    buf, work = _all_reduce(torch.tensor(flat, dtype=torch.int64, device=device), c.group)
     work.wait()  # type: ignore[attr-defined]
     summed = buf.tolist()
     w = dist.get_world_size(c.group)
-    n = len(fps)
     for s in range(n):
-        if not _agree(summed[s], summed[n + s], w):
-            gi, numel, *rest = tags[s]
-            desc = f"param group {gi}, {numel} elements" + (f", {rest}" if rest else "")
+        if not _agree([summed[j * n + s] for j in range(_LANE)], w):
             raise _disagreement(
                 c,
                 table,
-                f"sharded tensor number {s} on this group (first mismatch; on this rank: {desc})",
+                f"sharded tensor number {s} on this group (first mismatch; on this rank: "
+                f"{_describe(tags[s])})",
+                after,
             )
-    raise _disagreement(c, table, "what the sharded tensors are (fingerprint collision?)")
+    raise _disagreement(c, table, "what the sharded tensors are (fingerprint collision?)", after)
 
 
 def check_agreement(table: SlotTable, validated: set) -> None:
     """Before the first step with a new count-vector layout: check that every member of each
-    collective's group has the same layout (module doc); remember agreed signatures."""
+    collective's group has the same layout (module doc); remember agreed signatures.
+
+    One fixed-size all-reduce per new signature: three lanes (``n``, and two independent
+    40-bit fingerprints of the signature: 80 bits), 9 int64."""
     if table.agreed:
         return
     schedule = _schedule(table)
@@ -236,16 +301,18 @@ def check_agreement(table: SlotTable, validated: set) -> None:
         for c in schedule:
             if c.round != r or c.signature in validated:
                 continue
-            n, h = c.length(table), c.fingerprint
-            vec = torch.tensor([n, n * n, h, h * h], dtype=torch.int64, device=device)
+            _check_world(dist.get_world_size(c.group))
+            h2 = _fingerprint(c.signature, salt=b"agreement")
+            vals = [*_lane(c.length(table)), *_lane(c.fingerprint), *_lane(h2)]
+            vec = torch.tensor(vals, dtype=torch.int64, device=device)
             started.append((c, *_all_reduce(vec, c.group)))
         for c, buf, work in started:
             work.wait()  # type: ignore[attr-defined]
-            s_n, s_n2, s_h, s_h2 = buf.tolist()
+            summed = buf.tolist()
             w = dist.get_world_size(c.group)
-            if not _agree(s_n, s_n2, w):
+            if not _agree(summed[:_LANE], w):
                 raise _disagreement(c, table, "the number of sharded tensors they count")
-            if not _agree(s_h, s_h2, w):
+            if not (_agree(summed[_LANE : 2 * _LANE], w) and _agree(summed[2 * _LANE :], w)):
                 _name_first_mismatch(c, table, device)
             validated.add(c.signature)
     table.agreed = True
@@ -257,6 +324,8 @@ class ReducedCounts:
     numels: Tensor  # int64 per piece: elements the factor divides (global or local)
     kept_per_group: Tensor  # int64 per param group: kept elements (for statistics)
     elements_per_group: Tensor  # int64 per param group: stepped elements
+    # per reduction, the summed count of each slot (factor_lag=1 keeps them, see lag.py)
+    slot_counts: dict = dataclasses.field(default_factory=dict)
 
 
 def reduce_counts(
@@ -267,7 +336,36 @@ def reduce_counts(
     n_groups: int,
     validated: set | None = None,
 ) -> ReducedCounts:
-    """Turn local per-piece counts into the counts each piece's factor is computed from.
+    """Turn local per-piece counts into the counts each piece's factor is computed from
+    (:func:`start_reduce` and wait for it)."""
+    return start_reduce(pieces, piece_group, local_counts, table, n_groups, validated).wait()
+
+
+class CountReduction:
+    """A count reduction started by :func:`start_reduce`: its first round of all-reduces is
+    in flight; :meth:`wait` completes every round and returns the :class:`ReducedCounts`.
+    Later rounds (FSDP + TP) start only when the previous one is complete."""
+
+    def __init__(self, finish: Any) -> None:
+        self._finish = finish
+        self._result: ReducedCounts | None = None
+
+    def wait(self) -> ReducedCounts:
+        if self._result is None:
+            self._result = self._finish()
+            self._finish = None
+        return self._result
+
+
+def start_reduce(
+    pieces: list[Piece],
+    piece_group: list[int],
+    local_counts: Tensor,
+    table: SlotTable,
+    n_groups: int,
+    validated: set | None = None,
+) -> CountReduction:
+    """Start turning local per-piece counts into the counts each piece's factor is computed from.
 
     Pieces with a ``reduction`` (a slot of a sharded tensor) are summed over the ranks that
     hold pieces of the same original tensor (one all-reduce per shard process group, see
@@ -284,7 +382,8 @@ def reduce_counts(
     if not table.sizes:
         kept.index_add_(0, groups_t, local_counts)
         elems.index_add_(0, groups_t, local_numels)
-        return ReducedCounts(local_counts, local_numels, kept, elems)
+        done = ReducedCounts(local_counts, local_numels, kept, elems)
+        return CountReduction(lambda: done)
 
     counts = local_counts.clone()
     numels = device_index(tuple(p.numel for p in pieces), device)
@@ -308,7 +407,11 @@ def reduce_counts(
         vec = torch.zeros(2 * size, dtype=torch.int64, device=device)
         if idx:
             ii = device_index(idx, device)
-            slots = device_index(tuple(pieces[i].slot for i in idx), device)
+            pos = table.positions(red)  # named slots: sorted by name (layout.SlotTable)
+            slot_ids = (pc.slot for pc in map(pieces.__getitem__, idx))
+            slots = device_index(
+                tuple(slot_ids if pos is None else map(pos.__getitem__, slot_ids)), device
+            )
             vec.index_add_(0, slots, local_counts[ii])
             vec.index_add_(0, slots + size, local_numels[ii])
             where[red] = (ii, slots)
@@ -319,22 +422,47 @@ def reduce_counts(
     # One all-reduce per process group; a round's all-reduces all start before any wait.
     check_agreement(table, validated if validated is not None else set())
     schedule = _schedule(table)  # a cached step plan reuses its table, and the schedule
-    for r in range(schedule[-1].round + 1 if schedule else 0):
+    n_rounds = schedule[-1].round + 1 if schedule else 0
+
+    def start_round(r: int) -> list:
         started = []
         for c in schedule:
             if c.round != r:
                 continue
-            h = c.fingerprint
-            head = device_index((h, h * h), device)
+            head = device_index(tuple(_lane(c.fingerprint)), device)
             flat = torch.cat([head, *(vecs[red] for red in c.reductions)])
             buf, work = _all_reduce(flat, c.group)
             started.append((c, buf, work))
+        return started
+
+    first = start_round(0) if n_rounds else []
+    return CountReduction(
+        lambda: _finish_reduce(
+            first, start_round, n_rounds, table, vecs, where, counts, numels, kept, elems, device
+        )
+    )
+
+
+def _finish_reduce(
+    first: list,
+    start_round: Any,
+    n_rounds: int,
+    table: SlotTable,
+    vecs: dict,
+    where: dict,
+    counts: Tensor,
+    numels: Tensor,
+    kept: Tensor,
+    elems: Tensor,
+    device: torch.device,
+) -> ReducedCounts:
+    for r in range(n_rounds):
+        started = first if r == 0 else start_round(r)
         for c, buf, work in started:
             work.wait()  # type: ignore[attr-defined]
             if buf.device.type == "cpu":  # free on the host; on CUDA see the module doc
-                s_h, s_h2 = buf[:_HEAD].tolist()
-                if not _agree(s_h, s_h2, dist.get_world_size(c.group)):
-                    _name_first_mismatch(c, table, torch.device("cpu"))
+                if not _agree(buf[:_HEAD].tolist(), dist.get_world_size(c.group)):
+                    _name_first_mismatch(c, table, torch.device("cpu"), _STEPPED)
             summed = buf.to(device, non_blocking=True) if buf.device != device else buf
             off = _HEAD
             for red in c.reductions:
@@ -348,7 +476,12 @@ def reduce_counts(
         if w is not None:
             ii, slots = w
             counts[ii] = vec[slots]
-        gi = device_index(tuple(table.group_index[red]), device)
+        gi = device_index(tuple(table.ordered(red, table.group_index[red])), device)
         kept.index_add_(0, gi, vec[:size])
         elems.index_add_(0, gi, vec[size:])
-    return ReducedCounts(counts, numels, kept, elems)
+    slot_counts = {}  # in reservation order (slot indices), whatever the vector order
+    for red, size in table.sizes.items():
+        pos = table.positions(red)
+        v = vecs[red][:size]
+        slot_counts[red] = v if pos is None else v[device_index(tuple(pos), device)]
+    return ReducedCounts(counts, numels, kept, elems, slot_counts)

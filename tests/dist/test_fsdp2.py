@@ -101,10 +101,11 @@ def test_fsdp2_backward_global_matches_single_process(world, w2, w4):
     r = (w2 if world == 2 else w4)["backward"]
     _assert_matches(r)
     _assert_counts(r, 1, [world])
-    # [h, h^2 | counts | elements] for 5 split tensors (h: the cross-rank fingerprint)
-    assert r["all_reduce_numels"] == [2 + 2 * 5]
-    # the one-time agreement check: one [n, n^2, h, h^2] on the shard group, first step only
-    assert [c[1:] for c in r["agreement_checks"]] == [[world, 4]], r
+    # [fingerprint lane (3) | counts | elements] for 5 split tensors (reduce.py)
+    assert r["all_reduce_numels"] == [3 + 2 * 5]
+    # the one-time agreement check: three lanes (n, two 40-bit fingerprints) on the shard
+    # group, first step only
+    assert [c[1:] for c in r["agreement_checks"]] == [[world, 9]], r
     assert r["state_is_dtensor"]
     assert r["placements"] == ["(Shard(dim=0),)"]
     shapes = r["local_shapes"]
@@ -243,7 +244,7 @@ def test_mixed_global_and_shard_groups(w2):
     assert r["global_oracle_param"] <= TOL, r
     assert r["shard_piece_oracle_param"] <= TOL, r
     _assert_counts(r, 1, [2])
-    assert r["all_reduce_numels"] == [2 + 2 * 3]  # only the global group's 3 split tensors
+    assert r["all_reduce_numels"] == [3 + 2 * 3]  # only the global group's 3 split tensors
 
 
 # ------------------------------------------------------------------ cross-rank guard

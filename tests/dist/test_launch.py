@@ -175,8 +175,9 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
     # global: exactly one count all-reduce per step, 16 bytes per sharded tensor.
     assert g["sharded_tensors"] == TINY_TENSORS
     assert g["collectives_per_step"] == 1 and g["collectives_by_op"] == {"all_reduce": 1.0}
-    # + 16 bytes per all-reduce: the [h, h^2] cross-rank fingerprint at the vector's head
-    assert g["bytes_per_step"] == 16 * TINY_TENSORS + 16
+    # + 24 bytes per all-reduce: the cross-rank fingerprint lane [h, h^2 split in two 40-bit
+    # limbs] at the vector's head (reduce.py; 16 bytes before the fingerprint was widened)
+    assert g["bytes_per_step"] == 16 * TINY_TENSORS + 24
     assert s["collectives_per_step"] == 0 and s["bytes_per_step"] == 0
     for m in ("global", "shard", "allgather"):
         assert r[f"ddp/{m}"]["collectives_per_step"] == 0
@@ -225,8 +226,8 @@ def test_bench_deepspeed_self_launch_matches_ddp(tmp_path: Path) -> None:
     g, s = r["deepspeed/global"], r["deepspeed/shard"]
     assert g["zero_stage"] == 2
     # ZeRO 1/2 call step() once per param group (2 here): one all-reduce each, covering
-    # that group's tensors, so 16 bytes per tensor in all.
-    assert g["collectives_per_step"] == 2 and g["bytes_per_step"] == 16 * TINY_TENSORS + 2 * 16
+    # that group's tensors, so 16 bytes per tensor in all, + a 24-byte fingerprint each.
+    assert g["collectives_per_step"] == 2 and g["bytes_per_step"] == 16 * TINY_TENSORS + 2 * 24
     assert s["collectives_per_step"] == 0
     assert g["optimizer_state_bytes_per_rank"] < r["ddp/global"]["optimizer_state_bytes_per_rank"]
     p = torch.load(params)
@@ -262,7 +263,7 @@ def test_bench_deepspeed_self_launch_matches_ddp(tmp_path: Path) -> None:
     r = by_mode(json.loads(out.read_text()))
     z3, ddp = r["deepspeed/global"], r["ddp/global"]
     assert z3["zero_stage"] == 3
-    assert z3["bytes_per_step"] == 16 * TINY_TENSORS + 16 * z3["collectives_per_step"]
+    assert z3["bytes_per_step"] == 16 * TINY_TENSORS + 24 * z3["collectives_per_step"]
     assert z3["collectives_per_step"] >= 1
     assert max(abs(x - y) for x, y in zip(z3["loss_curve"], ddp["loss_curve"])) <= 1e-6
     p = torch.load(params)

@@ -69,7 +69,7 @@ def counts_summary(counter: CollectiveCounter, steps: int) -> dict:
         "all_reduce_groups": sorted({c[0] for c in calls}),
         "all_reduce_group_sizes": sorted({c[1] for c in calls}),
         "all_reduce_numels": sorted({c[2] for c in calls}),
-        # one fixed-size [n, n^2, h, h^2] check per group, on the first step only
+        # one fixed-size check (3 lanes: n and two fingerprints) per group, first step only
         "agreement_checks": sorted(counter.agreement_calls),
         "other_collectives": counter.other_ops(),
         "same_sequence_per_group": same_sequence_per_group(calls),
