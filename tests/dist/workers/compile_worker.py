@@ -1,0 +1,109 @@
+"""FSDP2-style DTensor shards on 2 gloo ranks: the planned step, the capturable (eager
+device-scalar) step and ``torch.compile(opt.step)`` side by side, against one process on
+whole tensors and the float64 oracle (run by tests/dist/test_compile_fsdp2.py).
+
+    torchrun --nproc-per-node=2 tests/dist/workers/compile_worker.py OUT.json
+
+Shapes include an uneven split and a tensor whose shard on rank 1 is empty. Rank 0 writes
+relative errors, dynamo's graph / graph-break counts and the break reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+ROOT = Path(__file__).resolve().parents[3]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.optimizers import ROWS  # noqa: E402
+from tests.oracle import rel_err  # noqa: E402
+
+SHAPES = [(6, 4), (5, 3), (1,), (9,)]  # (5, 3): 3 + 2 rows; (1,): rank 1's shard is empty
+STEPS = 8
+
+
+def grads_at(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    drift = 0.3 * torch.randn((), generator=g).item()
+    return [torch.randn(s, generator=g) + drift for s in SHAPES]
+
+
+def main() -> None:
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    row = ROWS["cadamw"]
+    g0 = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g0) for s in SHAPES]
+
+    def sharded() -> list[torch.Tensor]:
+        return [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+
+    whole = [torch.nn.Parameter(t.clone()) for t in init]
+    planned_p, cap_p, comp_p = sharded(), sharded(), sharded()
+    reference = row.cls(whole, **row.hyper)
+    oracle = row.oracle(whole, **row.hyper)
+    planned = row.cls(planned_p, **row.hyper)
+    cap = row.cls(cap_p, **row.hyper)
+    for g in cap.param_groups:
+        g["capturable"] = True
+    comp = row.cls(comp_p, **{**row.hyper, "lr": torch.tensor(row.hyper["lr"])})
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(comp.step)
+    results: dict = {"errors": []}
+    for s in range(STEPS):
+        gs = grads_at(s)
+        for p, g in zip(whole, gs):
+            p.grad = g.clone()
+        for ps in (planned_p, cap_p, comp_p):
+            for p, g in zip(ps, gs):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        reference.step()
+        oracle.step(gs)
+        planned.step()
+        cap.step()
+        compiled()
+    results["graphs"] = counters["stats"]["unique_graphs"]
+    results["graph_breaks"] = sum(counters["graph_break"].values())
+    results["break_reasons"] = sorted(counters["graph_break"])
+
+    def err(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+        return max(rel_err(p.full_tensor(), r) for p, r in zip(ps, refs))
+
+    results["planned_vs_whole"] = err(planned_p, whole)
+    results["capturable_vs_whole"] = err(cap_p, whole)
+    results["compiled_vs_whole"] = err(comp_p, whole)
+    results["compiled_vs_planned"] = max(
+        (a.full_tensor() - b.full_tensor()).abs().max().item() for a, b in zip(comp_p, planned_p)
+    )
+    results["capturable_vs_planned"] = max(
+        (a.full_tensor() - b.full_tensor()).abs().max().item() for a, b in zip(cap_p, planned_p)
+    )
+    results["compiled_vs_oracle"] = max(
+        rel_err(p.full_tensor(), r) for p, r in zip(comp_p, oracle.p)
+    )
+    results["steps"] = [float(comp.state[p]["step"]) for p in comp_p]
+    results["is_dtensor_state"] = all(isinstance(comp.state[p]["exp_avg"], DTensor) for p in comp_p)
+    results["kept_fraction"] = [comp.kept_fraction, reference.kept_fraction]
+    dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
