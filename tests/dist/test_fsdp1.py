@@ -53,7 +53,7 @@ def _launch(nproc: int, out: Path, scenarios: list[str]) -> dict:
 def w2(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp1_w2") / "out.json"
     subset = [f"subset:{n}" for n in OTHER_ROWS]
-    return _launch(2, out, ["strategies", "shard", "errors", "ckpt", "cost", *subset])
+    return _launch(2, out, ["strategies", "shard", "errors", "ckpt", "cost", "lag", *subset])
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,18 @@ def test_global_matches_single_process(world, strategy, uop, w2, w4):
     if strategy in HYBRID:
         assert r["handle_group"] == r["shard_group"] != r["replicate_group"], r
         assert r["all_reduce_groups"] == [r["shard_group"]], r
+
+
+@pytest.mark.parametrize("uop", [False, True])
+def test_factor_lag_matches_single_process(uop, w2):
+    """factor_lag=1, FULL_SHARD: the single-process factor_lag=1 optimizer and the lagged
+    float64 oracle (factor_lag=0 lands 0.1 away: a lag using this step's factor fails);
+    one all-reduce per step, the last one left in flight."""
+    r = w2["lag"][f"uop={uop}"]
+    _assert_exact(r)
+    _assert_counts(r, 1, [2])
+    assert r["in_flight"], r
+    assert w2["lag"]["exact_vs_lag_delta"] > 1e-2, w2["lag"]
 
 
 @pytest.mark.parametrize("uop", [False, True])
@@ -196,6 +208,7 @@ def test_host_cost_of_layout_lookup(w2):
         r = w2["cost"][f"uop={uop}"]
         print(f"use_orig_params={uop}:", json.dumps(r))
         assert r["tensors"] == 300 and r["optimizer_params"] == (300 if uop else 15), r
+        assert r["plan_cached"], r  # FSDP1 steps reuse the cached plan (base.py _reuse)
         assert r["ms"]["layout_for"] < 0.5 * r["ms"]["fsdp1_step"], r
 
 

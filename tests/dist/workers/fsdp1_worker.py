@@ -121,14 +121,18 @@ class GroupReference:
     and its float64 oracle with the same per-tensor weight decays, fed the same global
     gradients."""
 
-    def __init__(self, init: dict[str, Tensor], group_of: dict[str, int], row: Row) -> None:
+    def __init__(
+        self, init: dict[str, Tensor], group_of: dict[str, int], row: Row, **lag: int
+    ) -> None:
         self.params = [nn.Parameter(init[n].clone()) for n in NAMES]
         groups = [
             {"params": [p for n, p in zip(NAMES, self.params) if group_of[n] == gi], "weight_decay": wd}
             for gi, wd in enumerate(WD)
         ]  # fmt: skip
-        self.opt = row.cls(groups, backend="foreach", **no_wd(row))
-        self.oracle = GroupedOracle(row, [init[n] for n in NAMES], [WD[group_of[n]] for n in NAMES])
+        self.opt = row.cls(groups, backend="foreach", **no_wd(row), **lag)
+        self.oracle = GroupedOracle(
+            row, [init[n] for n in NAMES], [WD[group_of[n]] for n in NAMES], **lag
+        )
 
     def step(self, grads: dict[str, Tensor]) -> None:
         for n, p in zip(NAMES, self.params):
@@ -197,15 +201,17 @@ def run_case(
     steps: int = STEPS,
     mp: bool = False,
     row: Row | None = None,
+    factor_lag: int = 0,
 ) -> dict:
     row = row or selected()
+    lag = {"factor_lag": factor_lag} if factor_lag else {}
     rank = dist.get_rank()
     model = build(strategy, uop, world, mp)
     init = full_params(model)
     groups, group_of = param_groups(model, uop)
     opt_params = [p for g in groups for p in g["params"]]
-    opt = row.cls(groups, scale=scale, **no_wd(row))
-    ref = GroupReference(init, group_of, row)
+    opt = row.cls(groups, scale=scale, **no_wd(row), **lag)
+    ref = GroupReference(init, group_of, row, **lag)
     pieces = local_pieces(opt_params)
     piece_wd = [WD[next(gi for gi, g in enumerate(groups) if any(q is opt_params[i] for q in g["params"]))] for i, _, _ in pieces]  # fmt: skip
     piece_oracle = GroupedOracle(
@@ -258,6 +264,7 @@ def run_case(
     }
     out = {k: gather_max(v) for k, v in out.items()}
     out.update(counts_summary(counter, steps))
+    out["in_flight"] = opt._pending is not None  # factor_lag=1: the last all-reduce
     out["optimizer"] = type(opt).__name__
     out["steps"] = steps
     out["layouts"] = sorted(set().union(*gather_all(sorted(layouts))))
@@ -360,6 +367,18 @@ def sc_shard(rank: int, world: int) -> dict:
     return out
 
 
+def sc_lag(rank: int, world: int) -> dict:
+    """factor_lag=1, FULL_SHARD (FlatParameters mixing tensors, uneven windows): the lagged
+    float64 oracle and the single-process factor_lag=1 optimizer; the difference to
+    factor_lag=0 shows the lag is real."""
+    out = {}
+    for uop in (False, True):
+        out[f"uop={uop}"] = run_case(SS.FULL_SHARD, uop, world, factor_lag=1)
+    exact = run_case(SS.FULL_SHARD, False, world)
+    out["exact_vs_lag_delta"] = _delta_diff(out["uop=False"], exact)
+    return out
+
+
 def sc_subset(rank: int, world: int, name: str) -> dict:
     """Another row (``subset:clion``, ``subset:csgd``) on a subset of the cases, SUBSET_STEPS
     steps: FULL_SHARD on 2 ranks, HYBRID_SHARD 2x2 on 4, both use_orig_params, scale
@@ -452,12 +471,23 @@ def sc_cost(rank: int, world: int) -> dict:
         for p in plain:
             p.grad = torch.randn_like(p)
         ref = row.cls(plain, **row.hyper)
-        times: dict[str, list[float]] = {"fsdp1_step": [], "plain_step": [], "layout_for": []}
+        times: dict[str, list[float]] = {
+            "fsdp1_step": [],
+            "fsdp1_step_replanned": [],
+            "plain_step": [],
+            "layout_for": [],
+        }
         for _ in range(12):
             dist.barrier()
             t0 = time.perf_counter()
             opt.step()
             times["fsdp1_step"].append(time.perf_counter() - t0)
+            cached = opt._plan is not None
+            dist.barrier()  # the same step planned from scratch (what every step did before)
+            opt._plan = None
+            t0 = time.perf_counter()
+            opt.step()
+            times["fsdp1_step_replanned"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             ref.step()
             times["plain_step"].append(time.perf_counter() - t0)
@@ -469,6 +499,7 @@ def sc_cost(rank: int, world: int) -> dict:
         out[f"uop={uop}"] = {
             "tensors": len(plain),
             "optimizer_params": len(params),
+            "plan_cached": cached,
             "ms": {k: gather_max(v) for k, v in med.items()},
         }
         del model, opt
@@ -482,6 +513,7 @@ SCENARIOS = {
     "ckpt": sc_ckpt,
     "cost": sc_cost,
     "subset": sc_subset,  # subset:NAME
+    "lag": sc_lag,
 }
 
 
