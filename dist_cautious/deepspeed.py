@@ -30,8 +30,14 @@ versions lack have fallbacks, untested): ``DeepSpeedZeroOptimizer`` (ZeRO 1 and 
 dtype, round-robin gradients, parameter alignment), ``DeepSpeedZeroOptimizer_Stage3``
 (ZeRO 3, any ``sub_group_size``), ``BF16_Optimizer`` (ZeRO 1 + bf16 with fp32 gradient
 accumulation), ``FP16_UnfusedOptimizer`` (fp16/bf16 without ZeRO) and no wrapper (fp32
-without ZeRO: DeepSpeed steps the model's own tensors, like DDP). Not supported, with a
-clear error: optimizer offload (CPU/NVMe), ZenFlow, SuperOffload, NVMe parameter offload.
+without ZeRO: DeepSpeed steps the model's own tensors, like DDP). ZeRO-Offload
+(``offload_optimizer.device="cpu"``, ZeRO 1/2/3) is supported: the fp32 partitions and their
+gradients then live on the CPU in the same flat layouts, and CAdamW steps them there
+(:func:`config` sets ``zero_force_ds_cpu_optimizer: false``, without which DeepSpeed refuses
+a client optimizer under offload; on CPU ``backend="auto"`` picks the fused CPU kernel,
+``dist_cautious.kernels.cpu_fused``). Not supported, with a clear error: optimizer offload
+to NVMe, partial offload (``offload_optimizer.ratio < 1``), ZenFlow, SuperOffload, NVMe
+parameter offload.
 """
 
 from __future__ import annotations
@@ -318,13 +324,9 @@ def _unsupported(wrapper: Any, kinds: dict[str, type]) -> str | None:
         return "ZenFlow (zero_optimization.zenflow)"
     if "SuperOffload" in name:
         return "SuperOffload (zero_optimization.super_offload)"
-    if "stage12" in kinds and isinstance(wrapper, kinds["stage12"]) and wrapper.cpu_offload:
-        return "optimizer offload (zero_optimization.offload_optimizer.device='cpu'/'nvme')"
     if "stage3" in kinds and isinstance(wrapper, kinds["stage3"]):
-        if getattr(wrapper, "offload_optimizer", False) or getattr(
-            wrapper, "swap_optimizer", False
-        ):
-            return "optimizer offload (zero_optimization.offload_optimizer.device='cpu'/'nvme')"
+        if getattr(wrapper, "swap_optimizer", False):
+            return "optimizer offload to NVMe (zero_optimization.offload_optimizer.device='nvme')"
         if getattr(wrapper, "params_in_nvme_and_cpu", False):
             return "NVMe parameter offload (zero_optimization.offload_param.device='nvme')"
     return None
@@ -361,8 +363,8 @@ def attach(engine: Any, *, verify: bool = True) -> CautiousOptimizer:
         if why is not None:
             raise NotImplementedError(
                 f"dist_cautious.deepspeed does not support {why} ({type(parent).__name__}); "
-                "remove it from the DeepSpeed config (ZeRO 0-3 on the accelerator, with or "
-                "without bf16/fp16, and offload_param='cpu' under ZeRO-3 are supported)"
+                "remove it from the DeepSpeed config (ZeRO 0-3, with or without bf16/fp16, "
+                "offload_optimizer='cpu' and, under ZeRO-3, offload_param='cpu' are supported)"
             )
     # the module's parameter names (DeepSpeedEngine.param_names: {param: name}) identify the
     # count slots across ranks; absent when attach() is given a wrapper, not the engine
@@ -463,12 +465,27 @@ def check_config(cfg: dict) -> None:
             f"ZeRO stage {stage} unless it is True; remove the entry or set it to True"
         )
     off_opt = _device(zero.get("offload_optimizer"))
-    if off_opt not in ("none", ""):
+    if off_opt not in ("none", "", "cpu"):
         raise NotImplementedError(
             f"zero_optimization.offload_optimizer.device={off_opt!r} is not supported with "
-            "dist_cautious CAdamW (DeepSpeed's offload path expects its own CPU optimizers); "
-            "remove offload_optimizer or set its device to 'none'"
+            "dist_cautious optimizers (the NVMe swapper pages optimizer state in and out behind "
+            "the optimizer's back); use device 'cpu' (ZeRO-Offload) or 'none'"
         )
+    if off_opt == "cpu":
+        ratio = zero["offload_optimizer"].get("ratio", 1.0)
+        if ratio != 1.0:
+            raise NotImplementedError(
+                f"zero_optimization.offload_optimizer.ratio={ratio!r}: partial offload steps "
+                "the rest with a DeepSpeed-built torch AdamW (and requires DeepSpeedCPUAdam); "
+                "remove ratio (full CPU offload is supported)"
+            )
+        if cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
+            raise ValueError(
+                "zero_optimization.offload_optimizer.device='cpu' with a client optimizer needs "
+                '"zero_force_ds_cpu_optimizer": false (DeepSpeed refuses anything but '
+                "DeepSpeedCPUAdam otherwise); set it, or build the config with "
+                "dist_cautious.deepspeed.config(...), which sets it"
+            )
     off_par = _device(zero.get("offload_param"))
     if off_par == "nvme":
         raise NotImplementedError(
@@ -499,6 +516,9 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
 
     * ``"zero_allow_untested_optimizer": True`` is set (DeepSpeed refuses client
       optimizers under ZeRO without it);
+    * ``"zero_force_ds_cpu_optimizer": False`` is set under ZeRO-Offload
+      (``offload_optimizer.device="cpu"``) unless given: DeepSpeed otherwise refuses any
+      optimizer but its own ``DeepSpeedCPUAdam`` there;
     * ``"gradient_clipping": 0.0`` is set unless given (``"auto"`` is kept for the HF
       Trainer, which replaces it by ``TrainingArguments.max_grad_norm``). DeepSpeed (0.19) clips at 1.0 when
       the key is absent; we default to no clipping so that the result equals plain
@@ -506,7 +526,8 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
       sees the clipped gradient, like any optimizer.
 
     Raises (see :func:`check_config`) for an ``optimizer`` section (the optimizer is passed
-    to ``deepspeed.initialize``), optimizer offload to CPU/NVMe, NVMe parameter offload,
+    to ``deepspeed.initialize``), optimizer offload to NVMe, partial optimizer offload
+    (``ratio``), NVMe parameter offload,
     ZenFlow, SuperOffload, a bad ZeRO stage or ``zero_allow_untested_optimizer=False``.
     """
     cfg: dict = copy.deepcopy(dict(base)) if base is not None else {}
@@ -515,6 +536,9 @@ def config(base: dict | None = None, **overrides: Any) -> dict:
         check_config(cfg)  # raises with the explanation
     cfg["zero_allow_untested_optimizer"] = True
     cfg.setdefault("gradient_clipping", 0.0)
+    zero = cfg.get("zero_optimization")
+    if isinstance(zero, dict) and _device(zero.get("offload_optimizer")) == "cpu":
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # ZeRO-Offload: client optimizer
     check_config(cfg)
     return cfg
 
