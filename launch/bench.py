@@ -49,6 +49,7 @@ except ImportError:
 
 ENGINES = ("fsdp2", "hsdp", "ddp", "deepspeed")
 MODES = ("global", "shard", "allgather")
+LAG_MODE = "global+lag1"  # scale="global" with factor_lag=1 (--factor-lag)
 SCALE_ALIASES = {"both": ("global", "shard"), "all": MODES}
 LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
 CHECK_FAILED = 3  # exit status of every rank when --check-against finds a difference
@@ -70,6 +71,16 @@ def parse_scales(text: str) -> list[str]:
             if m not in modes:
                 modes.append(m)
     return modes
+
+
+def parse_lags(text: str) -> list[int]:
+    lags = {"0": [0], "1": [1], "0,1": [0, 1], "1,0": [0, 1], "both": [0, 1]}.get(text.strip())
+    if lags is None:
+        raise argparse.ArgumentTypeError(
+            f"--factor-lag {text!r}: use 0 (the exact factor), 1 (the previous step's factor: "
+            "the count all-reduce overlaps the next forward/backward) or 0,1 (both)"
+        )
+    return lags
 
 
 def positive_float(flag: str) -> Any:
@@ -135,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=["global", "shard"],
         help="modes to run, one after the other: global | shard | allgather | both | all | a comma list "
         "(default both)",
+    )
+    p.add_argument(
+        "--factor-lag",
+        type=parse_lags,
+        default=[0, 1],
+        help="factor_lag of the global mode: 0 (exact factor: count, all-reduce, update), 1 "
+        "(the previous step's factor; the all-reduce is waited for at the next step, so it "
+        f"overlaps the forward/backward: mode {LAG_MODE}) or 0,1 (both side by side; default)",
     )
     p.add_argument(
         "--device",
@@ -482,7 +501,27 @@ def make_optimizer(ctx: Ctx, groups: list[dict], mode: str, lr: float) -> Any:
     kw = dict(lr=lr, betas=tuple(a.betas), eps=1e-8)
     if mode == "allgather":
         return baseline_class()(groups, **kw)
+    if mode == LAG_MODE:
+        return CAdamW(groups, scale="global", factor_lag=1, backend=a.backend, **kw)
     return CAdamW(groups, scale=mode, backend=a.backend, **kw)
+
+
+def hbm_bytes_per_param(opt: Any) -> tuple[int, int] | None:
+    """Computed, not measured: bytes per parameter one optimizer step moves through memory
+    (CAdamW: state and parameters as this run holds them), for the two-pass step these
+    kernels run (pass 1 reads g, m; pass 2 reads p, g, m, v and writes p, m, v: 36 B in
+    fp32), and for a one-pass step (reads p, g, m, v, writes p, m, v: 28 B), which
+    factor_lag=1 allows but no kernel here implements yet. None for other optimizers."""
+    from dist_cautious import CAdamW
+
+    if not isinstance(opt, CAdamW):
+        return None
+    p = next(q for g in opt.param_groups for q in g["params"])
+    sp = p.element_size()
+    dt = opt.param_groups[0]["state_dtype"]
+    ss = dt.itemsize if dt is not None else (4 if sp < 4 else sp)
+    sg = sp
+    return (sg + ss) + (sp + sg + 2 * ss) + (sp + 2 * ss), (sp + sg + 2 * ss) + (sp + 2 * ss)
 
 
 def fp64_allreduce_hook(state, bucket):  # no annotations: DDP inspects them
@@ -992,6 +1031,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
     dist.all_reduce(wall, op=dist.ReduceOp.MAX)
     params = run.full_params()
     sharded = run.sharded_tensors()
+    hbm = hbm_bytes_per_param(run.opt)
     run.close()
     dist.barrier()
 
@@ -1006,6 +1046,8 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         "engine": engine,
         "zero_stage": a.zero_stage if engine == "deepspeed" else None,
         "mode": mode,
+        "factor_lag": 1 if mode == LAG_MODE else 0,
+        "hbm_bytes_per_param": hbm,
         "world": ctx.world,
         "steps": a.steps,
         "resumed_from_step": start,
@@ -1038,10 +1080,21 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
 
 
 def step_mask_stats(opt: Any) -> Any:
-    """(kept, elements) of the optimizer's last ``step()`` call, float64, on its device."""
+    """(kept, elements) of the optimizer's last ``step()`` call, float64, on its device.
+
+    With factor_lag=1 that step's counts are still being summed over the ranks (the
+    all-reduce is waited for at the next step); reading ``mask_stats`` would wait for them
+    here, between the step and the next forward, and hide nothing. So the statistics of the
+    step before are taken: the kept fraction is one step behind."""
     import torch
 
-    ms = getattr(opt, "mask_stats", None)
+    if getattr(opt, "_pending", None) is not None:
+        st = opt._stats  # the previous step's, complete
+        if st is None:
+            return None
+        ms = {"kept": st.kept_per_group, "elements": st.elements_per_group}
+    else:
+        ms = getattr(opt, "mask_stats", None)
     if ms is None:
         return None
     return torch.stack([ms["kept"].sum(), ms["elements"].sum()]).to(torch.float64)
@@ -1092,12 +1145,13 @@ def print_table(results: list[dict], header: str) -> None:
         ("step ms", lambda r: f"{r['step_ms']:.2f}"),
         ("opt step ms", lambda r: f"{r['opt_step_ms']:.3f}"),
         ("compute ms", lambda r: f"{r['opt_compute_ms']:.3f}"),
-        ("comm ms", lambda r: f"{r['opt_comm_ms']:.3f}"),
+        ("exposed comm ms", lambda r: f"{r['opt_comm_ms']:.3f}"),
         ("coll/step", lambda r: f"{r['collectives_per_step']:g}"),
         ("bytes/step", lambda r: fmt_bytes(r["bytes_per_step"])),
         ("peak mem", lambda r: fmt_bytes(r["peak_memory_bytes"])),
         ("opt state/rank", lambda r: fmt_bytes(r["optimizer_state_bytes_per_rank"])),
         ("kept", lambda r: "-" if r["kept_fraction"] is None else f"{r['kept_fraction']:.3f}"),
+        ("HBM B/param*", hbm_cell),
     ]
     rows = [[f(r) for _, f in cols] for r in results]
     try:
@@ -1109,13 +1163,21 @@ def print_table(results: list[dict], header: str) -> None:
             t.add_column(name, justify="left" if name == "engine/mode" else "right")
         for row in rows:
             t.add_row(*row)
-        Console(width=max(160, len(header))).print(t)
+        Console(width=max(200, len(header))).print(t)
     except ImportError:
         widths = [max(len(c[0]), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         print(header)
         print("  ".join(c[0].rjust(w) for c, w in zip(cols, widths)))
         for r in rows:
             print("  ".join(x.rjust(w) for x, w in zip(r, widths)))
+
+
+def hbm_cell(r: dict) -> str:
+    hb = r.get("hbm_bytes_per_param")
+    if hb is None:
+        return "-"
+    two, one = hb
+    return f"{two} ({one}**)" if r.get("factor_lag") else str(two)
 
 
 def footnotes(results: list[dict]) -> list[str]:
@@ -1140,14 +1202,32 @@ def footnotes(results: list[dict]) -> list[str]:
                 f"({g['opt_step_ms']:.3f} vs {r['opt_step_ms']:.3f} ms; baseline moves "
                 f"{fmt_bytes(g['bytes_per_step'])} per step)"
             )
+        lag = by.get((eng, LAG_MODE))
+        if lag:
+            lines.append(
+                f"{eng}: factor_lag=1 exposes {lag['opt_comm_ms']:.3f} ms of collective time per "
+                f"optimizer step against {r['opt_comm_ms']:.3f} ms with factor_lag=0 (the same "
+                f"{lag['collectives_per_step']:g} all-reduce(s) of {fmt_bytes(lag['bytes_per_step'])}, "
+                f"waited for at the next step); optimizer step {lag['opt_step_ms']:.3f} vs "
+                f"{r['opt_step_ms']:.3f} ms"
+            )
     if results:
         r0 = results[0]
         lines.append(
             f"times: medians over {r0['timed_steps']} timed steps (after warm-up), slowest rank per step; "
-            f"comm = time inside collectives during optimizer.step() on the rank that waited most "
-            f"(includes waiting for other ranks; the rank that waited least: comm-min in --json); "
-            f"peak mem = {r0['peak_memory_kind']}, max over ranks"
+            f"exposed comm = time optimizer.step() spends blocked on collectives on the rank that "
+            f"waited most: blocking calls in full, async ones from the call to the return of their "
+            f"wait(), wherever in a step that wait is (factor_lag=1: at the next step, after the "
+            f"forward/backward it overlapped); includes waiting for other ranks (the rank that "
+            f"waited least: comm-min in --json); peak mem = {r0['peak_memory_kind']}, max over ranks"
         )
+        if any(r.get("hbm_bytes_per_param") for r in results):
+            lines.append(
+                "* HBM B/param: computed from the element sizes, not measured: the two-pass step "
+                "these kernels run (pass 1 reads g, m; pass 2 reads p, g, m, v, writes p, m, v); "
+                "** factor_lag=1 allows a one-pass step (counting inside the update), which no "
+                "kernel here implements yet: it runs the same two passes"
+            )
     return lines
 
 
@@ -1319,6 +1399,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.zero_stage is None and "deepspeed" in engines:
         args.zero_stage = 2
+    if "global" in args.scale:  # --factor-lag: global with factor_lag 0, 1 or both
+        i = args.scale.index("global")
+        args.scale[i : i + 1] = [LAG_MODE if lag else "global" for lag in args.factor_lag]
     if args.device == "cuda":
         import torch
 

@@ -4,10 +4,19 @@
 (``torch.distributed.all_reduce``, ``all_gather_into_tensor``, ...) and the functional
 collectives DTensor uses (``torch.distributed._functional_collectives``) — for as long as
 it is installed. While :attr:`CommMeter.active` is set (launch/bench.py sets it only inside
-``optimizer.step()``) every call is counted, its payload bytes added, and it is timed to
-completion: the wrapper waits for an async call right away (``work.wait()`` or the
-functional collective's wait), with a device synchronisation before and after on CUDA, so
-``seconds`` is the wall time spent inside collectives, including any wait for slower ranks.
+``optimizer.step()``) every call is counted and its payload bytes added, and ``seconds``
+adds up the **exposed** collective time: the time the step spends blocked on collectives,
+between device synchronisations on CUDA, including any wait for slower ranks:
+
+* a blocking call (``async_op=False``) and a functional collective: from the call to its
+  completion (the wrapper waits for the functional collective right away);
+* an ``async_op=True`` call: the call itself plus the time spent in its ``work.wait()``,
+  *wherever* that wait happens while the meter is active. The wrapper returns the work
+  wrapped, and does not wait for it. So a collective waited for right after it is issued
+  (``factor_lag=0``) counts in full, and one left in flight across the forward and backward
+  and waited for at the next step (``factor_lag=1``) counts only what was still left then:
+  its hidden part is not exposed time. ``waits`` counts the waits seen.
+
 Outside the step (forward, backward, FSDP's own all-gathers) the wrappers only forward.
 
 Payload bytes of one call: the size of its result buffer on this rank (the reduced tensor
@@ -73,6 +82,29 @@ def _nbytes(ts: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+class _TimedWork:
+    """An async collective's work handle whose ``wait()`` the meter times while it is active
+    (the rest is forwarded to the real handle)."""
+
+    def __init__(self, work: Any, meter: CommMeter) -> None:
+        self._work, self._meter = work, meter
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        m = self._meter
+        if not m.active:
+            return self._work.wait(*args, **kwargs)
+        m._sync()
+        t0 = time.perf_counter()
+        out = self._work.wait(*args, **kwargs)
+        m._sync()
+        m.seconds += time.perf_counter() - t0
+        m.waits += 1
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
 class CommMeter:
     """Counts, sizes and times collectives while :attr:`active` is true."""
 
@@ -82,6 +114,7 @@ class CommMeter:
         self.calls = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.waits = 0
         self.by_op: Counter[str] = Counter()
         self._depth = 0
         self._saved: list[tuple[Any, str, Callable]] = []
@@ -90,6 +123,7 @@ class CommMeter:
         self.calls = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.waits = 0
         self.by_op.clear()
 
     def _sync(self) -> None:
@@ -127,7 +161,12 @@ class CommMeter:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not meter.active or meter._depth:
                 return fn(*args, **kwargs)
-            work = meter._timed(lambda: fn(*args, **kwargs), complete)
+            if kwargs.get("async_op"):  # exposed time: the call, then wherever it is waited for
+                work = meter._timed(lambda: fn(*args, **kwargs), lambda w: None)
+                if work is not None and hasattr(work, "wait"):
+                    work = _TimedWork(work, meter)
+            else:
+                work = meter._timed(lambda: fn(*args, **kwargs), complete)
             ts = _tensors(list(args) + list(kwargs.values()))
             if name == "all_gather":
                 payload = _nbytes(ts[:-1])  # (tensor_list, tensor): the gathered list

@@ -116,6 +116,35 @@ def test_synthetic_language_is_seeded_and_world_independent() -> None:
     assert 0.0 < lang.entropy < torch.log(torch.tensor(4.0)).item() + 1e-9
 
 
+def test_meter_counts_exposed_time_where_an_async_collective_is_waited_for() -> None:
+    """An ``async_op=True`` collective costs the meter its call plus the time in its wait()
+    while the meter is active (at the next step with factor_lag=1), not its full duration;
+    a blocking one counts in full."""
+    import time as _time
+
+    from meter import CommMeter
+
+    class Work:
+        def wait(self) -> bool:
+            _time.sleep(0.05)
+            return True
+
+    meter = CommMeter(cuda=False)
+    coll = meter._wrap_c10d("all_reduce", lambda t, async_op=False: Work() if async_op else None)
+    t = torch.zeros(4, dtype=torch.int64)
+    meter.active = True
+    work = coll(t, async_op=True)  # issued inside a step, not waited for there
+    assert meter.seconds < 0.04 and meter.calls == 1 and meter.bytes == 32
+    meter.active = False  # the forward/backward: its wait would not count
+    meter.active = True  # the next step waits for it
+    assert work.wait() is True
+    assert meter.seconds >= 0.05 and meter.waits == 1
+    meter.reset()
+    blocking = meter._wrap_c10d("all_reduce", lambda t, async_op=False: Work())
+    blocking(t)  # returns a work that the wrapper completes at once
+    assert meter.seconds >= 0.05
+
+
 def test_scale_parsing_and_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     import bench as b
 
@@ -172,6 +201,13 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
     assert doc["world"] == 2 and doc["backend"] == "gloo"
     r = by_mode(doc)
     g, s, ag = r["fsdp2/global"], r["fsdp2/shard"], r["fsdp2/allgather"]
+    # --factor-lag defaults to 0,1: global with factor_lag=1 side by side, the same
+    # all-reduce (waited for at the next step), the same computed bytes per parameter
+    lag = r["fsdp2/global+lag1"]
+    assert g["factor_lag"] == 0 and lag["factor_lag"] == 1
+    assert lag["collectives_per_step"] == 1 and lag["bytes_per_step"] == g["bytes_per_step"]
+    assert g["hbm_bytes_per_param"] == lag["hbm_bytes_per_param"] == [36, 28]
+    assert "factor_lag=1 exposes" in proc.stdout
     # global: exactly one count all-reduce per step, 16 bytes per sharded tensor.
     assert g["sharded_tensors"] == TINY_TENSORS
     assert g["collectives_per_step"] == 1 and g["collectives_by_op"] == {"all_reduce": 1.0}
@@ -196,6 +232,10 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
     assert max_rel(p["ddp/shard"], p["ddp/global"]) == 0.0  # DDP: nothing is split
     assert max_rel(p["fsdp2/shard"], p["ddp/global"]) > 1e-4  # shard really differs
     assert doc["check"]["modes"]["global"]["pass"] is True
+    # factor_lag=1 equals DDP with factor_lag=1, and is a different run from factor_lag=0
+    assert max_rel(p["fsdp2/global+lag1"], p["ddp/global+lag1"]) <= 1e-6
+    assert max_rel(p["fsdp2/global+lag1"], p["fsdp2/global"]) > 1e-7
+    assert doc["check"]["modes"]["global+lag1"]["pass"] is True
 
 
 def test_bench_deepspeed_self_launch_matches_ddp(tmp_path: Path) -> None:
@@ -446,3 +486,17 @@ def test_readme_deepspeed_snippet_runs_as_written() -> None:
     assert "README snippet OK" in out
     changed = int(out.split("README snippet OK: ")[1].split()[0])
     assert changed == 4, out
+
+
+def test_factor_lag_flag() -> None:
+    import bench as b
+
+    p = b.build_parser()
+    args = p.parse_args(["--factor-lag", "1", "--scale", "both"])
+    b.check_args(p, args)
+    assert args.scale == [b.LAG_MODE, "shard"]
+    args = p.parse_args([])
+    b.check_args(p, args)
+    assert args.scale == ["global", b.LAG_MODE, "shard"]  # the main job: both side by side
+    with pytest.raises(SystemExit):
+        p.parse_args(["--factor-lag", "2"])
