@@ -285,6 +285,14 @@ def test_lightning_model_parallel_bf16_mixed(results):
     r = results["lightning_mp_bf16"]
     _exact(r, "DTensor")
     _memory(r)
+    # configure_optimizers uses dist_cautious.integrations.decay_groups (named groups)
+    assert r["param_names"][0] == [
+        "gain",
+        "inp.weight",
+        "blocks.0.fc.weight",
+        "blocks.1.fc.weight",
+        "out.weight",
+    ], r
     assert r["delta"] <= BF16_TOL and r["delta_plain_ref"] > DIFFERS, r
 
 

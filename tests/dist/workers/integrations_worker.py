@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dist_cautious import CAdamW  # noqa: E402
+from dist_cautious.integrations import decay_groups, hf_optimizer_cls_and_kwargs  # noqa: E402
 from tests.oracle import rel_err  # noqa: E402
 
 STEPS = 10
@@ -636,7 +637,8 @@ def sc_trainer(
         cls = CAdamWTrainer
     else:  # the Trainer builds it (its decay / no-decay groups, its lr, betas, eps)
         # (the Trainer passes only the param groups: lr, betas and eps go in the kwargs)
-        kw["optimizer_cls_and_kwargs"] = (CAdamW, dict(HYPER))
+        # the one-liner of docs/integrations.md: lr, betas, eps from the TrainingArguments
+        kw["optimizer_cls_and_kwargs"] = hf_optimizer_cls_and_kwargs(args)
     watch = Resources(originals(model))
     trainer = cls(model=model, args=args, train_dataset=Data(), callbacks=[watch], **kw)
     decay_names = {clean(n) for n in trainer.get_decay_parameter_names(model)}
@@ -694,7 +696,9 @@ def sc_trainer(
 # --- Lightning ----------------------------------------------------------------------------
 
 
-def sc_lightning(strategy_name: str, precision: str = "32-true", resume: bool = False) -> dict:
+def sc_lightning(
+    strategy_name: str, precision: str = "32-true", resume: bool = False, named_groups=False
+) -> dict:
     """``precision="bf16-mixed"``: Lightning's autocast (fp32 parameters and gradients);
     ``resume``: 5 steps, ``trainer.save_checkpoint`` through the strategy (DCP for
     ModelParallelStrategy), then a fresh module and Trainer ``fit(ckpt_path=...)`` to 10."""
@@ -731,6 +735,8 @@ def sc_lightning(strategy_name: str, precision: str = "32-true", resume: bool = 
             return F.mse_loss(self.net(x), y)
 
         def configure_optimizers(self):
+            if named_groups:  # the helper: named groups, no decay for tensors of <= 1 dim
+                return CAdamW(decay_groups(self.net, WD), **HYPER)
             return CAdamW(groups(list(self.net.named_parameters())), **HYPER)
 
     class Data(torch.utils.data.Dataset):  # this rank's batches, in order
@@ -787,7 +793,9 @@ def sc_lightning(strategy_name: str, precision: str = "32-true", resume: bool = 
     seen += module.seen
     wrapped = trainer.strategy.model
     mp = {"32-true": "fp32", "bf16-mixed": "autocast"}[precision]
-    res = report(wrapped, trainer.optimizers[0], gather_batches(seen), mp=mp)
+    decay_names = {n for n, v in init_state().items() if v.ndim > 1} if named_groups else None
+    res = report(wrapped, trainer.optimizers[0], gather_batches(seen), decay_names, mp=mp)
+    res["param_names"] = [g.get("param_names") for g in inner(trainer.optimizers[0]).param_groups]
     res.update(module.mem)
     res["wrapper"] = type(wrapped).__name__
     return res
@@ -879,7 +887,7 @@ SCENARIOS = {
     "trainer_fsdp2_resume": lambda: sc_trainer(2, "override", resume=True),
     "lightning_fsdp": lambda: sc_lightning("fsdp"),
     "lightning_mp": lambda: sc_lightning("mp"),
-    "lightning_mp_bf16": lambda: sc_lightning("mp", "bf16-mixed"),
+    "lightning_mp_bf16": lambda: sc_lightning("mp", "bf16-mixed", named_groups=True),
     "lightning_mp_resume": lambda: sc_lightning("mp", resume=True),
     "titan_fsdp2": sc_titan,
 }
