@@ -250,7 +250,7 @@ def sweep(device: torch.device, timer: Timer) -> dict:
     """Time each Triton pass alone over LLaMA-1B fp32 tensors, per launch config, in both
     exp_avg modes (written by pass 1, or deferred to pass 2), then cache hints on the best
     configs; returns the rows and the best choice (mode, config per pass)."""
-    from dist_cautious.kernels import triton_kernels as tk
+    from dist_cautious.kernels import triton_adamw as tk
 
     shapes = SHAPES["llama-1b"]
     n = numel(shapes)
@@ -266,11 +266,13 @@ def sweep(device: torch.device, timer: Timer) -> dict:
     # bytes per param: (count, update) for mode written / deferred
     nbytes = {False: (12, 24), True: (8, 28)}
 
+    be = tk.TritonAdamW()  # one backend instance: its chunk tables are cached between calls
+
     def run(which: str, defer: bool) -> float:
         if which == "count":
-            fn = lambda: tk.count_pass(t["g"], t["m"], 0.9, False, defer_exp_avg=defer)  # noqa: E731
+            fn = lambda: be.count_pass(t["g"], t["m"], 0.9, False, defer_exp_avg=defer)  # noqa: E731
         else:
-            fn = lambda: tk.update_pass(  # noqa: E731
+            fn = lambda: be.update_pass(  # noqa: E731
                 t["p"], t["g"], t["m"], t["v"], alphas, h, exp_avg_pending=defer
             )
         return statistics.median(timer.time(fn, 10, 2))
@@ -328,7 +330,7 @@ def sweep(device: torch.device, timer: Timer) -> dict:
 
 
 def apply_choice(choice: dict) -> None:
-    from dist_cautious.kernels import triton_kernels as tk
+    from dist_cautious.kernels import triton_adamw as tk
 
     tk.DEFER_EXP_AVG = bool(choice["deferred"])
     for which in ("count", "update"):
@@ -404,7 +406,7 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def parity_kernels(device: torch.device, pdt: torch.dtype, shape_name: str) -> dict:
     """Triton passes on all tensors at once vs the per-tensor reference, tensor by tensor."""
-    from dist_cautious.kernels import triton_kernels as tk
+    from dist_cautious.kernels import triton_adamw as tk
 
     shapes = SHAPES[shape_name]
     gen = torch.Generator(device=device).manual_seed(2)
@@ -607,7 +609,7 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=1))
 
     if cuda:
-        from dist_cautious.kernels import triton_kernels as tk
+        from dist_cautious.kernels import triton_adamw as tk
 
         if args.config:
             b, t, w = (int(x) for x in args.config.split(","))

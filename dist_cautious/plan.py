@@ -69,7 +69,7 @@ class Bucket:
     def __init__(self, gi: int, step: int, backend: Any, shard: bool, n_states: int) -> None:
         self.gi, self.step, self.backend, self.shard = gi, step, backend, shard
         # the backend's hand-off between its two passes (e.g. the mask), per bucket
-        self.scratch_kw = {"scratch": {}} if getattr(backend, "TAKES_SCRATCH", False) else {}
+        self.scratch_kw = {"scratch": {}} if backend.caps.takes_scratch else {}
         self.pieces: list[Piece] = []
         self.params: list[Tensor] = []
         self.states: tuple[list[Tensor], ...] = tuple([] for _ in range(n_states))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -86,3 +88,42 @@ class SGDHyper:
     first_step: bool
     maximize: bool = False
     cautious_wd: bool = False
+
+
+# --------------------------------------------------------------------------- backend contract
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kernel backend declares about itself; the engine reads it once per bucket.
+
+    ``takes_scratch``: the passes take the caller's per-bucket ``scratch`` dict (foreach hands
+    the mask from count to update through it). ``fused_factor``: ``update_pass(..., alphas=None,
+    factor=(counts, numels, formula, clamp))`` computes the factor itself (no separate
+    launches). ``deferred_exp_avg`` (AdamW): ``count_pass(..., defer_exp_avg=True)`` returns
+    ``(counts, deferred)`` and leaves the exp_avg write to the update pass."""
+
+    takes_scratch: bool = False
+    fused_factor: bool = False
+    deferred_exp_avg: bool = False
+
+
+class Backend(Protocol):
+    """A kernel backend: two passes and its capabilities. The pass signatures are the
+    optimizer's: AdamW ``count_pass(grads, exp_avgs, beta1, maximize)`` /
+    ``update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)``; Lion and SGD
+    ``count_pass(params, grads, states, h)`` / ``update_pass(params, grads, states, alphas, h)``
+    (plus ``scratch=`` / ``factor=`` / ``defer_exp_avg=`` as ``caps`` declares)."""
+
+    caps: Capabilities
+    count_pass: Callable[..., Any]
+    update_pass: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Functions:
+    """A backend made of two plain functions (reference, foreach)."""
+
+    count_pass: Callable[..., Any]
+    update_pass: Callable[..., Any]
+    caps: Capabilities = Capabilities()

@@ -63,10 +63,6 @@ def _grads(
     return gs
 
 
-# The backend takes a ``scratch`` dict per bucket (see module doc).
-TAKES_SCRATCH = True
-
-
 def _fingerprint(grads: list[Tensor], exp_avgs: list[Tensor]) -> tuple:
     return (
         tuple(map(id, grads)),

@@ -32,24 +32,23 @@ state. Arithmetic is float32 (float64 when the state is float64); ``p`` and ``m`
 back in their own dtypes. ``lr * alpha`` is rounded once to the compute dtype; ``u`` is
 -1/0/1, so ``lr * alpha * u`` is exact and the step is one rounding.
 
-``get(name)`` returns the backend (``"reference"``, ``"foreach"``, ``"triton"``), each with
+``dist_cautious.kernels.get_backend(name, "lion")`` returns a backend (``"reference"``,
+``"foreach"``, ``"triton"``: :mod:`.triton_lion`), each with
 ``count_pass(params, grads, states, h, scratch=None) -> int64[n]`` and
 ``update_pass(params, grads, states, alphas, h, scratch=None)``, ``states = (exp_avgs,)``.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor
 
 from . import foreach as _fe
-from .common import LionHyper, compute_dtype
+from .common import Capabilities, Functions, LionHyper, compute_dtype
 
 STATE_KEYS = ("exp_avg",)
 
-__all__ = ["STATE_KEYS", "LionHyper", "get"]
+__all__ = ["STATE_KEYS", "LionHyper", "foreach", "reference"]
 
 
 def _zeros(device: torch.device | None = None) -> Tensor:
@@ -255,27 +254,8 @@ def foreach_update_pass(
         torch._foreach_copy_(exp_avgs, ms)
 
 
-# --------------------------------------------------------------------------- dispatch
-
-# TAKES_SCRATCH: the passes take the caller's per-bucket ``scratch`` dict (foreach hands the
-# mask from count to update through it; reference only clears it).
-reference = SimpleNamespace(
-    count_pass=reference_count_pass, update_pass=reference_update_pass, TAKES_SCRATCH=True
-)
-foreach = SimpleNamespace(
-    count_pass=foreach_count_pass, update_pass=foreach_update_pass, TAKES_SCRATCH=True
-)
-
-
-def get(name: str) -> SimpleNamespace:
-    """The backend ``name`` (``"reference"``, ``"foreach"`` or ``"triton"``; ``"triton"``
-    imports Triton and raises ImportError where it is unavailable)."""
-    if name == "reference":
-        return reference
-    if name == "foreach":
-        return foreach
-    if name == "triton":
-        from . import triton_lion_sgd
-
-        return triton_lion_sgd.lion
-    raise ValueError(f"unknown Lion backend {name!r}; choose 'reference', 'foreach' or 'triton'")
+# --------------------------------------------------------------------------- backends
+# Both take the caller's per-bucket ``scratch`` dict (foreach hands the mask from count to
+# update through it; reference only clears it). The Triton backend: :mod:`.triton_lion`.
+reference = Functions(reference_count_pass, reference_update_pass, Capabilities(takes_scratch=True))
+foreach = Functions(foreach_count_pass, foreach_update_pass, Capabilities(takes_scratch=True))

@@ -37,7 +37,8 @@ Two passes:
 Arithmetic is float32 (float64 when the state is float64); ``p`` and ``buf`` are written
 back in their own dtypes.
 
-``get(name)`` returns the backend (``"reference"``, ``"foreach"``, ``"triton"``), each with
+``dist_cautious.kernels.get_backend(name, "sgd")`` returns a backend (``"reference"``,
+``"foreach"``, ``"triton"``: :mod:`.triton_sgd`), each with
 ``count_pass(params, grads, states, h, scratch=None) -> int64[n]`` and
 ``update_pass(params, grads, states, alphas, h, scratch=None)``,
 ``states = (momentum_buffers,)``.
@@ -45,17 +46,15 @@ back in their own dtypes.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor
 
 from . import foreach as _fe
-from .common import SGDHyper, compute_dtype
+from .common import Capabilities, Functions, SGDHyper, compute_dtype
 
 STATE_KEYS = ("momentum_buffer",)
 
-__all__ = ["STATE_KEYS", "SGDHyper", "get"]
+__all__ = ["STATE_KEYS", "SGDHyper", "foreach", "reference"]
 
 
 def _zeros(device: torch.device | None = None) -> Tensor:
@@ -291,27 +290,8 @@ def foreach_update_pass(
         torch._foreach_copy_(params, ps)
 
 
-# --------------------------------------------------------------------------- dispatch
-
-# TAKES_SCRATCH: the passes take the caller's per-bucket ``scratch`` dict (foreach hands the
-# mask from count to update through it; reference only clears it).
-reference = SimpleNamespace(
-    count_pass=reference_count_pass, update_pass=reference_update_pass, TAKES_SCRATCH=True
-)
-foreach = SimpleNamespace(
-    count_pass=foreach_count_pass, update_pass=foreach_update_pass, TAKES_SCRATCH=True
-)
-
-
-def get(name: str) -> SimpleNamespace:
-    """The backend ``name`` (``"reference"``, ``"foreach"`` or ``"triton"``; ``"triton"``
-    imports Triton and raises ImportError where it is unavailable)."""
-    if name == "reference":
-        return reference
-    if name == "foreach":
-        return foreach
-    if name == "triton":
-        from . import triton_lion_sgd
-
-        return triton_lion_sgd.sgd
-    raise ValueError(f"unknown SGD backend {name!r}; choose 'reference', 'foreach' or 'triton'")
+# --------------------------------------------------------------------------- backends
+# Both take the caller's per-bucket ``scratch`` dict (foreach hands the mask from count to
+# update through it; reference only clears it). The Triton backend: :mod:`.triton_sgd`.
+reference = Functions(reference_count_pass, reference_update_pass, Capabilities(takes_scratch=True))
+foreach = Functions(foreach_count_pass, foreach_update_pass, Capabilities(takes_scratch=True))

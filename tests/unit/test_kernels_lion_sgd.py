@@ -19,10 +19,16 @@ import pytest
 import torch
 
 from dist_cautious.kernels import foreach as adam_foreach
-from dist_cautious.kernels import lion, sgd
+from dist_cautious.kernels import get_backend, lion, sgd
 from dist_cautious.kernels import reference as adam_reference
 from dist_cautious.kernels.common import LionHyper, SGDHyper, UpdateHyper, cautious_factor
 from tests.oracle import Float64CAdamW, Float64CLion, Float64CSGD, rel_err
+
+
+def _backend(mod, name: str):  # noqa: ANN001, ANN202
+    """``name``'s backend of the optimizer whose math module is ``mod`` (lion or sgd)."""
+    return get_backend(name, mod.__name__.rsplit(".", 1)[-1])
+
 
 SHAPES = [(7, 5), (0,), (1,), (33,), (130,), (3, 3), (1, 1)]
 STEPS = 10
@@ -55,7 +61,7 @@ def _numels(ps):
 
 def run_lion(backend, params, grads, *, formula="clamp", clamp=1e-3, state_dtype=None, **hk):
     """Steps ``params`` in place with C-Lion; returns (states, counts per step)."""
-    b = lion.get(backend)
+    b = _backend(lion, backend)
     sdt = state_dtype or (torch.float64 if params[0].dtype == torch.float64 else torch.float32)
     m = [torch.zeros(p.shape, dtype=sdt) for p in params]
     h = LionHyper(lr=hk.pop("lr", LR), **{"beta1": 0.9, "beta2": 0.99, **hk})
@@ -71,7 +77,7 @@ def run_lion(backend, params, grads, *, formula="clamp", clamp=1e-3, state_dtype
 
 
 def run_sgd(backend, params, grads, *, formula="clamp", clamp=1e-3, state_dtype=None, **hk):
-    b = sgd.get(backend)
+    b = _backend(sgd, backend)
     sdt = state_dtype or (torch.float64 if params[0].dtype == torch.float64 else torch.float32)
     buf = [torch.zeros(p.shape, dtype=sdt) for p in params]
     base = {"lr": LR, "momentum": 0.9, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
@@ -307,7 +313,10 @@ def test_foreach_scratch_handoff_and_stale_scratch(which):
     init, (g1, g2) = init_params(), grad_stream(steps=2)
     st0 = [torch.randn(p.shape) * 0.1 for p in init]
     runs = {}
-    for name, be in (("reference", mod.get("reference")), ("foreach", mod.get("foreach"))):
+    for name, be in (
+        ("reference", _backend(mod, "reference")),
+        ("foreach", _backend(mod, "foreach")),
+    ):
         p = [x.clone() for x in init]
         st = [x.clone() for x in st0]
         g = [x.clone() for x in g1]
@@ -351,7 +360,7 @@ def test_empty_lists_and_empty_tensors():
         (sgd, SGDHyper(LR, 0.9, 0.0, False, 0.1, first_step=True)),
     ):
         for name in ("reference", "foreach"):
-            be = mod.get(name)
+            be = _backend(mod, name)
             assert be.count_pass([], [], ([],), h).numel() == 0
             be.update_pass([], [], ([],), torch.zeros(0), h)
             p, g, s = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
@@ -359,11 +368,13 @@ def test_empty_lists_and_empty_tensors():
             assert c.dtype == torch.int64 and c.tolist() == [0]
             be.update_pass(p, g, (s,), torch.ones(1), h)
     # the optimizer's step plan passes its per-bucket scratch only to backends that say so
-    assert lion.get("foreach").TAKES_SCRATCH and sgd.get("foreach").TAKES_SCRATCH
+    assert (
+        _backend(lion, "foreach").caps.takes_scratch and _backend(sgd, "foreach").caps.takes_scratch
+    )
     with pytest.raises(ValueError, match="unknown Lion backend 'fused'"):
-        lion.get("fused")
+        _backend(lion, "fused")
     with pytest.raises(ValueError, match="unknown SGD backend 'fused'"):
-        sgd.get("fused")
+        _backend(sgd, "fused")
 
 
 # --------------------------------------------------------------------------- the mask acts
@@ -402,7 +413,7 @@ def test_lion_mask_acts(backend):
     g = torch.randn(64, dtype=torch.float64) * 0.01  # c = 0.9 m + 0.1 g: sign(m) mostly
     p, m = [p0.clone()], [m0.clone()]
     h = LionHyper(lr=LR, beta1=0.9, beta2=0.99, weight_decay=0.0)
-    be = lion.get(backend)
+    be = _backend(lion, backend)
     c = be.count_pass(p, [g], (m,), h)
     u = torch.sign(0.9 * m0 + 0.1 * g)
     keep = u * g > 0
@@ -425,7 +436,7 @@ def test_sgd_mask_acts(backend, nesterov):
     p, b = [p0.clone()], [b0.clone()]
     h = SGDHyper(lr=LR, momentum=0.9, dampening=0.0, nesterov=nesterov, weight_decay=0.0,
                  first_step=False)  # fmt: skip
-    be = sgd.get(backend)
+    be = _backend(sgd, backend)
     c = be.count_pass(p, [g], (b,), h)
     buf = 0.9 * b0 + g
     torch.testing.assert_close(b[0], buf)
@@ -507,7 +518,7 @@ def test_cautious_wd_masks_decay_lion(backend):
     for cwd in (False, True):
         p, m = [p0.clone()], [torch.zeros_like(p0)]
         h = LionHyper(LR, 0.9, 0.99, wd, cautious_wd=cwd)
-        be = lion.get(backend)
+        be = _backend(lion, backend)
         c = be.count_pass(p, [g], (m,), h)
         be.update_pass(p, [g], (m,), torch.ones(1, dtype=torch.float64), h)
         out[cwd] = p[0]
@@ -530,7 +541,7 @@ def test_cautious_wd_masks_decay_sgd(backend, nesterov):
     wd = 0.5
     p, b = [p0.clone()], [torch.zeros_like(p0)]
     h = SGDHyper(LR, 0.9, 0.0, nesterov, wd, first_step=True, cautious_wd=True)
-    be = sgd.get(backend)
+    be = _backend(sgd, backend)
     be.count_pass(p, [g], (b,), h)
     torch.testing.assert_close(b[0], g, rtol=0, atol=0)  # no L2 term in the buffer
     be.update_pass(p, [g], (b,), torch.ones(1, dtype=torch.float64), h)

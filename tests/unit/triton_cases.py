@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious.kernels import UpdateHyper, cautious_factor, reference  # noqa: E402
-from dist_cautious.kernels import triton_kernels as tk  # noqa: E402
+from dist_cautious.kernels import triton_adamw as tk  # noqa: E402
 from tests.oracle import Float64CAdamW, rel_err  # noqa: E402
 
 assert os.environ.get("TRITON_INTERPRET") == "1" and tk.INTERPRETED, "run with TRITON_INTERPRET=1"
@@ -177,19 +177,20 @@ def main() -> None:
     def counted(st):
         ref_m = [t.clone() for t in st[2]]
         want = reference.count_pass(st[1], ref_m, 0.9, False)
-        got = tk.count_pass(st[1], st[2], 0.9, False)
+        got = cached.count_pass(st[1], st[2], 0.9, False)
         return torch.equal(got, want) and all(
             (x - y).abs().max().item() <= 1e-6 for x, y in zip(st[2], ref_m)
         )
 
+    cached = tk.TritonAdamW()  # a backend instance owns its table cache
     lists = _state([65, 200], f32, f32, gen)
     ok = counted(lists)
-    n0 = len(tk._tables)
+    n0 = len(cached.mt.tables)
     ok &= counted(lists)
-    n1 = len(tk._tables)
+    n1 = len(cached.mt.tables)
     other = _state([65, 200], f32, f32, gen)  # same sizes, other addresses
     ok &= counted(other)
-    n2 = len(tk._tables)
+    n2 = len(cached.mt.tables)
     ok &= counted(lists)  # back to the first addresses
     unaligned, _ = _flat_views([65, 200], f32, f32, gen, start=1)  # same sizes, 4-byte offsets
     ok &= counted(unaligned)
@@ -197,7 +198,7 @@ def main() -> None:
     res["cache"] = dict(
         hit_adds_nothing=n1 == n0,
         same_sizes_reuse_entry=n2 == n1,
-        new_sizes_add_one=len(tk._tables) == n2 + 1,
+        new_sizes_add_one=len(cached.mt.tables) == n2 + 1,
         counts_right=bool(ok),
     )
 

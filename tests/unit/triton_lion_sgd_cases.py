@@ -20,9 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dist_cautious.kernels import lion, sgd  # noqa: E402
+from dist_cautious.kernels import get_backend, lion, sgd  # noqa: E402
 from dist_cautious.kernels import reference as adam_ref  # noqa: E402
-from dist_cautious.kernels import triton_kernels as tk  # noqa: E402
+from dist_cautious.kernels import triton_adamw as tk  # noqa: E402
 from dist_cautious.kernels.common import (  # noqa: E402
     LionHyper,
     SGDHyper,
@@ -30,6 +30,12 @@ from dist_cautious.kernels.common import (  # noqa: E402
     cautious_factor,
 )
 from tests.oracle import rel_err  # noqa: E402
+
+
+def _backend(mod, name: str):  # noqa: ANN001, ANN202
+    """``name``'s backend of the optimizer whose math module is ``mod`` (lion or sgd)."""
+    return get_backend(name, mod.__name__.rsplit(".", 1)[-1])
+
 
 assert os.environ.get("TRITON_INTERPRET") == "1" and tk.INTERPRETED, "run with TRITON_INTERPRET=1"
 
@@ -72,7 +78,7 @@ def compare(mod, hyper, lists, formula="clamp") -> dict:
     p, s, gseq = lists
     ref_p = [x.clone() for x in p]
     ref_s = [x.clone() for x in s]
-    tri, ref = mod.get("triton"), mod.get("reference")
+    tri, ref = _backend(mod, "triton"), _backend(mod, "reference")
     equal, counts, masked = True, [], False
     for t, g in enumerate(gseq):
         h = hyper(t)
@@ -163,7 +169,7 @@ def main() -> None:
     # Lion's count kernel writes nothing.
     p, m, gseq = _lists(small, f32, f32)
     m0 = [x.clone() for x in m]
-    lion.get("triton").count_pass(p, gseq[0], (m,), lion_h()(0))
+    _backend(lion, "triton").count_pass(p, gseq[0], (m,), lion_h()(0))
     res["lion_count_read_only"] = all(torch.equal(a, b) for a, b in zip(m, m0))
 
     # The factor computed inside the update kernels equals common.cautious_factor bitwise.
@@ -173,14 +179,14 @@ def main() -> None:
             b = [[t.clone() for t in x] for x in a[:2]]
             counts = torch.tensor([0, 3, 128, 2], dtype=torch.int64)
             numels = _numels(a[0])
-            tri = mod.get("triton")
+            tri = _backend(mod, "triton")
             tri.update_pass(a[0], a[2][0], (a[1],), cautious_factor(counts, numels, formula, clamp),
                             hyper(1))  # fmt: skip
             tri.update_pass(b[0], a[2][0], (b[1],), None, hyper(1),
                             factor=(counts, numels, formula, clamp))  # fmt: skip
             res[f"fused_factor_{name}_{formula}_{clamp}"] = (
                 all(torch.equal(x, y) for i in (0, 1) for x, y in zip(a[i], b[i]))
-                and tri.SUPPORTS_FUSED_FACTOR
+                and tri.caps.fused_factor
             )
 
     # Cautious weight decay at a zero direction (g = 0 with zero state: u = 0, decayed by the
@@ -198,8 +204,8 @@ def main() -> None:
         out = []
         for be in ("triton", "reference"):
             p, st = [p0.clone()], [torch.zeros_like(p0)]
-            mod.get(be).count_pass(p, [g0], (st,), h)
-            mod.get(be).update_pass(p, [g0], (st,), one, h)
+            _backend(mod, be).count_pass(p, [g0], (st,), h)
+            _backend(mod, be).update_pass(p, [g0], (st,), one, h)
             out.append(p[0])
         zero_dir[name] = rel_err(*out) <= 1e-6 and out[0][6].item() == decayed6
     ha = UpdateHyper(1e-2, 0.999, 1e-8, 0.5, 1, 0.9, cautious_wd=True)

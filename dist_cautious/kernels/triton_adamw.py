@@ -1,0 +1,226 @@
+"""C-AdamW's math for the multi-tensor Triton kernel (:mod:`.triton_mt`), and its two passes.
+
+Arithmetic follows :mod:`.reference` operation by operation in float32; square root and
+divisions are correctly rounded (``sqrt_rn`` / ``div_rn``). Operands in table order:
+
+* count: ``(g, m)``. ``m_new = lerp(m, g, 1 - beta1)``; counts ``m_new * g > 0``; writes
+  ``m`` unless deferred (``defer_exp_avg=True``: read-only, 8 B per fp32 parameter);
+* update: ``(p, g, m, v)``. With a deferred count, ``m`` is brought up to date first with the
+  same code (the mask applied is the mask counted); second moment, decoupled (optionally
+  cautious) weight decay, the masked step rescaled by ``alpha`` (24 B, 28 B deferred).
+
+36 B per fp32 parameter in all, the minimum for an exact two-pass C-AdamW (28 B for
+bf16/fp16 parameters with fp32 state). Float64 state, non-contiguous tensors and mixed
+devices are handed to :mod:`.foreach` (same math), warned once per backend instance.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import foreach as _foreach
+from .common import Capabilities, UpdateHyper, cautious_factor
+from .triton_mt import INTERPRETED, MultiTensorApply, Variant, config, configure, lerp
+
+__all__ = ["INTERPRETED", "TritonAdamW", "config", "configure", "count_pass", "update_pass"]
+
+NAME = "adamw"
+# Deferred exp_avg: the count pass only reads g and m (8 B/param, read-only) and the update
+# pass writes m (28 B/param, AdamW's traffic) instead of 12 + 24. Same bytes, better DRAM
+# efficiency. Read when a backend is made (TritonAdamW.caps).
+DEFER_EXP_AVG = True
+
+# flag bits (constexpr F)
+MAXIMIZE, LERP_HI, DECAY, CWD, LERP_M = 1, 2, 4, 8, 16
+
+
+@triton.jit
+def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
+    # x0 = g, x1 = m; s0 = 1 - beta1
+    g = x0
+    if F & 1:
+        g = -g
+    m_new = lerp(x1, g, s0, F & 2)
+    return x0, m_new, x2, x3, m_new * g > 0
+
+
+@triton.jit
+def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
+    # x0..x3 = p, g, m, v; s0..s6 = 1 - beta1, beta2, 1 - beta2, 1 - lr * wd, -lr / bc1,
+    # sqrt(bc2), eps. Same order as reference.update_pass (g negated under maximize).
+    p = x0
+    g = x1
+    m = x2
+    if F & 1:
+        g = -g
+    if F & 16:  # the count pass left m as it was (deferred)
+        m = lerp(m, g, s0, F & 2)
+    v_new = x3 * s1 + s2 * g * g
+    if F & 4:
+        if F & 8:  # cautious weight decay: only where sign(m_new) agrees with p
+            p = tl.where(m * p >= 0, p * s3, p)
+        else:
+            p = p * s3
+    denom = tl.div_rn(tl.sqrt_rn(v_new), s5) + s6
+    upd = tl.where(m * g > 0, m, 0.0) * alpha
+    p = p + s4 * tl.div_rn(upd, denom)
+    return p, g, m, v_new, upd > 0
+
+
+def count_variant(maximize: bool, lerp_hi: bool, write_m: bool) -> Variant:
+    flags = MAXIMIZE * bool(maximize) | LERP_HI * bool(lerp_hi)
+    return Variant(count_math, flags, loads=0b11, stores=0b10 * bool(write_m), count=True, nops=2)
+
+
+def update_variant(maximize: bool, decay: bool, cwd: bool, lerp_m: bool, lerp_hi: bool) -> Variant:
+    flags = (
+        MAXIMIZE * bool(maximize)
+        | DECAY * bool(decay)
+        | CWD * bool(decay and cwd)
+        | LERP_M * bool(lerp_m)
+        | LERP_HI * bool(lerp_m and lerp_hi)
+    )
+    stores = 0b1001 | 0b0100 * bool(lerp_m)  # p, v (and m when deferred)
+    return Variant(update_math, flags, loads=0b1111, stores=stores, count=False, nops=4)
+
+
+def count_pass(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    beta1: float,
+    maximize: bool,
+    *,
+    defer_exp_avg: bool = False,
+    mt: MultiTensorApply | None = None,
+) -> Tensor | tuple[Tensor, bool]:
+    """``m <- lerp(m, g, 1 - beta1)`` in place; int64 counts of ``m_new * g > 0`` per tensor.
+
+    ``defer_exp_avg=True``: count without writing ``m`` and return ``(counts, deferred)``;
+    when ``deferred`` is True the caller must pass ``exp_avg_pending=True`` to the
+    :func:`update_pass` that follows, which then updates ``m`` with the same arithmetic.
+    ``deferred`` is False when this call fell back to foreach (``m`` already updated).
+    ``mt``: the launcher whose table cache to use (a fresh one when None).
+    """
+    if not exp_avgs:
+        counts = _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+        return (counts, False) if defer_exp_avg else counts
+    mt = mt or MultiTensorApply(NAME)
+    hit = mt.prepare("count", [grads, exp_avgs], grads)
+    if hit is None:
+        counts = _foreach.count_pass(grads, exp_avgs, beta1, maximize)
+        return (counts, False) if defer_exp_avg else counts
+    w = 1.0 - beta1
+    v = count_variant(maximize, lerp_hi=not (w < 0.5), write_m=not defer_exp_avg)
+    counts = mt.launch("count", hit, v, (w,), len(exp_avgs))
+    return (counts, True) if defer_exp_avg else counts
+
+
+def update_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    alphas: Tensor | None,
+    h: UpdateHyper,
+    *,
+    exp_avg_pending: bool = False,
+    factor: tuple[Tensor, Tensor, str, float] | None = None,
+    mt: MultiTensorApply | None = None,
+) -> None:
+    """Second moment, decoupled weight decay and the masked, rescaled step, in place.
+
+    ``exp_avg_pending=True``: ``m`` still holds the previous step's value (a deferred
+    :func:`count_pass`); it is updated here first, with ``h.beta1``.
+    ``factor=(counts, numels, formula, clamp)`` (``alphas`` then None): each tensor's factor
+    is computed inside the kernel from int64 device ``counts`` and ``numels``, bit for bit as
+    :func:`~dist_cautious.kernels.common.cautious_factor`.
+    """
+    if factor is not None:
+        if alphas is not None or factor[2] not in ("clamp", "paper"):
+            raise ValueError(
+                "update_pass: give either alphas or factor=(counts, numels, formula, clamp)"
+            )
+    if not params:
+        return
+    mt = mt or MultiTensorApply(NAME)
+    hit = mt.prepare("update", [params, grads, exp_avgs, exp_avg_sqs], grads)
+    if hit is None:
+        if exp_avg_pending:  # bring m up to date first, as the count pass would have
+            _foreach.count_pass(grads, exp_avgs, h.beta1, h.maximize)
+        if factor is not None:
+            alphas = cautious_factor(*factor)
+        return _foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
+    w = 1.0 - h.beta1
+    v = update_variant(
+        h.maximize, h.weight_decay != 0, h.cautious_wd, exp_avg_pending, not (w < 0.5)
+    )
+    scalars = (
+        w,
+        h.beta2,
+        1.0 - h.beta2,
+        1.0 - h.lr * h.weight_decay,
+        -h.step_size,
+        h.bias_correction2_sqrt,
+        h.eps,
+    )
+    mt.launch("update", hit, v, scalars, len(params), alphas=alphas, factor=factor)
+
+
+class TritonAdamW:
+    """The C-AdamW Triton backend: :func:`count_pass` / :func:`update_pass` with one
+    :class:`~.triton_mt.MultiTensorApply` (its table cache) per instance."""
+
+    def __init__(self) -> None:
+        self.mt = MultiTensorApply(NAME)
+        self.caps = Capabilities(fused_factor=True, deferred_exp_avg=DEFER_EXP_AVG)
+
+    def count_pass(self, grads, exp_avgs, beta1, maximize, *, defer_exp_avg=False):  # noqa: ANN001, ANN201
+        return count_pass(grads, exp_avgs, beta1, maximize, defer_exp_avg=defer_exp_avg, mt=self.mt)
+
+    def update_pass(self, params, grads, exp_avgs, exp_avg_sqs, alphas, h, **kw):  # noqa: ANN001, ANN003, ANN201
+        return update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h, mt=self.mt, **kw)
+
+
+# --------------------------------------------------------------------------- AOT declaration
+# The choice space of the two passes (benchmarks/aot_kernels.py compiles it through
+# triton_mt.aot_space): each row goes through the same *_variant functions as a launch.
+_FLAG = (False, True)
+
+
+def _count_aot(row: dict) -> tuple[Variant, int, int]:
+    return count_variant(row["maximize"], row["lerp_hi"], not row["defer"]), 0, 1
+
+
+def _update_aot(row: dict) -> tuple[Variant, int, int]:
+    if not row["defer"]:
+        row["lerp_hi"] = False  # unused without the deferred lerp
+    v = update_variant(
+        row["maximize"],
+        row["decay"] != "none",
+        row["decay"] == "cautious",
+        row["defer"],
+        row["lerp_hi"],
+    )
+    return v, ("alphas", "clamp", "paper").index(row["factor"]), 7
+
+
+AOT = {
+    "count": dict(
+        operands=("g", "s"),
+        axes=dict(maximize=_FLAG, lerp_hi=_FLAG, defer=(True, False)),
+        variant=_count_aot,
+    ),
+    "update": dict(
+        operands=("p", "g", "s", "s"),
+        axes=dict(
+            maximize=_FLAG,
+            decay=("none", "plain", "cautious"),
+            defer=_FLAG,
+            lerp_hi=_FLAG,
+            factor=("alphas", "clamp", "paper"),
+        ),
+        variant=_update_aot,
+    ),
+}
