@@ -813,6 +813,7 @@ class CautiousOptimizer(Optimizer):
         entry_layouts: list[ParamLayout] = []
         created: list[bool] = []
         cacheable = True
+        flat: list[tuple[Tensor, ParamLayout]] = []  # FSDP1 parameters and their layouts
         n_states = len(self.state_keys)
         for gi, group in enumerate(self.param_groups):  # before any state changes
             if group.get("fused"):
@@ -826,7 +827,10 @@ class CautiousOptimizer(Optimizer):
                 table.current_name = names[j] if names is not None else None
                 layout = self._layout_for(p)
                 if layout is not DEFAULT_LAYOUT:
-                    cacheable = False
+                    if id(p) in self._layouts:  # an adapter's (ZeRO): planned every step
+                        cacheable = False
+                    else:  # FSDP1's: cached, the layout checked every step (_reuse)
+                        flat.append((p, layout))
                 # Reserve slots for every parameter, gradient or not (see reduce.py).
                 token = None if shard else layout.reserve(p, table)
                 if home is None:
@@ -895,6 +899,12 @@ class CautiousOptimizer(Optimizer):
             )
         if cacheable:
             plan.freeze()
+            plan.flat = flat
+            plan.entry_layouts = entry_layouts
+            for b in plan.buckets:  # FSDP1: fresh views of the flat tensors every step
+                flat_bucket = any(entry_layouts[i] is not DEFAULT_LAYOUT for i in b.src)
+                if b.dynamic is None and flat_bucket:
+                    b.dynamic = list(b.pieces)
             self._plan = plan
         return plan, grads
 
@@ -907,6 +917,9 @@ class CautiousOptimizer(Optimizer):
         for group, g0, ids in zip(self.param_groups, plan.groups, plan.param_ids):
             if group is not g0 or tuple(map(id, group["params"])) != ids:
                 return None
+        for p, layout in getattr(plan, "flat", ()):
+            if flat_layout_for(p) is not layout:
+                return None  # FSDP1 re-computed its shard metadata (re-wrapped, resharded)
         buf = plan.step_buf
         if buf is None or buf._version != plan.step_version:
             return None  # a step counter was changed in place
@@ -935,14 +948,23 @@ class CautiousOptimizer(Optimizer):
             if b.dynamic is None:
                 out.append(egrads if b.all_entries else list(map(egrads.__getitem__, b.src)))
                 continue
-            # DTensors: fresh local views (and the layout's checks) every step
-            for j, i in enumerate(b.src):
+            # DTensors and FSDP1 flat tensors: fresh local views (and the layout's checks)
+            # every step; an entry's pieces are consecutive in its bucket
+            layouts = getattr(plan, "entry_layouts", None)
+            j, n = 0, len(b.dynamic)
+            for i in dict.fromkeys(b.src):
                 e = plan.entries[i]
-                pcs = pieces_of(DEFAULT_LAYOUT, e.param, egrads[i], e.states, e.token, b.shard)
-                if len(pcs) != 1 or pcs[0].grad.dtype != b.grad_dtype:
-                    plan.advance(-1)  # undo; the full path re-plans this step
-                    return None
-                b.dynamic[j] = pcs[0]
+                layout = DEFAULT_LAYOUT if layouts is None else layouts[i]
+                pcs = pieces_of(layout, e.param, egrads[i], e.states, e.token, b.shard)
+                for pc in pcs:
+                    if j >= n or b.src[j] != i or pc.grad.dtype != b.grad_dtype:
+                        plan.advance(-1)  # undo; the full path re-plans this step
+                        return None
+                    b.dynamic[j] = pc
+                    j += 1
+            if j != n:
+                plan.advance(-1)
+                return None
             out.append([pc.grad for pc in b.dynamic])
             b.refresh(b.dynamic)
             for pc in b.dynamic:
