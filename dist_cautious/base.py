@@ -734,8 +734,10 @@ class CautiousOptimizer(Optimizer):
     # fresh state for the affected parameters), unchanged step counters (checked through
     # their version counter) and the same ``scale`` / ``backend`` / ``state_dtype`` per
     # group. Reusing a plan then costs O(1) work per parameter: read ``.grad`` and compare
-    # identities. Layouts registered by adapters (DeepSpeed ZeRO, FSDP1) are planned every
-    # step.
+    # identities. FSDP1 flat layouts are cached too (each reuse checks that
+    # ``fsdp1.layout_for`` still returns the plan's layout and cuts fresh views of the flat
+    # tensors, as DTensor buckets take fresh local shards); layouts registered by adapters
+    # (DeepSpeed ZeRO) are planned every step.
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -4,8 +4,8 @@
 every group (layouts, count slots, state, pieces, buckets) and then executes it (count
 pass, reduce, factor, update pass). Planning is Python work per parameter; at LLaMA-60M
 shapes it would cost more than the kernels. So a plan whose parameters all use the default
-layout (plain tensors, DDP, DTensors) is cached and reused while nothing it depends on
-changed (see ``CautiousOptimizer._reuse``). This module holds the plan's data structures;
+layout (plain tensors, DDP, DTensors) or FSDP1's flat layouts is cached and reused while
+nothing it depends on changed (see ``CautiousOptimizer._reuse``). This module holds the plan's data structures;
 it knows nothing about any particular optimizer's math: states are tuples in the
 optimizer's ``state_keys`` order.
 """
