@@ -14,8 +14,8 @@ that a step never reads a tensor on the host and never branches on data:
 Only ``torch`` ops (mostly ``torch._foreach_*``) are used, so dynamo traces them into one
 graph and a CUDA graph can capture them. Arithmetic is float32 (float64 for float64 state),
 parameters and state are written back in their own dtypes; results agree with the other
-backends to float rounding (the bias corrections are float32 here, float64 on the host
-there).
+backends to float rounding (the bias corrections are float64 device scalars here, Python
+floats there).
 
 Each optimizer has ``count(ps, gs, states, steps, group) -> (int64 counts, handoff)`` and
 ``update(ps, gs, states, steps, alphas, group, handoff)``; all lists are local tensors of one
@@ -73,8 +73,8 @@ def _decay(ps: list[Tensor], dirs: list[Tensor], lr: Any, wd: float, cautious: b
     if not cautious:
         torch._foreach_mul_(ps, keep)
         return
-    if not isinstance(keep, Tensor):
-        keep = torch.tensor(keep, dtype=ps[0].dtype, device=ps[0].device)
+    if not isinstance(keep, Tensor):  # a fill, not a host-to-device copy (capturable)
+        keep = torch.full((), keep, dtype=ps[0].dtype, device=ps[0].device)
     keep = keep.to(ps[0].dtype)
     factors = [torch.where(x >= 0, keep, 1.0) for x in torch._foreach_mul(dirs, ps)]
     torch._foreach_mul_(ps, factors)
@@ -129,10 +129,12 @@ def adamw_update(
     _write_back(exp_avg_sqs, vs, v_copied)
     pc, p_copied = _compute(ps, dt)
     _decay(pc, ms, lr, group["weight_decay"], bool(group["cautious_weight_decay"]))
-    s = steps.to(dt)
+    # bias corrections in float64, as the host computes them in the planned step: in float32
+    # 1 - beta2**t loses ~1e-5 of its value at t = 1 (cancellation)
+    s = steps.to(torch.float64)
     bc1 = 1 - torch.pow(beta1, s)
-    bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, s))
-    coef = (-lr * alphas.to(dt)) / bc1  # -lr / bc1 * alpha, per tensor
+    bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, s)).to(dt)
+    coef = ((-lr * alphas) / bc1).to(dt)  # -lr / bc1 * alpha, per tensor
     denom = torch._foreach_sqrt(vs)
     torch._foreach_div_(denom, list(bc2_sqrt.unbind()))
     torch._foreach_add_(denom, eps)
