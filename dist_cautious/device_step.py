@@ -88,7 +88,8 @@ def init_group(
     table.current_group = gi
     info = []
     per_key: list[list[Tensor]] = [[] for _ in opt.state_keys]
-    for p in group["params"]:
+    pnames = group.get("param_names")  # named_parameters(): the guard's identity
+    for j, p in enumerate(group["params"]):
         if opt._layout_for(p) is not DEFAULT_LAYOUT:  # (raises for tensors never given)
             raise NotImplementedError(
                 f"param group {gi}: a parameter of shape {tuple(p.shape)} has an adapter "
@@ -107,7 +108,10 @@ def init_group(
         red = None if shard or not is_dtensor(p) else shard_reduction(p)
         if red is not None:
             tag = (tuple(p.shape), str(p.dtype).replace("torch.", ""))
-            table.reserve(red, p.numel(), tag)
+            # counts are summed in walk order here (not sorted by name as in the planned
+            # step), so a name carries its position: another order on another rank raises
+            name = None if pnames is None else f"{pnames[j]} (position {j})"
+            table.reserve(red, p.numel(), tag, name)
             names = tuple(str(group_key(pg)) for pg in red.groups)
             for pg in red.groups:
                 if not getattr(pg, "group_name", None):

@@ -65,6 +65,15 @@ def test_fsdp2_named_tensor_in_another_group_raises_before_stepping(res):
     assert r["steps"] == [[], []] and r["steps_done"] == 0, r  # no state created
 
 
+def test_fsdp2_named_other_order_with_capturable_raises_before_stepping(res):
+    """capturable=True (device_step.py) does not reorder by name: the names carry their
+    position, so another order is refused by the one-time check, before any step."""
+    r = res["fsdp2"]["named_capturable"]
+    _raised_everywhere(r, "disagree on sharded tensor number 0", "named 'a (position ")
+    # its state is created (zero moments) before the check, but nothing has advanced
+    assert r["steps_done"] == 0 and all(s == 0.0 for st in r["steps"] for s in st), r
+
+
 def test_fsdp2_unnamed_same_shape_swap_is_the_documented_limit(res):
     """Without names the guard compares (group, numel, shape, dtype) only: a swap of two
     (6, 5) DTensors passes and each count is summed with the other tensor's (README,
