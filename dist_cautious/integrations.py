@@ -146,7 +146,10 @@ def torchtitan_container() -> type:
     class CautiousOptimizersContainer(OptimizersContainer):
         @dataclass(kw_only=True, slots=True)
         class Config(OptimizersContainer.Config):
-            implementation: str = "for-loop"  # ours pick their own backend
+            # torchtitan turns this into foreach / fused group keys, which pick our backend
+            # as in torch: "for-loop" would mean foreach=False, the slow single-tensor
+            # reference kernels; "fused" picks the Triton kernels on CUDA
+            implementation: str = "foreach"
 
         @staticmethod
         def _resolve_optimizer_factory(name: str):

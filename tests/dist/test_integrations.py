@@ -36,6 +36,11 @@ BF16_TOL = TOL
 # Per rank, FSDP2 keeps ceil(rows / W) rows of every tensor: 508 of the model's 852 bytes
 # on 2 ranks (0.596; 1/W = 0.5 plus the padding of 7-row tensors).
 PER_RANK = 0.6
+# Clipping at max_grad_norm=1.0: the total norm is summed over shards in another order than
+# in one process, so every gradient is scaled by a factor 1 ulp away; measured 1.6e-7 and
+# 2.4e-6 (two library revisions of 2026-12-03) on the total update, 0.097 without clipping
+# in the reference.
+TOL_CLIP = 1e-5
 
 
 def _have(*mods: str) -> bool:
@@ -96,15 +101,15 @@ def results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-def _exact(r: dict, kind: str) -> None:
+def _exact(r: dict, kind: str, tol: float = TOL) -> None:
     assert "error" not in r, r.get("tb", r)
     assert r["kinds"] == [kind], r  # what the optimizer was stepping
     assert r["state_steps"] == [STEPS] and r["n_steps"] == STEPS, r
     assert r["missing"] == [], r
     assert max(r["local_fraction"]) < 0.75, r  # really sharded (2 ranks)
     assert r["moved"] > 1e-3, r  # every tensor trained
-    assert r["param"] <= TOL, r
-    assert r["delta"] <= TOL, r
+    assert r["param"] <= tol, r
+    assert r["delta"] <= tol, r
     assert r["kept"] == pytest.approx(r["ref_kept"], abs=1e-12), r  # whole-tensor counts
 
 
@@ -214,10 +219,10 @@ def test_trainer_fsdp2_own_setup_ac_and_default_clipping(results):
     """The Trainer's own FSDP set-up (the CPU shim acts inside AcceleratorState, before the
     Trainer post-processes its Accelerator): fsdp_config activation_checkpointing wraps both
     Blocks, and the default max_grad_norm=1.0 clips every step (targets x10); the
-    reference clips the same way (measured 1.6e-7: the distributed norm's summation order;
-    0.097 from an unclipped reference)."""
+    reference clips the same way (TOL_CLIP: the distributed norm's summation order; 0.097
+    from an unclipped reference)."""
     r = results["trainer_fsdp2_ac_clip"]
-    _exact(r, "DTensor")
+    _exact(r, "DTensor", TOL_CLIP)
     _memory(r)
     assert r["max_grad_norm"] == 1.0 and r["clipped_steps"] == STEPS, r
     assert r["checkpointed_blocks"] == 2, r

@@ -202,4 +202,4 @@ def test_torchtitan_container_resolves_ours(monkeypatch):
     assert cls._resolve_optimizer_factory("AdamW") is torch.optim.AdamW
     with pytest.raises(NotImplementedError, match="Muon"):
         cls._resolve_optimizer_factory("Muon")
-    assert cls.Config().implementation == "for-loop" and cls.Config().name == "AdamW"
+    assert cls.Config().implementation == "foreach" and cls.Config().name == "AdamW"

@@ -807,22 +807,9 @@ def sc_lightning(
 def cadamw_container():
     """docs/integrations.md's torchtitan recipe: an OptimizersContainer that also knows
     "CAdamW" (torchtitan builds it after fully_shard, from ``config.optimizer.build``)."""
-    from dataclasses import dataclass
+    from dist_cautious.integrations import torchtitan_container
 
-    from torchtitan.components.optimizer import OptimizersContainer
-
-    class CAdamWOptimizersContainer(OptimizersContainer):
-        @dataclass(kw_only=True, slots=True)
-        class Config(OptimizersContainer.Config):
-            implementation: str = "for-loop"  # CAdamW picks its own backend
-
-        @staticmethod
-        def _resolve_optimizer_factory(name: str):
-            if name == "CAdamW":
-                return CAdamW
-            return OptimizersContainer._resolve_optimizer_factory(name)
-
-    return CAdamWOptimizersContainer
+    return torchtitan_container()
 
 
 def sc_titan() -> dict:
