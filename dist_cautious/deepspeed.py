@@ -63,6 +63,7 @@ __all__ = [
     "Fragment",
     "ZeroFlatLayout",
     "attach",
+    "cautious",
     "check_config",
     "config",
     "initialize",
@@ -316,6 +317,17 @@ def _find(obj: Any) -> tuple[Any, CautiousOptimizer]:
             )
         parent, obj = obj, nxt
     raise TypeError(f"no CAdamW found inside {type(start).__name__} (nesting too deep)")
+
+
+def cautious(engine: Any) -> CautiousOptimizer:
+    """The cautious optimizer (``CAdamW`` / ``CLion`` / ``CSGD``) inside a DeepSpeed engine or
+    optimizer wrapper: where its statistics live.
+
+    ``deepspeed.initialize`` returns DeepSpeed's optimizer wrapper, not the client optimizer,
+    so ``opt.kept_fraction`` does not exist there; ``dsc.cautious(engine).kept_fraction`` and
+    ``.mask_stats`` do. Accepts what :func:`attach` accepts (the engine, ``engine.optimizer``,
+    HF accelerate's wrapper around it). Raises ``TypeError`` when there is none inside."""
+    return _find(engine)[1]
 
 
 def _unsupported(wrapper: Any, kinds: dict[str, type]) -> str | None:
@@ -577,6 +589,50 @@ def _skip_construction_steps(opt: CautiousOptimizer) -> Iterator[dict]:
                 del opt.step
 
 
+def _announce_op_build() -> str | None:
+    """Say so before DeepSpeed silently JIT-compiles its C++ op on the CPU accelerator.
+
+    On ``DS_ACCELERATOR=cpu`` DeepSpeed's communication backend builds
+    ``deepspeed_shm_comm`` with ``torch.utils.cpp_extension`` the first time it starts (1 to 6
+    minutes on 2 cores, measured, with no output), into ``$TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions/<python>_<device>``, shared by every environment of the user:
+    a build made by another environment is rebuilt, and then rebuilt again there). Returns the
+    message logged (a warning), or None where the op is already built for this environment
+    or this is not the CPU accelerator. Never raises."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory, include_paths
+
+        acc = get_accelerator()
+        if acc.device_name() != "cpu":
+            return None
+        builder = acc.create_op_builder("ShareMemCommBuilder")
+        if builder is None or builder.name in getattr(type(builder), "_loaded_ops", {}):
+            return None
+        where = _get_build_directory(builder.name, verbose=False)
+        so = os.path.join(where, f"{builder.name}.so")
+        ninja = os.path.join(where, "build.ninja")
+        if os.path.exists(so) and os.path.exists(ninja):
+            with open(ninja) as f:
+                if include_paths()[0] in f.read():
+                    return None
+            why = "was built by another Python environment and will be rebuilt"
+        else:
+            why = "is not built yet"
+    except Exception:  # a diagnostic only
+        return None
+    msg = (
+        f"dist_cautious.deepspeed: DeepSpeed's C++ op {builder.name!r} {why}; DeepSpeed now "
+        f"JIT-compiles it into {where} (minutes on a small CPU, silently; once per "
+        "environment). Set TORCH_EXTENSIONS_DIR to a directory of this environment (e.g. "
+        "$VIRTUAL_ENV/torch_extensions) so that environments do not rebuild each other's ops."
+    )
+    import logging
+
+    logging.getLogger(__name__).warning(msg)
+    return msg
+
+
 def initialize(*args: Any, **kwargs: Any) -> Any:
     """``deepspeed.initialize(*args, **kwargs)`` followed by :func:`attach` on the engine.
 
@@ -608,6 +664,8 @@ def initialize(*args: Any, **kwargs: Any) -> Any:
             f"optimizer is {type(opt).__name__}, not dist_cautious.CAdamW; use "
             "deepspeed.initialize directly for other optimizers"
         )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _announce_op_build()
     if isinstance(opt, CautiousOptimizer):
         with _skip_construction_steps(opt):
             out = deepspeed.initialize(*args, **kwargs)

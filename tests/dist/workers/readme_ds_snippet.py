@@ -2,7 +2,9 @@
 
 The snippet is cut out of README.md (the python block after "DeepSpeed ZeRO: pass a
 `CAdamW`"), given a ``model`` and a ``batch`` and executed; one step must change the
-parameters and leave the optimizer state on the client CAdamW.
+parameters and leave the optimizer state on the client CAdamW, and the snippet's
+``dsc.cautious(engine).kept_fraction`` must reach its statistics (the returned ``opt`` is
+DeepSpeed's wrapper, which has none).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def main() -> None:
     client = engine.client_optimizer if hasattr(engine, "client_optimizer") else None
     assert isinstance(client, CAdamW), type(client)
     assert any(len(s) for s in client.state.values()), "no optimizer state after engine.step()"
+    # the snippet's documented way to the statistics: the wrapper has none, dsc.cautious does
+    import dist_cautious.deepspeed as dsc
+
+    assert not hasattr(scope["opt"], "kept_fraction"), type(scope["opt"])
+    assert dsc.cautious(engine) is client and dsc.cautious(scope["opt"]) is client
+    assert 0.0 < client.kept_fraction <= 1.0, client.kept_fraction
     after = [p.detach() for p in engine.module.parameters()]
     changed = sum(not torch.equal(a, b) for a, b in zip(after, before))
     if dist.get_rank() == 0:
