@@ -38,6 +38,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "launch" / "bench.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from portable import portable  # noqa: E402  (results files: no absolute paths)
 
 
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -240,23 +242,25 @@ def main() -> int:
     rng = random.Random(a.seed)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join([sys.executable, *sys.argv]),
-        "scenario": " ".join(
-            torchrun_cmd(
-                2,
-                [
-                    *bench_args(a.steps, a.pg_timeout),
-                    "--ckpt-dir",
-                    "D",
-                    "--ckpt-every",
-                    "8",
-                    "--save-params",
-                    "P",
-                ],
-                1,
+        "command": portable(" ".join([sys.executable, *sys.argv])),
+        "scenario": portable(
+            " ".join(
+                torchrun_cmd(
+                    2,
+                    [
+                        *bench_args(a.steps, a.pg_timeout),
+                        "--ckpt-dir",
+                        "D",
+                        "--ckpt-every",
+                        "8",
+                        "--save-params",
+                        "P",
+                    ],
+                    1,
+                )
             )
-        )
-        + f"; kill -9 of rank 1 0-{a.max_delay} s after D/fsdp2-global/step_00000008/COMPLETE",
+            + f"; kill -9 of rank 1 0-{a.max_delay} s after D/fsdp2-global/step_00000008/COMPLETE"
+        ),
         "env_fix": a.env_fix,
         "self_launch": a.self_launch,
         "runs": [],

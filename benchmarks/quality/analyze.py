@@ -34,6 +34,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
+sys.path.insert(0, str(HERE.parent))
+from portable import portable  # noqa: E402  (results files: no absolute paths)
+
 CLAMP = 1e-3
 LABELS = {
     ("adamw", "", 1): "AdamW",
@@ -291,9 +294,11 @@ def analyze(
     fixed = sorted({max(1, round(total * q)) for q in (0.25, 0.5, 0.75, 1.0)})
 
     summary: dict[str, Any] = {
-        "command": command or (out / "command.txt").read_text().strip()
-        if (out / "command.txt").exists()
-        else None,
+        "command": portable(
+            command or (out / "command.txt").read_text().strip()
+            if (out / "command.txt").exists()
+            else None
+        ),
         "corpus": any_meta["corpus"],
         "hyper": any_meta["hyper"],
         "model": any_meta["model"],
@@ -303,7 +308,7 @@ def analyze(
         "clip": any_meta["args"]["clip"],
         "betas": any_meta["args"]["betas"],
         "weight_decay": any_meta["args"]["weight_decay"],
-        "runs": {k: {"wall_s": m["wall_s"], "argv": m["argv"]} for k, m in metas.items()},
+        "runs": {k: {"wall_s": m["wall_s"], "argv": portable(m["argv"])} for k, m in metas.items()},
         "configs": {},
     }
     corpora = {json.dumps(m["corpus"]["sha256"], sort_keys=True) for m in metas.values()}

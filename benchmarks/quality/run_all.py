@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TRAIN = HERE / "train.py"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
+sys.path.insert(0, str(HERE.parent))
+from portable import portable  # noqa: E402  (results files: no absolute paths)
 
 # (optimizer, scale, world): the table's columns
 CONFIGS = (
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_seed = seeds[0] if seeds else 0
     if len(seeds) < 1:
         raise SystemExit("--seeds: give at least one seed")
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    command = portable(" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     args.lib_env = {}
     tmp = None
     if not args.analyze_only and args.library_rev != "worktree":

@@ -47,6 +47,8 @@ LIB_ROOT = Path(os.environ.get("QUALITY_LIB_ROOT", str(ROOT))).resolve()
 for p in (str(LIB_ROOT), str(LIB_ROOT / "launch"), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
+sys.path.insert(0, str(HERE.parent))
+from portable import portable  # noqa: E402  (results files: no absolute paths)
 
 LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
 MAX_RANK_COLUMNS = 4  # kept_rank0..3 in the CSV (world sizes above 4 log the first 4)
@@ -481,7 +483,7 @@ def worker(args: argparse.Namespace) -> None:
             shapes=np.array([list(s) + [1] * (2 - len(s)) for s in shapes]),
         )
         meta = dict(
-            argv=[sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]],
+            argv=portable([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]),
             args=vars(args),
             hyper=hp,
             model=asdict(cfg),
@@ -490,7 +492,7 @@ def worker(args: argparse.Namespace) -> None:
             torch=torch.__version__,
             device=str(device) if not use_cuda else torch.cuda.get_device_name(device),
             corpus=corpus_desc,
-            library=library_info(),
+            library=portable(library_info()),
             wall_s=round(time.time() - t0, 1),
             final_val_loss=val_loss,
         )
