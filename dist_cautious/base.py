@@ -613,15 +613,26 @@ class CautiousOptimizer(Optimizer):
                     self.state[p][key] = distribute_tensor(
                         self.state[p][key], p.device_mesh, p.placements, src_data_rank=None
                     )
-            if torch.is_tensor(st.get(COUNT_KEY)):  # factor_lag=1 counts: exact int64 again
-                self.state[p][COUNT_KEY] = st[COUNT_KEY].to(torch.int64, copy=True)
+            c = st.get(COUNT_KEY)  # factor_lag=1 counts: exact int64 again
+            if torch.is_tensor(c) or isinstance(c, (tuple, list)):
+                self.state[p][COUNT_KEY] = torch.as_tensor(c).to(torch.int64, copy=True)
         self._plan = None
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``; with ``factor_lag=1`` the last step's
         count all-reduce is waited for first, so its counts are in the state."""
         self._finish_pending()
-        return super().state_dict()
+        out = super().state_dict()
+        # FSDP1 flat parameters' counts (one per original tensor, lag.py) as a tuple of ints:
+        # FSDP1's optimizer state dicts would take a 1-D tensor for a flattened one
+        params = [q for g in self.param_groups for q in g["params"]]
+        for i, p in enumerate(params):
+            st = out["state"].get(i)
+            c = st.get(COUNT_KEY) if st else None
+            if torch.is_tensor(c) and c.dim() > 0 and id(p) not in self._layouts:
+                if flat_layout_for(p) is not None:
+                    out["state"][i] = {**st, COUNT_KEY: tuple(c.tolist())}
+        return out
 
     def _finish_pending(self) -> None:
         """Wait for the last step's count all-reduce (``factor_lag=1``) and store its counts."""

@@ -13,9 +13,12 @@ counts) uses its exact factor: that step waits for its all-reduce, as ``factor_l
 The previous counts are optimizer state, ``state[p]["cautious_count"]``: int64, the count
 summed over the whole original tensor (over every shard), so it is the same on every rank
 of the shard group (a replicated value: DCP saves and reshards it like ``step``). A
-parameter that is one tensor (plain, DDP, DTensor) keeps a 0-d tensor; a flat parameter
-(FSDP1 ``FlatParameter``, ZeRO partition) keeps one count per original tensor it holds a
-fragment of (per count slot), a 1-D tensor. Within a cached step plan they are views of
+parameter that is one tensor (plain, DDP, DTensor) or holds a fragment of one original
+tensor keeps a 0-d tensor; a flat parameter holding fragments of several (an FSDP1
+``FlatParameter``, a ZeRO partition) keeps one count per original tensor (per count slot), a
+1-D tensor, which ``state_dict()`` gives as a tuple of ints for FSDP1 parameters (FSDP1's
+optimizer state dicts take a positive-dim tensor for a flattened one and copy a hashable
+non-tensor value, equal on every rank, to each original parameter). Within a cached step plan they are views of
 one buffer (:class:`LagState`), read with one gather and written with one scatter per step.
 
 Why the collectives cannot hang: whether a step waits for its all-reduce at once or at the
@@ -114,7 +117,7 @@ class LagState:
                     piece_unit[pi] = n_units + (slots.index(pieces[pi].slot) if flat else 0)
             for pi in pis:
                 lag_piece[pi] = True
-            spans.append((ei, n_units, n, not flat))
+            spans.append((ei, n_units, n, not flat or n == 1))
             n_units += n
         self.buf = torch.zeros(n_units, dtype=torch.int64, device=home)
         # adopt the counts the state already holds (a previous plan, a loaded checkpoint)
@@ -124,8 +127,10 @@ class LagState:
             st = entries[ei].state
             old = st.get(COUNT_KEY)
             view = self.buf[start] if zero_d else self.buf[start : start + n]
-            if torch.is_tensor(old) and tuple(old.shape) == tuple(view.shape):
-                view.copy_(old)
+            if isinstance(old, (tuple, list)):  # FSDP1's optimizer state dict (see base.py)
+                old = torch.tensor(old, dtype=torch.int64)
+            if torch.is_tensor(old) and old.numel() == view.numel():
+                view.copy_(old.reshape(view.shape))
                 has_prev[ei] = True
             st[COUNT_KEY] = view
             self.views.append((st, view))

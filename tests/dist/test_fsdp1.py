@@ -53,7 +53,8 @@ def _launch(nproc: int, out: Path, scenarios: list[str]) -> dict:
 def w2(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp1_w2") / "out.json"
     subset = [f"subset:{n}" for n in OTHER_ROWS]
-    return _launch(2, out, ["strategies", "shard", "errors", "ckpt", "cost", "lag", *subset])
+    scenarios = ["strategies", "shard", "errors", "ckpt", "cost", "lag", "lag_ckpt", *subset]
+    return _launch(2, out, scenarios)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,16 @@ def test_factor_lag_matches_single_process(uop, w2):
     _assert_counts(r, 1, [2])
     assert r["in_flight"], r
     assert w2["lag"]["exact_vs_lag_delta"] > 1e-2, w2["lag"]
+
+
+@pytest.mark.parametrize("uop", [False, True])
+def test_factor_lag_full_optim_state_dict_resume(uop, w2):
+    """factor_lag=1 through FSDP1's full optimizer state dict: the counts travel (a tuple per
+    FlatParameter, a 0-d tensor per use_orig_params view) and the resumed run is bitwise the
+    uninterrupted one (a lost count would make the first resumed step exact: not bitwise)."""
+    r = w2["lag_ckpt"][f"uop={uop}"]
+    assert r["resume_vs_straight"] == 0.0, r
+    assert r["saved_steps"] == [5.0], r
 
 
 @pytest.mark.parametrize("uop", [False, True])

@@ -318,14 +318,14 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int) 
         opt.zero_grad()
 
 
-def _fresh(uop: bool, world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _fresh(uop: bool, world: int, **kw: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = build(SS.FULL_SHARD, uop, world)
     groups, _ = param_groups(model, uop)
     row = selected()
-    return model, row.cls(groups, **no_wd(row))
+    return model, row.cls(groups, **no_wd(row), **kw)
 
 
-def sc_ckpt(rank: int, world: int) -> dict:
+def sc_ckpt(rank: int, world: int, **kw: int) -> dict:
     """FSDP1's full optimizer state dict: 5 steps, save, load into a fresh model and
     optimizer, 5 more steps == 10 uninterrupted steps."""
     out = {}
@@ -333,15 +333,15 @@ def sc_ckpt(rank: int, world: int) -> dict:
     ocfg = FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False)
     full = StateDictType.FULL_STATE_DICT
     for uop in (False, True):
-        model, opt = _fresh(uop, world)
+        model, opt = _fresh(uop, world, **kw)
         _train(model, opt, 0, STEPS)
         ref = full_params(model)
-        model, opt = _fresh(uop, world)
+        model, opt = _fresh(uop, world, **kw)
         _train(model, opt, 0, STEPS // 2)
         with FSDP.state_dict_type(model, full, cfg, ocfg):
             msd, osd = model.state_dict(), FSDP.optim_state_dict(model, opt)
         steps_saved = sorted({float(v["step"]) for v in osd["state"].values()})
-        model, opt = _fresh(uop, world)
+        model, opt = _fresh(uop, world, **kw)
         with FSDP.state_dict_type(model, full, cfg, ocfg):
             model.load_state_dict(msd)
             opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, osd))
@@ -354,6 +354,11 @@ def sc_ckpt(rank: int, world: int) -> dict:
         }
         del model, opt
     return out
+
+
+def sc_lag_ckpt(rank: int, world: int) -> dict:
+    """sc_ckpt with factor_lag=1: FSDP1's full optimizer state dict carries the counts."""
+    return sc_ckpt(rank, world, factor_lag=1)
 
 
 def sc_shard(rank: int, world: int) -> dict:
@@ -514,6 +519,7 @@ SCENARIOS = {
     "cost": sc_cost,
     "subset": sc_subset,  # subset:NAME
     "lag": sc_lag,
+    "lag_ckpt": sc_lag_ckpt,
 }
 
 
