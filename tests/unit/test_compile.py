@@ -305,13 +305,22 @@ def compiled_runs():
             planned.step()
             step()
             oracle.step(grads_at(s))
+        graphs = counters["stats"]["unique_graphs"]
+        # a scheduler's in-place update of the tensor lr reaches the compiled step without a
+        # recompile: lr = 0 leaves the parameters exactly as they are
+        snapshot = [p.detach().clone() for p in b]
+        opt.param_groups[0]["lr"].fill_(0.0)
+        set_grads(b, 20)
+        step()
         out[name] = dict(
             planned=a,
-            compiled=b,
+            compiled=snapshot,
             oracle=oracle,
             opt=opt,
             breaks=sum(counters["graph_break"].values()),
-            graphs=counters["stats"]["unique_graphs"],
+            graphs=graphs,
+            graphs_after_lr_change=counters["stats"]["unique_graphs"],
+            lr0_unchanged=all(torch.equal(p, q) for p, q in zip(b, snapshot)),
         )
     torch._dynamo.reset()
     return out
@@ -325,5 +334,13 @@ def test_compiled_step_fullgraph_equals_eager_and_the_oracle(name, compiled_runs
     assert max_diff(r["planned"], r["compiled"]) < 1e-6
     for p, ref in zip(r["compiled"], r["oracle"].p):
         assert rel_err(p, ref) < 1e-6, (name, p.shape, rel_err(p, ref))
-    assert all(r["opt"].state[p]["step"].item() == 20 for p in r["compiled"])
+    params = r["opt"].param_groups[0]["params"]
+    assert all(r["opt"].state[p]["step"].item() == 21 for p in params)
     assert 0.2 < r["opt"].kept_fraction < 0.99
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_step_follows_an_in_place_lr_change_without_recompiling(name, compiled_runs):
+    r = compiled_runs[name]
+    assert r["lr0_unchanged"]
+    assert r["graphs_after_lr_change"] == r["graphs"] == 1
