@@ -1062,7 +1062,7 @@ class CautiousOptimizer(Optimizer):
         if lag.deferrable and not lag.fresh and plan.table.sizes:
             # every sharded tensor's factor lags: this step needs no reduced count
             work = start_reduce(*args, validated=self._validated)
-            numels = device_index(tuple(pc.numel for pc in plan.pieces), local_counts.device)
+            numels = lag.numels
             used = ReducedCounts(lag.counts(local_counts), numels, numels[:0], numels[:0])
             alphas = factors(used, groups, plan.buckets, plan.slices)
             lag.store_local(local_counts)

@@ -120,6 +120,9 @@ class LagState:
             spans.append((ei, n_units, n, not flat or n == 1))
             n_units += n
         self.buf = torch.zeros(n_units, dtype=torch.int64, device=home)
+        # per piece, the numel the factor divides (the original tensor's)
+        self.numels = torch.tensor([pc.numel for pc in pieces], dtype=torch.int64, device=home)
+        self.deferrable = False  # set by the optimizer: every count slot of the step lags
         # adopt the counts the state already holds (a previous plan, a loaded checkpoint)
         has_prev = [False] * len(entries)
         self.views: list[tuple[dict, Tensor]] = []

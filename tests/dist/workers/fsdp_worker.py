@@ -89,11 +89,12 @@ def same_sequence_per_group(calls: list[tuple[str, int, int]]) -> bool:
     return True
 
 
-def run_backward(mesh, data_rank: int, net, init, steps: int = STEPS) -> dict:
-    """Real forward/backward through an FSDP2 (or HSDP / TP) model, scale='global'."""
+def run_backward(mesh, data_rank: int, net, init, steps: int = STEPS, **kw) -> dict:
+    """Real forward/backward through an FSDP2 (or HSDP / TP) model, scale='global'; ``kw``:
+    more options for the optimizer and its references (factor_lag)."""
     params = list(net.parameters())
-    opt = ROW.cls(params, **HYPER)
-    ref = FullReference(init, **HYPER)
+    opt = ROW.cls(params, **HYPER, **kw)
+    ref = FullReference(init, **HYPER, **kw)
     counter = CollectiveCounter()
     for s in range(steps):
         x, y = net_batch(data_rank, s)
@@ -128,6 +129,28 @@ def sc_backward(rank: int, world: int, ckpt: str) -> dict:
     shard_net(net, mesh)
     out = run_backward(mesh, rank, net, init)
     out["local_shapes"] = gather_all([tuple(local(p).shape) for p in net.parameters()])
+    return out
+
+
+def sc_cpu_offload(rank: int, world: int, ckpt: str) -> dict:
+    """FSDP2 with ``CPUOffloadPolicy``: sharded parameters, their gradients and the optimizer
+    state live on the CPU and the step runs there (here the compute device is the CPU too,
+    so this checks the offload code path and the layouts, not host/device copies)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    mesh = init_device_mesh("cpu", (world,))
+    net, init = fresh_net()
+    policy = CPUOffloadPolicy(pin_memory=False)  # pinning needs an accelerator
+    fully_shard(net.fc1, mesh=mesh, offload_policy=policy)
+    fully_shard(net.fc2, mesh=mesh, offload_policy=policy)
+    fully_shard(net, mesh=mesh, offload_policy=policy)
+    out = run_backward(mesh, rank, net, init)
+    params = list(net.parameters())
+    out["offload_policy"] = all(  # FSDP2's own record of the policy, per parameter group
+        isinstance(fully_shard.state(m)._fsdp_param_group.offload_policy, CPUOffloadPolicy)
+        for m in (net, net.fc1, net.fc2)
+    )
+    out["local_on_cpu"] = all(local(p).device.type == "cpu" for p in params)
     return out
 
 
@@ -356,7 +379,7 @@ class TPNet(nn.Module):
         return self.norm(self.w2(torch.relu(self.w1(x))))
 
 
-def sc_tp(rank: int, world: int, ckpt: str) -> dict:
+def sc_tp(rank: int, world: int, ckpt: str, **kw) -> dict:
     """FSDP + TP on a 2x2 (dp, tp) mesh: w1 colwise, w2 rowwise, norm FSDP only."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -371,7 +394,7 @@ def sc_tp(rank: int, world: int, ckpt: str) -> dict:
     parallelize_module(net, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
     fully_shard(net, mesh=mesh["dp"])
     dp_rank = mesh.get_local_rank("dp")  # TP ranks of one dp group see the same batch
-    out = run_backward(mesh, dp_rank, net, init)
+    out = run_backward(mesh, dp_rank, net, init, **kw)
     out["expected_groups"] = sorted(
         {mesh.get_group("dp").group_name, mesh.get_group("tp").group_name}
     )
@@ -652,11 +675,19 @@ def sc_lag_dcp_load(rank: int, world: int, ckpt: str) -> dict:
     return out
 
 
+def sc_lag_tp(rank: int, world: int, ckpt: str) -> dict:
+    """factor_lag=1 on FSDP + TP: two all-reduce rounds (dp, then tp); the first is left in
+    flight, the second is issued when the first is waited for, at the next step."""
+    return sc_tp(rank, world, ckpt, factor_lag=1)
+
+
 SCENARIOS = {
     "lag": sc_lag,
+    "lag_tp": sc_lag_tp,
     "lag_dcp_save": sc_lag_dcp_save,
     "lag_dcp_load": sc_lag_dcp_load,
     "backward": sc_backward,
+    "cpu_offload": sc_cpu_offload,
     "handset": sc_handset,
     "frozen": sc_frozen,
     "ddp": sc_ddp,
