@@ -267,7 +267,7 @@ def report(
     clip: float = 0.0,
 ) -> dict:
     init = init_state()
-    got = full_params(model)
+    got = model if isinstance(model, dict) else full_params(model)
     c = inner(opt)
     kinds = sorted({type(p).__name__ for g in c.param_groups for p in g["params"]})
     steps = sorted({int(s["step"]) for s in c.state.values() if "step" in s})
@@ -801,6 +801,107 @@ def sc_lightning(
     return res
 
 
+def sc_lightning_deepspeed(stage: int) -> dict:
+    """Lightning ``DeepSpeedStrategy`` (ZeRO ``stage``), CAdamW from
+    ``configure_optimizers``, ``dist_cautious.deepspeed.attach`` in ``on_train_start`` (the
+    engine exists by then, nothing has been stepped); the config from
+    ``dist_cautious.deepspeed.config`` (no clipping, client optimizer allowed)."""
+    import deepspeed
+    import lightning as L
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from dist_cautious import deepspeed as dc_ds
+
+    rank = dist.get_rank()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyNet()
+            self.net.load_state_dict(init_state())
+            self.seen: list[tuple] = []
+
+        def on_train_start(self) -> None:
+            dc_ds.attach(self.trainer.strategy.deepspeed_engine)
+
+        def training_step(self, b, i):
+            x, y = b
+            self.seen.append((x.detach().clone(), y.detach().clone()))
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return CAdamW(groups(list(self.net.named_parameters())), **HYPER)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return STEPS * BATCH
+
+        def __getitem__(self, i):
+            x, y = batch(i // BATCH, rank)
+            return x[i % BATCH], y[i % BATCH]
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        """Lightning refuses DeepSpeedStrategy unless the accelerator is CUDA (DeepSpeed
+        itself runs on CPU with DS_ACCELERATOR=cpu): skip its two CUDA checks (the
+        accelerator type, GPU indices) and hand DeepSpeed the local rank where Lightning
+        passes the CPU device's index (None); nothing else."""
+
+        def _setup_model_and_optimizer(self, *args, **kwargs):
+            orig = deepspeed.initialize
+
+            def initialize(*a, **kw):
+                if getattr(kw.get("args"), "device_rank", 0) is None:
+                    kw["args"].device_rank = self.local_rank
+                return orig(*a, **kw)
+
+            deepspeed.initialize = initialize
+            try:
+                return super()._setup_model_and_optimizer(*args, **kwargs)
+            finally:
+                deepspeed.initialize = orig
+
+        def setup_environment(self) -> None:
+            super(DeepSpeedStrategy, self).setup_environment()
+
+        def setup_distributed(self) -> None:
+            from lightning.fabric.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+    cfg = dc_ds.config(
+        {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": BATCH}
+    )
+    module = Module()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=dist.get_world_size(),
+        strategy=CPUDeepSpeedStrategy(config=cfg, process_group_backend="gloo"),
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
+    trainer.fit(module, loader)
+    engine = trainer.strategy.deepspeed_engine
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: whole tensors
+        got = {clean(n): p.detach().clone().float() for n, p in engine.module.named_parameters()}
+    chain, o = [], trainer.optimizers[0]
+    while not isinstance(o, CAdamW):
+        chain.append(type(o).__name__)
+        o = o.optimizer
+    res = report(got, trainer.optimizers[0], gather_batches(module.seen))
+    res["chain"] = chain
+    res["layouts"] = len(o._layouts)
+    return res
+
+
 # --- torchtitan ---------------------------------------------------------------------------
 
 
@@ -876,6 +977,8 @@ SCENARIOS = {
     "lightning_mp": lambda: sc_lightning("mp"),
     "lightning_mp_bf16": lambda: sc_lightning("mp", "bf16-mixed", named_groups=True),
     "lightning_mp_resume": lambda: sc_lightning("mp", resume=True),
+    "lightning_deepspeed_z2": lambda: sc_lightning_deepspeed(2),
+    "lightning_deepspeed_z3": lambda: sc_lightning_deepspeed(3),
     "titan_fsdp2": sc_titan,
 }
 
