@@ -11,7 +11,8 @@ A step, in four stages (each in its own module):
 4. update pass (the optimizer's kernels): the masked, rescaled step and the state update.
 
 The base owns the options every cautious optimizer has (``scale``, ``formula``, ``clamp``,
-``backend``, ``state_dtype``, ``cautious_weight_decay``: param-group keys like ``lr``),
+``backend``, ``state_dtype``, ``cautious_weight_decay``, ``factor_lag``: param-group keys
+like ``lr``),
 state creation from the subclass's ``state_keys``, copies and pickling, state-dict
 validation, the cached step plan, the statistics, and the distributed bookkeeping. A
 subclass (:mod:`.optim`: ``CAdamW``, ``CLion``, ``CSGD``) is its math: hyperparameters and

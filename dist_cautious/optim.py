@@ -239,7 +239,7 @@ class CLion(CautiousOptimizer):
     Args: ``lr`` (default 1e-4), ``betas`` (default (0.9, 0.99)), ``weight_decay`` (default
     0, decoupled), ``maximize`` and the cautious options of :class:`CAdamW` (``scale``,
     ``formula``, ``clamp``, ``backend``, ``state_dtype``, ``cautious_weight_decay``: decay
-    only where ``u * W >= 0``) and torch's keywords (``foreach``, ``fused``, ...). State
+    only where ``u * W >= 0``, ``factor_lag``) and torch's keywords (``foreach``, ``fused``, ...). State
     dicts of lion-pytorch and timm's Lion (``exp_avg``, no ``step``) load.
     """
 
@@ -340,8 +340,8 @@ class CSGD(CautiousOptimizer):
     nothing: use ``torch.optim.SGD``). ``cautious_weight_decay=True`` replaces the L2 term
     by a decoupled decay applied only where ``d * W >= 0``:
     ``W <- W - lr * wd * 1[d * W >= 0] * W - lr * alpha * mask * d`` (with ``g' = g``).
-    The cautious options and torch's keywords (``foreach``, ``fused``, ...) are
-    :class:`CAdamW`'s.
+    The cautious options (``factor_lag`` included) and torch's keywords (``foreach``,
+    ``fused``, ...) are :class:`CAdamW`'s.
     """
 
     state_keys = ("momentum_buffer",)
