@@ -80,6 +80,49 @@ def build(root: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     return arrays["train"], arrays["val"], desc
 
 
+NEAR_DUPLICATE_DIRS = ("encodings/",)  # codec tables: near-twins of training files
+
+
+def val_half(rel: str) -> str:
+    """``"report"`` or ``"tune"``: a second, independent hash bit of the path."""
+    return "tune" if int(hashlib.sha256(rel.encode()).hexdigest()[8:16], 16) % 2 else "report"
+
+
+@lru_cache(maxsize=2)
+def val_parts(root: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Issue 20: the validation files split in two, without near-duplicates of training data.
+
+    5. Drop validation files under ``encodings/`` (generated codec tables whose siblings in
+       the training split differ from them in a few table rows).
+    6. The rest is **report** (what the results quote) or **tune** (what a hyperparameter is
+       selected on) by :func:`val_half`; each is joined as in step 4.
+
+    ``build()``'s ``val`` array (all validation files, the issue-11 table's windows) is
+    unchanged. Returns ``({"report": arr, "tune": arr}, description)``.
+    """
+    base = stdlib_root() if root is None else Path(root)
+    chunks: dict[str, list[bytes]] = {"report": [], "tune": []}
+    files: dict[str, list[str]] = {"report": [], "tune": [], "dropped": []}
+    for rel in source_files(base):
+        if not is_val(rel):
+            continue
+        if rel.startswith(NEAR_DUPLICATE_DIRS):
+            files["dropped"].append(rel)
+            continue
+        h = val_half(rel)
+        files[h].append(rel)
+        chunks[h].append((base / rel).read_bytes() + SEPARATOR)
+    arrays = {k: np.frombuffer(b"".join(v), dtype=np.uint8) for k, v in chunks.items()}
+    desc = {
+        "recipe": "benchmarks/quality/corpus.py val_parts (val files minus "
+        f"{'/'.join(NEAR_DUPLICATE_DIRS)}; tune = sha256(relpath)[8:16] odd, else report)",
+        "files": files,
+        "bytes": {k: int(a.size) for k, a in arrays.items()},
+        "sha256": {k: hashlib.sha256(a.tobytes()).hexdigest() for k, a in arrays.items()},
+    }
+    return arrays, desc
+
+
 def describe() -> dict:
     return build()[2]
 

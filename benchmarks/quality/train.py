@@ -22,6 +22,17 @@ sharding is from the per-tensor (global) one. Every ``--snapshot-every`` steps, 
 counts of every tensor (gathered to rank 0) go to ``<out>.rows.npz`` for the shard-size
 analysis in run_all.py. ``<out>.json`` holds the arguments, command line, corpus description
 (Python version, SHA-256 of the train/val arrays), parameter count and wall time.
+
+Issue 20 (benchmarks/quality/study.py): the embedding is its own param group, with
+``--embed-lr-mult`` (its lr = multiplier x the schedule's) and ``--embed-scale`` (its CAdamW
+scope; the other tensors take ``--scale``); ``--tied`` ties the head to the embedding;
+``--factor-lag``. Two more validation columns, ``val_report`` and ``val_tune``
+(corpus.val_parts: the held-out files without the ``encodings/`` tables, split in two). Per
+tensor kind (embed, head, attn, mlp, norm): ``kept_<kind>`` (whole tensors) and
+``factor_<kind>``, the kept-weighted mean factor ``N / max(kept, 1e-3 N)`` of this step's
+mask under the run's scope (per local shard for ``shard`` groups; with ``factor_lag=1`` the
+step applies the previous step's). ``<out>.counts.npz`` holds every step's per-rank,
+per-tensor ``[kept, numel]``.
 """
 
 from __future__ import annotations
@@ -105,6 +116,24 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+KINDS = ("embed", "head", "attn", "mlp", "norm")  # tensor kinds (tied: embed is the head too)
+
+
+def kind_of(name: str) -> str:
+    """The kind of a parameter of launch/model.py's Llama, from its name."""
+    if name.startswith("embed."):
+        return "embed"
+    if name.startswith("lm_head."):
+        return "head"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    if "norm" in name:
+        return "norm"
+    raise ValueError(f"kind_of({name!r}): not a launch/model.py Llama parameter name")
+
+
 FIELDS = (
     "seed",
     "optimizer",
@@ -121,6 +150,13 @@ FIELDS = (
     "shard_logfactor_dev",
     "shard_logfactor_max",
     "elapsed_s",
+    # issue 20: the held-out splits without the encodings/ codec tables (corpus.val_parts)
+    "val_report",
+    "val_tune",
+    # per tensor kind: kept fraction of the whole tensors and the kept-weighted mean factor
+    # the kept elements get under this run's scope (per shard for `shard` groups)
+    *(f"kept_{k}" for k in KINDS),
+    *(f"factor_{k}" for k in KINDS),
 )
 
 
@@ -132,6 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", required=True, choices=("adamw", "cadamw"))
     p.add_argument(
         "--scale", default="global", choices=("global", "shard"), help="CAdamW factor scope"
+    )
+    p.add_argument(
+        "--embed-scale",
+        default=None,
+        choices=("global", "shard"),
+        help="CAdamW factor scope of the embedding's group (default: --scale)",
+    )
+    p.add_argument(
+        "--embed-lr-mult",
+        type=float,
+        default=1.0,
+        help="the embedding group's lr = this x the schedule's lr (default 1)",
+    )
+    p.add_argument(
+        "--tied", action="store_true", help="tie the output head to the embedding (one tensor)"
+    )
+    p.add_argument(
+        "--factor-lag", type=int, default=0, choices=(0, 1), help="CAdamW factor_lag (default 0)"
+    )
+    p.add_argument(
+        "--val-windows-extra",
+        type=int,
+        default=64,
+        help="windows of each of the report / tune splits (corpus.val_parts; default 64)",
     )
     p.add_argument("--world", type=int, default=1, help="FSDP2 ranks (1 = single process, no FSDP)")
     p.add_argument("--seed", type=int, default=0, help="model init and data order")
@@ -258,8 +318,8 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
-    from corpus import build
-    from model import ModelConfig, build_model, lm_loss, param_groups
+    from corpus import build, val_parts
+    from model import ModelConfig, build_model, lm_loss
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     hp = resolved(args)
@@ -282,8 +342,9 @@ def worker(args: argparse.Namespace) -> None:
     if hp["batch"] % world:
         raise SystemExit(f"global batch {hp['batch']} is not divisible by world {world}")
     rows_per_rank = hp["batch"] // world
-    if hp["eval_windows"] % world:
-        raise SystemExit(f"{hp['eval_windows']} validation windows not divisible by world {world}")
+    for nwin in (hp["eval_windows"], args.val_windows_extra):
+        if nwin % world:
+            raise SystemExit(f"{nwin} validation windows not divisible by world {world}")
 
     train, val, corpus_desc = build()
     cfg = ModelConfig(
@@ -296,7 +357,10 @@ def worker(args: argparse.Namespace) -> None:
         batch=rows_per_rank,
     )
     model = build_model(cfg, args.seed, "cpu")
+    if args.tied:
+        model.lm_head.weight = model.embed.weight  # one tensor (the embedding's init)
     names = [n for n, _ in model.named_parameters()]
+    kinds = [kind_of(n) for n in names]
     shapes = [tuple(p.shape) for p in model.parameters()]
     n_params = sum(p.numel() for p in model.parameters())
     model = model.to(device)
@@ -308,18 +372,46 @@ def worker(args: argparse.Namespace) -> None:
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    groups = param_groups(model, args.weight_decay)
+    # Three groups: the embedding (weight decay, its own lr multiplier and CAdamW scope), the
+    # other matrices (weight decay), the norm gains (none). With multiplier 1 and one scope
+    # this is the same optimizer as the two LLaMA groups of launch/model.py's param_groups.
+    params = list(model.parameters())  # named_parameters order == `names`
+    embed_scale = args.embed_scale or args.scale
+    groups = [
+        {
+            "params": [p for p, k in zip(params, kinds) if k == "embed"],
+            "weight_decay": args.weight_decay,
+        },
+        {
+            "params": [p for p, k in zip(params, kinds) if k != "embed" and p.dim() >= 2],
+            "weight_decay": args.weight_decay,
+        },
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    lr_mults = [args.embed_lr_mult, 1.0, 1.0]
+    scopes = [embed_scale, args.scale, args.scale]
     kw = dict(lr=hp["lr"], betas=tuple(args.betas), eps=args.eps)
     if args.optimizer == "adamw":
         opt = torch.optim.AdamW(groups, **kw)
     else:
         from dist_cautious import CAdamW
 
-        opt = CAdamW(groups, scale=args.scale, **kw)
-    params = list(model.parameters())  # named_parameters order == `names`
+        for g, sc in zip(groups, scopes):
+            g["scale"] = sc
+        opt = CAdamW(groups, scale=args.scale, factor_lag=args.factor_lag, **kw)
+    group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+    # per tensor: does its factor come from this rank's piece (`shard`) or the whole tensor
+    shard_t = torch.tensor(
+        [args.optimizer == "cadamw" and scopes[group_of[id(p)]] == "shard" for p in params]
+    )
 
     vwin = val_windows(val, hp["eval_windows"], hp["seq_len"])
     vmine = vwin[rank::world].to(device)  # this rank's share (all ranks: the same count)
+    parts, parts_desc = val_parts()
+    vextra = {
+        k: val_windows(parts[k], args.val_windows_extra, hp["seq_len"])[rank::world].to(device)
+        for k in ("report", "tune")
+    }
 
     def all_sum(x: torch.Tensor) -> torch.Tensor:
         if distributed:
@@ -327,11 +419,12 @@ def worker(args: argparse.Namespace) -> None:
         return x
 
     @torch.no_grad()
-    def evaluate() -> float:
+    def evaluate(windows: torch.Tensor | None = None) -> float:
         model.eval()
+        windows = vmine if windows is None else windows
         tot = torch.zeros(2, dtype=torch.float64, device=device)
-        for i in range(0, vmine.shape[0], rows_per_rank):
-            b = vmine[i : i + rows_per_rank]
+        for i in range(0, windows.shape[0], rows_per_rank):
+            b = windows[i : i + rows_per_rank]
             loss = lm_loss(model(b[:, :-1]), b[:, 1:])
             tot[0] += loss.double() * b.shape[0]
             tot[1] += b.shape[0]
@@ -364,8 +457,10 @@ def worker(args: argparse.Namespace) -> None:
     records: list[dict[str, Any]] = []
     snapshots: list[np.ndarray] = []
     snap_steps: list[int] = []
+    step_counts: list[np.ndarray] = []  # per step: (world, tensors, 2) local [kept, numel]
     t0 = time.time()
     val_loss = evaluate()
+    val_extra = {k: evaluate(w) for k, w in vextra.items()}
     records.append(
         dict(
             seed=args.seed,
@@ -375,13 +470,15 @@ def worker(args: argparse.Namespace) -> None:
             step=0,
             lr=0.0,
             val_loss=val_loss,
+            val_report=val_extra["report"],
+            val_tune=val_extra["tune"],
             elapsed_s=0.0,
         )
     )
     for step in range(1, hp["steps"] + 1):
         lr = lr_at(step, hp["lr"], hp["warmup"], hp["steps"], args.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for g, mult in zip(opt.param_groups, lr_mults):
+            g["lr"] = lr * mult
         full = batch_rows(train, args.seed, step, hp["batch"], hp["seq_len"])
         b = full[rank * rows_per_rank : (rank + 1) * rows_per_rank].to(device)
         loss = lm_loss(model(b[:, :-1]), b[:, 1:])
@@ -420,8 +517,10 @@ def worker(args: argparse.Namespace) -> None:
         do_eval = step % hp["eval_every"] == 0 or step == hp["steps"]
         if do_eval:
             val_loss = evaluate()
+            val_extra = {k: evaluate(w) for k, w in vextra.items()}
         if rank != 0:
             continue
+        step_counts.append(per_rank.numpy().astype(np.int32))
         tot = per_rank.sum(0)  # (tensors, 2): whole-tensor counts
         kf = float(tot[:, 0].sum() / tot[:, 1].sum())
         rk = (per_rank[:, :, 0].sum(1) / per_rank[:, :, 1].sum(1).clamp_min(1)).tolist()
@@ -435,6 +534,21 @@ def worker(args: argparse.Namespace) -> None:
         w = per_rank[:, :, 0]  # weight by kept elements: those the factor acts on
         ldev = float((logr.abs() * w)[have].sum() / w[have].sum().clamp_min(1))
         lmax = float(logr.abs()[have & (w > 0)].max()) if bool((have & (w > 0)).any()) else 0.0
+        # the factor each (rank, tensor) piece got: its own counts for `shard` groups, the
+        # whole tensor's otherwise (AdamW: what a global cautious step would have used)
+        alpha = torch.where(
+            shard_t[None],
+            factor(per_rank[:, :, 0], n.clamp_min(1)),
+            factor(tot[:, 0], tot[:, 1])[None],
+        )
+        per_kind: dict[str, Any] = {}
+        for k in KINDS:
+            sel = torch.tensor([kk == k for kk in kinds])
+            if not bool(sel.any()):
+                continue
+            per_kind[f"kept_{k}"] = float(tot[sel, 0].sum() / tot[sel, 1].sum())
+            wk = per_rank[:, sel, 0]
+            per_kind[f"factor_{k}"] = float((alpha[:, sel] * wk).sum() / wk.sum().clamp_min(1))
         rec = dict(
             seed=args.seed,
             optimizer=args.optimizer,
@@ -444,6 +558,9 @@ def worker(args: argparse.Namespace) -> None:
             lr=lr,
             train_loss=lossv,
             val_loss=val_loss if do_eval else "",
+            val_report=val_extra["report"] if do_eval else "",
+            val_tune=val_extra["tune"] if do_eval else "",
+            **per_kind,
             kept_fraction=kf,
             opt_kept_fraction="" if okf is None else okf,
             shard_frac_dev=fdev,
@@ -453,12 +570,14 @@ def worker(args: argparse.Namespace) -> None:
         )
         for r in range(min(world, MAX_RANK_COLUMNS)):
             rec[f"kept_rank{r}"] = rk[r]
-        if args.optimizer == "cadamw" and args.scale == "shard":
+        if args.optimizer == "cadamw":
+            # what opt.kept_fraction covers on each rank: its own pieces of `shard` groups,
+            # the whole tensors of `global` groups
+            seen = torch.where(shard_t[None, :, None], per_rank, tot[None])
+            want = (seen[:, :, 0].sum(1) / seen[:, :, 1].sum(1)).tolist()
             ok = [float(x[0]) for x in okfs]
-            if any(abs(a - b) > 1e-12 for a, b in zip(ok, rk)):
-                raise RuntimeError(f"opt.kept_fraction per rank {ok} != mask counts {rk}")
-        elif args.optimizer == "cadamw" and abs(okf - kf) > 1e-12:
-            raise RuntimeError(f"opt.kept_fraction {okf} != mask counts {kf}")
+            if any(abs(a - b) > 1e-12 for a, b in zip(ok, want)):
+                raise RuntimeError(f"opt.kept_fraction per rank {ok} != mask counts {want}")
         records.append(rec)
         if step % args.log_every == 0 or do_eval and step == hp["steps"]:
             print(
@@ -482,6 +601,14 @@ def worker(args: argparse.Namespace) -> None:
             names=np.array(names),
             shapes=np.array([list(s) + [1] * (2 - len(s)) for s in shapes]),
         )
+        # every step's per-rank, per-tensor [kept, numel] (issue 20: per-tensor accounting)
+        np.savez_compressed(
+            out.with_suffix(".counts.npz"),
+            counts=np.stack(step_counts),
+            names=np.array(names),
+            kinds=np.array(kinds),
+            shard=shard_t.numpy(),
+        )
         meta = dict(
             argv=portable([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]),
             args=vars(args),
@@ -491,7 +618,8 @@ def worker(args: argparse.Namespace) -> None:
             tensors=len(names),
             torch=torch.__version__,
             device=str(device) if not use_cuda else torch.cuda.get_device_name(device),
-            corpus=corpus_desc,
+            corpus=portable(corpus_desc),
+            val_parts=parts_desc,
             library=portable(library_info()),
             wall_s=round(time.time() - t0, 1),
             final_val_loss=val_loss,
