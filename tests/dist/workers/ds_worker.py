@@ -13,8 +13,12 @@ A SPEC is dot-separated tokens, e.g. ``z2.global.fp32.gas2.rr``:
   uses ``BF16_Optimizer``) / ``fp16`` (static loss scale);
 * ``gasN``: gradient accumulation steps; ``rr``: ZeRO-2 round-robin gradients;
   ``subN``: ZeRO-3 ``sub_group_size``; ``offp``: ZeRO-3 ``offload_param`` to CPU;
+  ``offo``: ZeRO-Offload (``offload_optimizer`` to CPU: fp32 partitions, their gradients
+  and the optimizer state on the CPU, stepped there);
 * ``fsdp``: also train the same model with FSDP2 + the same optimizer and compare;
-* ``forgot``: plain ``deepspeed.initialize`` without the adapter; record the error.
+* ``forgot``: plain ``deepspeed.initialize`` without the adapter; record the error;
+* ``lag``: ``factor_lag=1`` (the references too; the per-step audit's one-step oracle does
+  not know the previous counts, so only the trajectory and the resume are checked).
 
 What is measured, against references computed here that share no code with the adapter:
 
@@ -148,6 +152,8 @@ def hyper(row: Row) -> dict:
 
 def make_opt(groups: list[dict], c: dict) -> CautiousOptimizer:
     row = ROWS[c["row"]]
+    if c.get("lag"):
+        return row.cls(groups, scale=c["scale"], factor_lag=1, **hyper(row))
     if c["scale"] == "mixed":  # decay group (first) global, the other groups shard
         groups = [dict(g, scale="shard") if i else g for i, g in enumerate(groups)]
         return row.cls(groups, **hyper(row))
@@ -225,7 +231,12 @@ def round_robin(items: list, world: int) -> list:
 
 
 def oracle_run(
-    net0: nn.Module, world: int, gas: int, units_of: dict[str, list[tuple[int, int]]], row: Row
+    net0: nn.Module,
+    world: int,
+    gas: int,
+    units_of: dict[str, list[tuple[int, int]]],
+    row: Row,
+    **lag: int,
 ):
     """The row's float64 oracle on float64 gradients of a float64 copy of ``net0``; each
     tensor is stepped as the list of element ranges ``units_of[name]`` (one range: whole
@@ -236,7 +247,9 @@ def oracle_run(
     start = {n: p.detach().reshape(-1).clone() for n, p in m64.named_parameters()}
     shapes = {n: p.shape for n, p in m64.named_parameters()}
     units = [(n, a, b) for n in names for (a, b) in units_of[n]]
-    orc = GroupedOracle(row, [start[n][a:b] for n, a, b in units], [wd_of[n] for n, _, _ in units])
+    orc = GroupedOracle(
+        row, [start[n][a:b] for n, a, b in units], [wd_of[n] for n, _, _ in units], **lag
+    )
 
     def full() -> dict[str, torch.Tensor]:
         out = {n: torch.empty(shapes[n].numel(), dtype=torch.float64) for n in names}
@@ -253,10 +266,12 @@ def oracle_run(
     return {n: t.detach() for n, t in full().items()}
 
 
-def single_process_run(net0: nn.Module, world: int, gas: int, row: Row) -> dict[str, torch.Tensor]:
+def single_process_run(
+    net0: nn.Module, world: int, gas: int, row: Row, **lag: int
+) -> dict[str, torch.Tensor]:
     """The row's optimizer in one process on the full global batch (fp32)."""
     net = copy.deepcopy(net0)
-    opt = row.cls(param_groups(net), backend="reference", **hyper(row))
+    opt = row.cls(param_groups(net), backend="reference", **hyper(row), **lag)
     for t in range(STEPS):
         X, Y = batch(t, world * gas * MB)
         opt.zero_grad(set_to_none=True)
@@ -456,6 +471,7 @@ def parse(spec: str) -> dict:
         rr=False,
         sub=None,
         offp=False,
+        offo=False,
         fsdp=False,
         forgot=False,
         moe=False,
@@ -476,7 +492,7 @@ def parse(spec: str) -> dict:
             c["gas"] = int(tok[3:])
         elif tok.startswith("sub"):
             c["sub"] = int(tok[3:])
-        elif tok in ("rr", "align", "offp", "fsdp", "forgot", "moe", "ckpt"):
+        elif tok in ("rr", "align", "offp", "offo", "fsdp", "forgot", "moe", "ckpt", "lag"):
             c[tok] = True
         else:
             raise ValueError(f"unknown token {tok!r} in {spec!r}")
@@ -493,6 +509,8 @@ def ds_config(c: dict, world: int) -> dict:
         zero["sub_group_size"] = c["sub"]
     if c["offp"]:
         zero["offload_param"] = {"device": "cpu"}
+    if c["offo"]:  # dc_ds.config adds zero_force_ds_cpu_optimizer=False
+        zero["offload_optimizer"] = {"device": "cpu"}
     cfg = {
         "train_micro_batch_size_per_gpu": MB,
         "gradient_accumulation_steps": c["gas"],
@@ -523,6 +541,10 @@ def specs_for(
     named = dict(net.named_parameters())
     kind = type(wrapper).__name__
     checks = {"layout_equal": True, "hp_mapping_checked": 0, "hp_mapping_equal": True, "kind": kind}
+    # ZeRO-Offload: DeepSpeed's own flag that the optimizer runs on CPU partitions
+    checks["offload_optimizer"] = bool(
+        getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False)
+    )
 
     def dp_group(g: dict):  # the data-parallel group a param group must be partitioned over
         if g.get("moe"):
@@ -725,7 +747,15 @@ def run(spec: str, world: int) -> dict:
     else:
         p0 = {n: p.detach().clone() for n, p in net0.named_parameters()}
         whole = {n: [(0, p.numel())] for n, p in net0.named_parameters()}
-        if c["scale"] == "global":
+        if c.get("lag"):  # factor_lag=1 references; factor_lag=0's oracle must be far away
+            lag = {"factor_lag": 1}
+            res["vs_single_process"] = compare(
+                got, single_process_run(net0, world, gas, row, **lag), p0
+            )
+            res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, whole, row, **lag), p0)
+            res["vs_exact_oracle"] = compare(got, oracle_run(net0, world, gas, whole, row), p0)
+            res["in_flight"] = opt._pending is not None
+        elif c["scale"] == "global":
             res["vs_single_process"] = compare(got, single_process_run(net0, world, gas, row), p0)
             res["vs_oracle"] = compare(got, oracle_run(net0, world, gas, whole, row), p0)
         elif c["scale"] == "mixed":  # whole tensors in the decay group, fragments elsewhere
