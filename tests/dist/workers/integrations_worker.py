@@ -156,17 +156,32 @@ def rank_grads(net: nn.Module, per_rank: list[tuple], mp: str) -> list[torch.Ten
             gs = torch.autograd.grad(loss, params)
             total = [t + g / len(per_rank) for t, g in zip(total, gs)]
         return total
-    assert mp == "bf16_params", mp
+    if mp == "fp16_root":  # FSDP1 MixedPrecision(float16), no autocast, no working scaler
+        names = [n for n, _ in net.named_parameters()]
+        total = None
+        for x, y in per_rank:  # inputs cast to fp16 by FSDP1's root (cast_root_forward_inputs)
+            low = {n: p.detach().half().requires_grad_() for n, p in zip(names, params)}
+            out = torch.func.functional_call(net, low, (x.half(),))
+            loss = F.mse_loss(out, y.half())
+            gs = torch.autograd.grad(loss, [low[n] for n in names])
+            part = [g / len(per_rank) for g in gs]  # FSDP1 pre-divides, sums in fp16
+            total = part if total is None else [t + g for t, g in zip(total, part)]
+        return [t.float() for t in total]
+    assert mp in ("bf16_params", "fp16_params"), mp
+    low_dtype = torch.bfloat16 if mp == "bf16_params" else torch.float16
     names = [n for n, _ in net.named_parameters()]
     total = [torch.zeros_like(p) for p in params]
     for x, y in per_rank:
-        low = {n: p.detach().bfloat16().requires_grad_() for n, p in zip(names, params)}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = torch.func.functional_call(net, low, (x.bfloat16(),))
-        loss = F.mse_loss(out.float(), y)
+        low = {n: p.detach().to(low_dtype).requires_grad_() for n, p in zip(names, params)}
+        if mp == "bf16_params":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = torch.func.functional_call(net, low, (x.bfloat16(),))
+            loss = F.mse_loss(out.float(), y)
+        else:  # Accelerate on CPU: no autocast and no scaler for fp16, only FSDP's policy
+            loss = F.mse_loss(torch.func.functional_call(net, low, (x.half(),)), y)
         gs = torch.autograd.grad(loss, [low[n] for n in names])
         total = [t + g.float() for t, g in zip(total, gs)]
-    return [(t.bfloat16().float()) / len(per_rank) for t in total]
+    return [(t.to(low_dtype).float()) / len(per_rank) for t in total]
 
 
 def reference(
@@ -195,7 +210,8 @@ def reference(
         )
     clipped = 0
     for per_rank in batches:
-        for (_, p), g in zip(named, rank_grads(net, per_rank, mp)):
+        grads = rank_grads(net, per_rank, mp)
+        for (_, p), g in zip(named, grads):
             p.grad = g
         if clip > 0:
             clipped += int(torch.nn.utils.clip_grad_norm_(net.parameters(), clip) > clip)
@@ -378,7 +394,11 @@ def reset_accelerate() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
 
 
-MP_CASTS = {"no": "fp32", "bf16": "bf16_params"}  # Accelerate's mixed_precision -> casts
+MP_CASTS = {
+    "no": "fp32",
+    "bf16": "bf16_params",
+    "fp16": "fp16_params",
+}  # Accelerate's mixed_precision -> casts
 
 
 def sc_accel(version: int = 2, scale: str = "global", flat: bool = False, mp: str = "no") -> dict:
@@ -792,12 +812,16 @@ def sc_lightning(
         module, trainer = fit(STEPS)
     seen += module.seen
     wrapped = trainer.strategy.model
-    mp = {"32-true": "fp32", "bf16-mixed": "autocast"}[precision]
+    mp = {"32-true": "fp32", "bf16-mixed": "autocast", "16-mixed": "fp16_root"}[precision]
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if precision == "16-mixed" and scaler is not None and scaler.is_enabled():
+        raise NotImplementedError("the reference does not emulate a working GradScaler")
     decay_names = {n for n, v in init_state().items() if v.ndim > 1} if named_groups else None
     res = report(wrapped, trainer.optimizers[0], gather_batches(seen), decay_names, mp=mp)
     res["param_names"] = [g.get("param_names") for g in inner(trainer.optimizers[0]).param_groups]
     res.update(module.mem)
     res["wrapper"] = type(wrapped).__name__
+    res["scaler"] = None if scaler is None else [type(scaler).__name__, scaler.is_enabled()]
     return res
 
 
@@ -963,6 +987,7 @@ SCENARIOS = {
     "accel_fsdp2_bf16": lambda: sc_accel(2, "global", mp="bf16"),
     "accel_fsdp2_bf16_shard": lambda: sc_accel(2, "shard", mp="bf16"),
     "accel_fsdp1_bf16": lambda: sc_accel(1, "global", mp="bf16"),
+    "accel_fsdp2_fp16": lambda: sc_accel(2, "global", mp="fp16"),
     "trainer_fsdp2_optimizers": lambda: sc_trainer(2, "optimizers"),
     "trainer_fsdp2_override": lambda: sc_trainer(2, "override"),
     "trainer_fsdp1_override": lambda: sc_trainer(1, "override"),
@@ -977,6 +1002,7 @@ SCENARIOS = {
     "lightning_mp": lambda: sc_lightning("mp"),
     "lightning_mp_bf16": lambda: sc_lightning("mp", "bf16-mixed", named_groups=True),
     "lightning_mp_resume": lambda: sc_lightning("mp", resume=True),
+    "lightning_fsdp_fp16": lambda: sc_lightning("fsdp", "16-mixed"),
     "lightning_deepspeed_z2": lambda: sc_lightning_deepspeed(2),
     "lightning_deepspeed_z3": lambda: sc_lightning_deepspeed(3),
     "titan_fsdp2": sc_titan,
