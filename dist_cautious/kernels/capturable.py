@@ -60,7 +60,11 @@ def _masks(us: list[Tensor], gs: list[Tensor]) -> list[Tensor]:
 
 
 def _counts(masks: list[Tensor]) -> Tensor:
-    """Exact int64 number of ones per mask (a float64 1-norm of 0/1 values is exact)."""
+    """Exact int64 number of ones per mask. Eager: one float64 1-norm over the list (exact
+    for 0/1 values); compiled: per-tensor sums, which inductor fuses into its kernel
+    (``_foreach_norm`` with a dtype is not lowered: a fallback op per step)."""
+    if torch.compiler.is_compiling():
+        return torch.stack([x.sum(dtype=torch.float64) for x in masks]).to(torch.int64)
     return torch.stack(torch._foreach_norm(masks, 1, dtype=torch.float64)).to(torch.int64)
 
 
