@@ -3,7 +3,7 @@
 Arithmetic follows :mod:`.reference` operation by operation in float32; square root and
 divisions are correctly rounded (``sqrt_rn`` / ``div_rn``). Operands in table order:
 
-* count: ``(g, m)``. ``m_new = lerp(m, g, 1 - beta1)``; counts ``m_new * g > 0``; writes
+* count: ``(m, g)``. ``m_new = lerp(m, g, 1 - beta1)``; counts ``m_new * g > 0``; writes
   ``m`` unless deferred (``defer_exp_avg=True``: read-only, 8 B per fp32 parameter);
 * update: ``(p, g, m, v)``. With a deferred count, ``m`` is brought up to date first with the
   same code (the mask applied is the mask counted); second moment, decoupled (optionally
@@ -37,26 +37,40 @@ MAXIMIZE, LERP_HI, DECAY, CWD, LERP_M = 1, 2, 4, 8, 16
 
 
 @triton.jit
-def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
-    # x0 = g, x1 = m; s0 = 1 - beta1
-    g = x0
+def count_pre(x0, x1, x2, x3, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr):
+    # x0 = m, x1 = g; s0 = 1 - beta1. Returns m_new (stored right away unless deferred) and
+    # g, negated under maximize.
+    g = x1
     if F & 1:
         g = -g
-    m_new = lerp(x1, g, s0, F & 2)
-    return x0, m_new, x2, x3, m_new * g > 0
+    return lerp(x0, g, s0, F & 2), g, x2, x3
 
 
 @triton.jit
-def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
-    # x0..x3 = p, g, m, v; s0..s6 = 1 - beta1, beta2, 1 - beta2, 1 - lr * wd, -lr / bc1,
-    # sqrt(bc2), eps. Same order as reference.update_pass (g negated under maximize).
+def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D0, SOFT):
+    return x0, x1, x2, x3, x0 * x1 > 0  # m_new * g > 0
+
+
+@triton.jit
+def update_pre(x0, x1, x2, x3, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr):
+    # x0..x3 = p, g, m, v. g negated under maximize; m brought up to date when the count pass
+    # deferred it (LERP_M), with the count pass's code: stored right away.
+    g = x1
+    if F & 1:
+        g = -g
+    m = x2
+    if F & 16:
+        m = lerp(m, g, s0, F & 2)
+    return x0, g, m, x3
+
+
+@triton.jit
+def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D0, SOFT):
+    # x0..x3 = p, g, m, v after update_pre; s1..s6 = beta2, 1 - beta2, 1 - lr * wd, -lr / bc1,
+    # sqrt(bc2), eps. Same order as reference.update_pass.
     p = x0
     g = x1
     m = x2
-    if F & 1:
-        g = -g
-    if F & 16:  # the count pass left m as it was (deferred)
-        m = lerp(m, g, s0, F & 2)
     v_new = x3 * s1 + s2 * g * g
     if F & 4:
         if F & 8:  # cautious weight decay: only where sign(m_new) agrees with p
@@ -71,7 +85,8 @@ def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constex
 
 def count_variant(maximize: bool, lerp_hi: bool, write_m: bool) -> Variant:
     flags = MAXIMIZE * bool(maximize) | LERP_HI * bool(lerp_hi)
-    return Variant(count_math, flags, loads=0b11, stores=0b10 * bool(write_m), count=True, nops=2)
+    stores = 0b01 * bool(write_m)  # operands (m, g)
+    return Variant(count_math, flags, 0b11, stores, True, 2, pre=count_pre, early=stores)
 
 
 def update_variant(maximize: bool, decay: bool, cwd: bool, lerp_m: bool, lerp_hi: bool) -> Variant:
@@ -82,8 +97,9 @@ def update_variant(maximize: bool, decay: bool, cwd: bool, lerp_m: bool, lerp_hi
         | LERP_M * bool(lerp_m)
         | LERP_HI * bool(lerp_m and lerp_hi)
     )
-    stores = 0b1001 | 0b0100 * bool(lerp_m)  # p, v (and m when deferred)
-    return Variant(update_math, flags, loads=0b1111, stores=stores, count=False, nops=4)
+    early = 0b0100 * bool(lerp_m)  # m, when the count pass deferred it
+    stores = 0b1001 | early  # p, v
+    return Variant(update_math, flags, 0b1111, stores, False, 4, pre=update_pre, early=early)
 
 
 def count_pass(
@@ -107,7 +123,7 @@ def count_pass(
         counts = _foreach.count_pass(grads, exp_avgs, beta1, maximize)
         return (counts, False) if defer_exp_avg else counts
     mt = mt or MultiTensorApply(NAME)
-    hit = mt.prepare("count", [grads, exp_avgs], grads)
+    hit = mt.prepare("count", [exp_avgs, grads], grads)
     if hit is None:
         counts = _foreach.count_pass(grads, exp_avgs, beta1, maximize)
         return (counts, False) if defer_exp_avg else counts
@@ -208,7 +224,7 @@ def _update_aot(row: dict) -> tuple[Variant, int, int]:
 
 AOT = {
     "count": dict(
-        operands=("g", "s"),
+        operands=("s", "g"),
         axes=dict(maximize=_FLAG, lerp_hi=_FLAG, defer=(True, False)),
         variant=_count_aot,
     ),

@@ -2,7 +2,7 @@
 
 The algorithm is :mod:`.lion`'s (its module doc). Operands in table order:
 
-* count ``(g, m)``, read-only (8 B per fp32 parameter): ``u = sign(lerp(m, g, 1 - beta1))``,
+* count ``(m, g)``, read-only (8 B per fp32 parameter): ``u = sign(lerp(m, g, 1 - beta1))``,
   counts ``u * g > 0``;
 * update ``(p, g, m)`` (20 B): recomputes ``u`` with the same code (the mask applied is the
   mask counted), decays and steps ``p``, writes ``m <- lerp(m, g, 1 - beta2)``.
@@ -32,17 +32,17 @@ def _sign(x):
 
 
 @triton.jit
-def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
-    # x0 = g, x1 = m; s0 = 1 - beta1
-    g = x0
+def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D0, SOFT):
+    # x0 = m, x1 = g; s0 = 1 - beta1
+    g = x1
     if F & 1:
         g = -g
-    u = _sign(lerp(x1, g, s0, F & 2))
+    u = _sign(lerp(x0, g, s0, F & 2))
     return x0, x1, x2, x3, u * g > 0
 
 
 @triton.jit
-def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
+def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D0, SOFT):
     # x0..x2 = p, g, m; s0..s3 = 1 - beta1, 1 - beta2, lr, 1 - lr * wd. Same order as
     # lion.reference_update_pass (g negated under maximize, u = sign(c)).
     p = x0
@@ -87,7 +87,7 @@ class TritonLion(StatesBackend):
 
     def operands(self, pass_, params, grads, states):  # noqa: ANN001, ANN201
         (exp_avgs,) = states
-        return [grads, exp_avgs] if pass_ == "count" else [params, grads, exp_avgs]
+        return [exp_avgs, grads] if pass_ == "count" else [params, grads, exp_avgs]
 
     def choose(self, pass_: str, h: LionHyper) -> tuple[Variant, tuple[float, ...]]:
         w1, w2 = 1.0 - h.beta1, 1.0 - h.beta2
@@ -109,7 +109,7 @@ class TritonLion(StatesBackend):
 _FLAG = (False, True)
 AOT = {
     "count": dict(
-        operands=("g", "s"),
+        operands=("s", "g"),
         axes=dict(maximize=_FLAG, lerp_hi1=_FLAG),
         variant=lambda row: (count_variant(row["maximize"], row["lerp_hi1"]), 0, 1),
     ),

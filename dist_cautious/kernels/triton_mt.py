@@ -107,6 +107,26 @@ def _load_masked(ptr, live, ON: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _store_full(
+    ptr, x, ON: tl.constexpr, DT: tl.constexpr, SOFT_BF16: tl.constexpr, CM: tl.constexpr
+):
+    if ON:
+        tl.store(ptr, cast_out(x, DT, SOFT_BF16), cache_modifier=CM)
+
+
+@triton.jit
+def _store_masked(ptr, x, live, ON: tl.constexpr, DT: tl.constexpr, SOFT_BF16: tl.constexpr):
+    if ON:
+        tl.store(ptr, cast_out(x, DT, SOFT_BF16), mask=live)
+
+
+@triton.jit
+def no_pre(x0, x1, x2, x3, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr):
+    """The identity first stage (a math function that needs no early store)."""
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _factor(alphas, counts, numels, fparams, t, FACTOR: tl.constexpr):
     # 0: alphas[t]; 1 "clamp", 2 "paper": from int64 counts and numels in float64, exactly as
     # common.cautious_factor (fparams[0] = clamp, float64).
@@ -142,11 +162,13 @@ def mt_kernel(
     s4,
     s5,
     s6,
+    PRE: tl.constexpr,
     MATH: tl.constexpr,
     F: tl.constexpr,
     NOPS: tl.constexpr,
     LOADS: tl.constexpr,
     STORES: tl.constexpr,
+    EARLY: tl.constexpr,
     COUNT: tl.constexpr,
     FACTOR: tl.constexpr,
     V0: tl.constexpr,
@@ -182,6 +204,7 @@ def mt_kernel(
     D1: tl.constexpr = X1.dtype.element_ty
     D2: tl.constexpr = X2.dtype.element_ty
     D3: tl.constexpr = X3.dtype.element_ty
+    LATE: tl.constexpr = STORES - (STORES & EARLY)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     idx0 = tl.arange(0, BLOCK)
     if full != 0:
@@ -196,17 +219,18 @@ def mt_kernel(
             x2 = _load_full(q2 + idx, LOADS & 4, LOAD_EV, BLOCK)
             x3 = _load_full(q3 + idx, LOADS & 8, LOAD_EV, BLOCK)
             x0 = _load_full(q0 + idx, LOADS & 1, LOAD_EV, BLOCK)
+            x0, x1, x2, x3 = PRE(x0, x1, x2, x3, s0, s1, s2, s3, s4, s5, s6, F)
+            # EARLY operands are final after PRE: stored before MATH (fewer live registers)
+            _store_full(q1 + idx, x1, EARLY & 2, D1, SOFT_BF16, STORE_CM)
+            _store_full(q2 + idx, x2, EARLY & 4, D2, SOFT_BF16, STORE_CM)
+            _store_full(q0 + idx, x0, EARLY & 1, D0, SOFT_BF16, STORE_CM)
             y0, y1, y2, y3, hit = MATH(
-                x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F, D2, SOFT_BF16
+                x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F, D0, SOFT_BF16
             )
-            if STORES & 2:
-                tl.store(q1 + idx, cast_out(y1, D1, SOFT_BF16), cache_modifier=STORE_CM)
-            if STORES & 4:
-                tl.store(q2 + idx, cast_out(y2, D2, SOFT_BF16), cache_modifier=STORE_CM)
-            if STORES & 8:
-                tl.store(q3 + idx, cast_out(y3, D3, SOFT_BF16), cache_modifier=STORE_CM)
-            if STORES & 1:
-                tl.store(q0 + idx, cast_out(y0, D0, SOFT_BF16), cache_modifier=STORE_CM)
+            _store_full(q1 + idx, y1, LATE & 2, D1, SOFT_BF16, STORE_CM)
+            _store_full(q2 + idx, y2, LATE & 4, D2, SOFT_BF16, STORE_CM)
+            _store_full(q3 + idx, y3, LATE & 8, D3, SOFT_BF16, STORE_CM)
+            _store_full(q0 + idx, y0, LATE & 1, D0, SOFT_BF16, STORE_CM)
             if COUNT:
                 acc += hit.to(tl.int32)
     else:
@@ -217,17 +241,17 @@ def mt_kernel(
             x2 = _load_masked(X2 + o2 + idx, live, LOADS & 4, BLOCK)
             x3 = _load_masked(X3 + o3 + idx, live, LOADS & 8, BLOCK)
             x0 = _load_masked(X0 + o0 + idx, live, LOADS & 1, BLOCK)
+            x0, x1, x2, x3 = PRE(x0, x1, x2, x3, s0, s1, s2, s3, s4, s5, s6, F)
+            _store_masked(X1 + o1 + idx, x1, live, EARLY & 2, D1, SOFT_BF16)
+            _store_masked(X2 + o2 + idx, x2, live, EARLY & 4, D2, SOFT_BF16)
+            _store_masked(X0 + o0 + idx, x0, live, EARLY & 1, D0, SOFT_BF16)
             y0, y1, y2, y3, hit = MATH(
-                x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F, D2, SOFT_BF16
+                x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F, D0, SOFT_BF16
             )
-            if STORES & 2:
-                tl.store(X1 + o1 + idx, cast_out(y1, D1, SOFT_BF16), mask=live)
-            if STORES & 4:
-                tl.store(X2 + o2 + idx, cast_out(y2, D2, SOFT_BF16), mask=live)
-            if STORES & 8:
-                tl.store(X3 + o3 + idx, cast_out(y3, D3, SOFT_BF16), mask=live)
-            if STORES & 1:
-                tl.store(X0 + o0 + idx, cast_out(y0, D0, SOFT_BF16), mask=live)
+            _store_masked(X1 + o1 + idx, y1, live, LATE & 2, D1, SOFT_BF16)
+            _store_masked(X2 + o2 + idx, y2, live, LATE & 4, D2, SOFT_BF16)
+            _store_masked(X3 + o3 + idx, y3, live, LATE & 8, D3, SOFT_BF16)
+            _store_masked(X0 + o0 + idx, y0, live, LATE & 1, D0, SOFT_BF16)
             if COUNT:
                 acc += (hit & live).to(tl.int32)
     if COUNT:
@@ -261,6 +285,8 @@ class Variant:
     stores: int
     count: bool
     nops: int
+    pre: Any = None  # first stage; None: no_pre
+    early: int = 0  # operands final after ``pre``: stored before ``math`` runs
 
 
 _VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}  # elements per 16 bytes
@@ -274,11 +300,13 @@ def constexprs(
     table's; a missing fourth operand aliases the first)."""
     vec = [_VEC[d] for d in dtypes] + [_VEC[dtypes[0]]] * (4 - len(dtypes))
     return dict(
+        PRE=v.pre or no_pre,
         MATH=v.math,
         F=v.flags,
         NOPS=v.nops,
         LOADS=v.loads,
         STORES=v.stores,
+        EARLY=v.early,
         COUNT=v.count,
         FACTOR=0 if v.count else factor,
         V0=vec[0],
@@ -732,7 +760,8 @@ def aot_space() -> list[dict]:
                 dts = tuple(dt[row[r]] for r in roles)
                 cfg = cfgs[cfg_name][pass_]
                 const = constexprs(v, dts, fmode, cfg, False)
-                const["MATH"] = f"jit:{v.math.__module__}.{v.math.__name__}"
+                for k in ("PRE", "MATH"):
+                    const[k] = f"jit:{const[k].__module__}.{const[k].__name__}"
                 ptr = [tname[d] for d in dts] + [tname[dts[0]]] * (4 - len(dts))
                 if v.count:
                     aux = ["i64"] * 4

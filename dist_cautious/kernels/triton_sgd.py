@@ -1,12 +1,14 @@
 """Cautious SGD-momentum's math for the multi-tensor Triton kernel (:mod:`.triton_mt`), and its
 two passes.
 
-The algorithm is :mod:`.sgd`'s (its module doc). Operands in table order ``(p, g, buf)``:
+The algorithm is :mod:`.sgd`'s (its module doc). Operands in table order:
 
-* count: updates the momentum buffer (reads ``p`` only with L2 decay, ``buf`` only after the
-  first step) and counts ``d * g_eff > 0`` from the buffer *as stored* (rounded to its dtype),
-  so the mask counted is the mask applied (12 B per fp32 parameter, 16 with L2);
-* update: recomputes ``g_eff`` and ``d`` from the stored buffer and steps ``p`` (16 B).
+* count ``(buf, g, p)``: updates the momentum buffer (reads ``p`` only with L2 decay, ``buf``
+  only after the first step) and counts ``d * g_eff > 0`` from the buffer *as stored*
+  (rounded to its dtype), so the mask counted is the mask applied (12 B per fp32 parameter,
+  16 with L2);
+* update ``(p, g, buf)``: recomputes ``g_eff`` and ``d`` from the stored buffer and steps
+  ``p`` (16 B).
 
 Float64 and non-contiguous tensors go to :func:`.sgd.foreach_count_pass` /
 :func:`.sgd.foreach_update_pass` (same math), warned once per backend instance.
@@ -45,19 +47,26 @@ def _direction(ge, b, momentum, NESTEROV: tl.constexpr):
 
 
 @triton.jit
-def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
-    # x0..x2 = p, g, buf; s0..s2 = wd, momentum, 1 - dampening
-    ge = _grad(x1, x0, s0, F & 1, F & 2)
+def count_pre(x0, x1, x2, x3, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr):
+    # x0..x2 = buf, g, p; s0..s2 = wd, momentum, 1 - dampening. Returns the new buffer
+    # (stored right away) and g_eff.
+    ge = _grad(x1, x2, s0, F & 1, F & 2)
     if F & 8:
         b = ge
     else:
-        b = x2 * s1 + s2 * ge
-    d = _direction(ge, cast_out(b, D2, SOFT).to(tl.float32), s1, F & 4)
-    return x0, x1, b, x3, d * ge > 0
+        b = x0 * s1 + s2 * ge
+    return b, ge, x2, x3
 
 
 @triton.jit
-def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D2, SOFT):
+def count_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D0, SOFT):
+    # x0 = the new buffer, x1 = g_eff: d from the buffer as stored (rounded to its dtype)
+    d = _direction(x1, cast_out(x0, D0, SOFT).to(tl.float32), s1, F & 4)
+    return x0, x1, x2, x3, d * x1 > 0
+
+
+@triton.jit
+def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constexpr, D0, SOFT):
     # x0..x2 = p, g, buf; s0..s3 = wd, momentum, lr, 1 - lr * wd
     ge = _grad(x1, x0, s0, F & 1, F & 2)
     d = _direction(ge, x2, s1, F & 4)
@@ -73,8 +82,8 @@ def count_variant(maximize: bool, l2: bool, first: bool, nesterov: bool) -> Vari
     flags = (
         MAXIMIZE * bool(maximize) | L2 * bool(l2) | FIRST * bool(first) | NESTEROV * bool(nesterov)
     )
-    loads = 0b010 | 0b001 * bool(l2) | 0b100 * (not first)
-    return Variant(count_math, flags, loads=loads, stores=0b100, count=True, nops=3)
+    loads = 0b010 | 0b100 * bool(l2) | 0b001 * (not first)  # operands (buf, g, p)
+    return Variant(count_math, flags, loads, 0b001, True, 3, pre=count_pre, early=0b001)
 
 
 def update_variant(maximize: bool, l2: bool, cwd: bool, nesterov: bool) -> Variant:
@@ -88,7 +97,8 @@ class TritonSGD(StatesBackend):
     NAME = NAME
 
     def operands(self, pass_, params, grads, states):  # noqa: ANN001, ANN201
-        return [params, grads, states[0]]
+        (bufs,) = states
+        return [bufs, grads, params] if pass_ == "count" else [params, grads, bufs]
 
     def choose(self, pass_: str, h: SGDHyper) -> tuple[Variant, tuple[float, ...]]:
         l2 = h.weight_decay != 0 and not h.cautious_wd
@@ -111,7 +121,7 @@ _FLAG = (False, True)
 _FACTOR = ("alphas", "clamp", "paper")
 AOT = {
     "count": dict(
-        operands=("p", "g", "s"),
+        operands=("s", "g", "p"),
         axes=dict(maximize=_FLAG, l2=_FLAG, first=_FLAG, nesterov=_FLAG),
         variant=lambda row: (
             count_variant(row["maximize"], row["l2"], row["first"], row["nesterov"]),
