@@ -142,7 +142,12 @@ def rank_grads(net: nn.Module, per_rank: list[tuple], mp: str) -> list[torch.Ten
       ``MixedPrecision`` with param_dtype = reduce_dtype = bfloat16, as Accelerate sets for
       ``mixed_precision="bf16"``) plus Accelerate's autocast: each rank computes with
       bfloat16 copies of the parameters and inputs, its bfloat16 gradient is halved and the
-      two are summed in bfloat16 (one rounding), then cast to the fp32 master gradient.
+      two are summed in bfloat16 (one rounding), then cast to the fp32 master gradient;
+    * ``"bf16_noac"``: the same policy without autocast (the HF Trainer's FSDP2 path: its
+      model's forward is not wrapped), so the loss is computed in bfloat16 too;
+    * ``"fp16_params"``: FSDP2's float16 policy alone (Accelerate on CPU adds no autocast
+      and no scaler for fp16); ``"fp16_root"``: FSDP1 ``MixedPrecision(float16)`` with the
+      loss in float16 (Lightning ``16-mixed`` on CPU, whose scaler is disabled there).
     """
     params = list(net.parameters())
     if mp == "fp32":
@@ -167,8 +172,8 @@ def rank_grads(net: nn.Module, per_rank: list[tuple], mp: str) -> list[torch.Ten
             part = [g / len(per_rank) for g in gs]  # FSDP1 pre-divides, sums in fp16
             total = part if total is None else [t + g for t, g in zip(total, part)]
         return [t.float() for t in total]
-    assert mp in ("bf16_params", "fp16_params"), mp
-    low_dtype = torch.bfloat16 if mp == "bf16_params" else torch.float16
+    assert mp in ("bf16_params", "fp16_params", "bf16_noac"), mp
+    low_dtype = torch.float16 if mp == "fp16_params" else torch.bfloat16
     names = [n for n, _ in net.named_parameters()]
     total = [torch.zeros_like(p) for p in params]
     for x, y in per_rank:
@@ -177,6 +182,9 @@ def rank_grads(net: nn.Module, per_rank: list[tuple], mp: str) -> list[torch.Ten
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = torch.func.functional_call(net, low, (x.bfloat16(),))
             loss = F.mse_loss(out.float(), y)
+        elif mp == "bf16_noac":  # the policy's casts without autocast: bf16 ops, bf16 loss
+            out = torch.func.functional_call(net, low, (x.bfloat16(),))
+            loss = F.mse_loss(out, y.bfloat16())
         else:  # Accelerate on CPU: no autocast and no scaler for fp16, only FSDP's policy
             loss = F.mse_loss(torch.func.functional_call(net, low, (x.half(),)), y)
         gs = torch.autograd.grad(loss, [low[n] for n in names])
@@ -688,12 +696,15 @@ def sc_trainer(
         # reference decays every tensor too.
         decay_names = set(init_state())  # every parameter name (TinyNet has no buffers)
     steps = [sum(micro[i : i + gas], []) for i in range(0, len(micro), gas)]
+    # Accelerate's prepare wraps forward in autocast (keeping _original_forward) when it
+    # applies it; the Trainer's FSDP2 bf16 path does not (FSDP2's policy casts alone)
+    wrapped = hasattr(trainer.model, "_original_forward")
     res = report(
         trainer.model,
         trainer.optimizer,
         steps,
         decay_names,
-        mp="bf16_params" if bf16 else "fp32",
+        mp=("bf16_params" if wrapped else "bf16_noac") if bf16 else "fp32",
         clip=args.max_grad_norm,
     )
     res.update(watch.seen or {})
@@ -702,6 +713,7 @@ def sc_trainer(
     res["group_sizes"] = sizes
     res["refused_cpu_fsdp"] = len(CPU_FSDP_FORCED) > n_forced
     res["max_grad_norm"] = args.max_grad_norm
+    res["autocast_wrapped"] = wrapped
     res["checkpointed_blocks"] = sum(
         "CheckpointWrapper" in type(m).__name__ for m in trainer.model.modules()
     )
