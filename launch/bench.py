@@ -333,6 +333,7 @@ def strip_nproc(argv: list[str], flags: tuple[str, ...] = LAUNCH_ONLY_FLAGS) -> 
 def launch(nproc: int, argv: list[str], max_restarts: int = 0, rdzv_timeout: float = 120) -> int:
     """Start ``nproc`` workers of this script on this node through torch's elastic launcher
     (what ``torchrun --standalone --nproc-per-node N`` does)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -359,8 +360,17 @@ def launch(nproc: int, argv: list[str], max_restarts: int = 0, rdzv_timeout: flo
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)(str(Path(__file__).resolve()), *argv)
+    except KeyboardInterrupt:
+        print("bench.py: interrupted (Ctrl-C); workers stopped", file=sys.stderr)
+        return 130
+    except SignalException as e:  # the elastic agent turns SIGINT / SIGTERM into this
+        print(f"bench.py: stopped by {e.sigval.name}; workers stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
+        if codes <= {130, -2, -15}:  # workers interrupted (Ctrl-C) or terminated
+            print("bench.py: interrupted; workers stopped", file=sys.stderr)
+            return 130
         if codes == {CHECK_FAILED}:
             print("bench.py: --check-against found a difference (see above)", file=sys.stderr)
             return CHECK_FAILED
@@ -928,6 +938,8 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
     ckpt = Checkpoints(ctx, run, cfg, peak_lr) if a.ckpt_dir else None
     start, prior_losses = ckpt.resume() if ckpt is not None else (0, [])
     warm = a.warmup_steps if a.warmup_steps is not None else max(2, a.steps // 10)
+    if start:  # the first step after a resume runs the one-time cross-rank layout check
+        warm = max(warm, start + 1)  # (an all-reduce per group): not a per-step collective
     warm = min(max(warm, start), max(0, a.steps - 1))
 
     meter = CommMeter(ctx.cuda)
@@ -1088,7 +1100,7 @@ def step_mask_stats(opt: Any) -> Any:
     step before are taken: the kept fraction is one step behind."""
     import torch
 
-    if getattr(opt, "_pending", None) is not None:
+    if getattr(opt, "_pending", None):
         st = opt._stats  # the previous step's, complete
         if st is None:
             return None
@@ -1180,14 +1192,41 @@ def hbm_cell(r: dict) -> str:
     return f"{two} ({one}**)" if r.get("factor_lag") else str(two)
 
 
-def footnotes(results: list[dict]) -> list[str]:
+def steps_label(args: argparse.Namespace) -> str:
+    """The table title's step count: the steps this run trained to (``--stop-after``)."""
+    stop = min(args.steps, args.stop_after or args.steps)
+    if stop == args.steps:
+        return f"{stop} steps"
+    return f"stopped after {stop} of {args.steps} steps"
+
+
+def footnotes(results: list[dict], cuda: bool = True) -> list[str]:
+    """The lines under the table. Ratios only where something is communicated (not DDP,
+    whose optimizer sees whole tensors), and on CPU / gloo no time ratio that would present
+    process scheduling and loopback latency as the cost of a 16-byte-per-tensor all-reduce."""
     lines = []
     by = {(r["engine"], r["mode"]): r for r in results}
     for (eng, mode), r in by.items():
         if mode != "global":
             continue
         s = by.get((eng, "shard"))
-        if s:
+        if not r.get("sharded_tensors"):
+            lines.append(
+                f"{eng}: no tensor is sharded, so no mode communicates in the optimizer step "
+                "(global and shard compute the same factors); no ratios to show"
+            )
+            continue
+        if s and not cuda:
+            lines.append(
+                f"{eng}: optimizer step compute global {r['opt_compute_ms']:.3f} ms vs shard "
+                f"{s['opt_compute_ms']:.3f} ms; global also waits {r['opt_comm_ms']:.3f} ms "
+                f"({r['opt_comm_min_ms']:.3f} ms on the last rank to arrive) in "
+                f"{r['collectives_per_step']:g} all-reduce(s) of {fmt_bytes(r['bytes_per_step'])} "
+                f"per step, for {r['sharded_tensors']} sharded tensors: on CPU / gloo that wait "
+                "is process scheduling and loopback latency of a shared machine, not the cost "
+                "of those bytes (GPU figures: docs/benchmarks.md)"
+            )
+        elif s:
             lines.append(
                 f"{eng}: optimizer step global/shard = {r['opt_step_ms'] / s['opt_step_ms']:.3f}x "
                 f"({r['opt_step_ms']:.3f} vs {s['opt_step_ms']:.3f} ms; global spends "
@@ -1298,14 +1337,21 @@ def worker(args: argparse.Namespace) -> int:
         hdr = f"{args.preset} | {args.engine}" + (
             f" ZeRO-{args.zero_stage}" if args.engine == "deepspeed" else ""
         )
-        hdr += f" | world {ctx.world} | {'cuda' if ctx.cuda else 'cpu'}/{ctx.backend} | {args.steps} steps"
+        hdr += f" | world {ctx.world} | {'cuda' if ctx.cuda else 'cpu'}/{ctx.backend}"
+        hdr += f" | {steps_label(args)}"
         print_table(results, hdr)
-        for line in footnotes(results):
+        for line in footnotes(results, cuda=ctx.cuda):
             print(line)
         if check is not None:
             for mode, c in check["modes"].items():
                 ok = c["max_rel_diff"] <= args.check_tol
-                tag = "PASS" if ok else ("FAIL" if mode != "shard" else "differs")
+                tag = (
+                    "PASS"
+                    if ok
+                    else ("FAIL" if mode != "shard" else "differs, as expected: shard factors")
+                )
+                if mode == "shard" and not ok:
+                    tag += " depend on how tensors are split"
                 print(
                     f"check {args.engine}/{mode} vs {args.check_against}/{mode}: max relative "
                     f"parameter difference {c['max_rel_diff']:.3e} (tensor {c['worst_tensor'] or '-'}) "
@@ -1476,7 +1522,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        rc = record(worker)(args)  # a failing rank's traceback reaches the launcher's summary
+        try:
+            rc = record(worker)(args)  # a failing rank's traceback reaches the launcher's summary
+        except KeyboardInterrupt:  # Ctrl-C reaches every worker: exit without a traceback each
+            rc = 130
         exit_past_lingering_gloo_threads(rc)
         return rc
     return launch(

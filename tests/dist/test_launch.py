@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,11 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
         ]
     )
     assert "engine/mode" in proc.stdout and "check fsdp2/global vs ddp/global" in proc.stdout
+    # output that reads as what it is (issue 18): shard's difference is expected; on CPU no
+    # global/shard time ratio (gloo waits are not the cost of the bytes); DDP: no ratios
+    assert "[differs, as expected: shard factors depend on how tensors are split]" in proc.stdout
+    assert "global/shard =" not in proc.stdout and "is process scheduling" in proc.stdout
+    assert "ddp: no tensor is sharded" in proc.stdout and "ddp: all-gather" not in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["world"] == 2 and doc["backend"] == "gloo"
     r = by_mode(doc)
@@ -228,7 +234,13 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
 
     p = torch.load(params)
     assert max_rel(p["fsdp2/global"], p["ddp/global"]) <= 1e-6
-    assert max_rel(p["fsdp2/allgather"], p["ddp/global"]) <= 1e-6  # the baseline is exact too
+    # the baseline is exact under sharding too: bitwise its own DDP run. (Not compared with
+    # ddp/global at a tolerance: it rounds differently, p + (-lr/bc1) * ((alpha * mask * m) /
+    # den) against the kernel's p + (s * m) / den, and 5 steps of forward/backward amplify
+    # that to 8.7e-7 (2-core AMD EPYC) / 1.1e-6 (another EPYC, issue 18), and one flipped
+    # mask decision would make it ~1e-3. tests/dist/test_fsdp2.py checks the baseline against
+    # the float64 oracle on hand-set gradients, where nothing feeds back.)
+    assert max_rel(p["fsdp2/allgather"], p["ddp/allgather"]) == 0.0
     assert max_rel(p["ddp/shard"], p["ddp/global"]) == 0.0  # DDP: nothing is split
     assert max_rel(p["fsdp2/shard"], p["ddp/global"]) > 1e-4  # shard really differs
     assert doc["check"]["modes"]["global"]["pass"] is True
@@ -473,6 +485,67 @@ def test_check_against_ddp_exits_0_repeatedly() -> None:
         )
         assert "[PASS" in proc.stdout
         assert "terminate called" not in proc.stderr
+
+
+def test_footnotes_and_title_say_what_was_run() -> None:
+    """No launch: the lines under the table (CUDA keeps the global/shard ratio; DDP, with
+    nothing sharded, gets none) and the title after --stop-after."""
+    import bench as b
+
+    common = dict(opt_comm_ms=2.0, opt_comm_min_ms=1.0, collectives_per_step=1.0)
+    row = dict(common, opt_step_ms=3.0, opt_compute_ms=1.0, bytes_per_step=360, sharded_tensors=21)
+    res = [
+        dict(row, engine="fsdp2", mode="global"),
+        dict(row, engine="fsdp2", mode="shard", opt_step_ms=1.0),
+        dict(row, engine="ddp", mode="global", sharded_tensors=0),
+        dict(row, engine="ddp", mode="shard", sharded_tensors=0),
+    ]
+    for r in res:
+        r.update(timed_steps=3, peak_memory_kind="rss")
+    gpu, cpu = b.footnotes(res, cuda=True), b.footnotes(res, cuda=False)
+    assert any(x.startswith("fsdp2: optimizer step global/shard = 3.000x") for x in gpu)
+    assert not any("global/shard =" in x for x in cpu)
+    assert any(x.startswith("fsdp2: optimizer step compute global 1.000 ms") for x in cpu)
+    for lines in (gpu, cpu):
+        ddp = [x for x in lines if x.startswith("ddp:")]
+        assert len(ddp) == 1 and "no tensor is sharded" in ddp[0], ddp
+    p = b.build_parser()
+    assert b.steps_label(p.parse_args(["--steps", "60", "--stop-after", "30"])) == (
+        "stopped after 30 of 60 steps"
+    )
+    assert b.steps_label(p.parse_args(["--steps", "60"])) == "60 steps"
+
+
+def test_ctrl_c_stops_the_self_launched_job_in_a_few_lines(tmp_path: Path) -> None:
+    """SIGINT to the process group, as a terminal's Ctrl-C sends it, while the workers train:
+    the launcher and its workers stop without a traceback per process (issue 18: 174 lines
+    before), exit status 130."""
+    import signal
+
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH), "--steps", "100000", "--scale", "global"],
+            env=_env(),
+            stdout=fo,
+            stderr=fe,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "bench: preset" not in out.read_text():
+                time.sleep(0.5)
+            time.sleep(2)  # the workers are in their training loop
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert rc == 130, (rc, text[-3000:])
+    assert "Traceback" not in text and len(text.splitlines()) <= 10, text[-3000:]
+    assert "bench.py: stopped by SIGINT" in text or "interrupted" in text, text
 
 
 def test_readme_deepspeed_snippet_runs_as_written() -> None:
