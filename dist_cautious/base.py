@@ -411,7 +411,9 @@ class CautiousOptimizer(Optimizer):
         self._stats: ReducedCounts | None = None
         self._plan: Plan | None = None  # cached step plan, see step()
         self._validated: set = set()  # count-vector signatures all ranks agreed on (reduce.py)
-        self._pending: Pending | None = None  # factor_lag=1: the last step's all-reduce
+        # factor_lag=1: all-reduces left in flight, one per step() call (ZeRO calls step()
+        # once per param group / sub-group: each waits for its own at the next call on them)
+        self._pending: dict[int, Pending] = {}
 
     # ------------------------------------------------------------------ options
     #
@@ -635,12 +637,19 @@ class CautiousOptimizer(Optimizer):
                     out["state"][i] = {**st, COUNT_KEY: tuple(c.tolist())}
         return out
 
-    def _finish_pending(self) -> None:
-        """Wait for the last step's count all-reduce (``factor_lag=1``) and store its counts."""
+    def _finish_pending(self, params: set[int] | None = None) -> None:
+        """Wait for the count all-reduces left in flight (``factor_lag=1``) and store their
+        counts: all of them, or (``params``: ids of tensors about to be stepped) those of
+        steps that counted any of these tensors. In the order they were started, so the
+        statistics end with the latest."""
         pending = getattr(self, "_pending", None)
-        if pending is not None:
-            self._pending = None
-            self._stats = pending.finish()
+        if not pending:
+            return
+        for key in list(pending):
+            pd = pending[key]
+            if params is None or not params.isdisjoint(pd.lag.param_ids):
+                del pending[key]
+                self._stats = pd.finish()
 
     def _run_load_pre_hooks(self, state_dict: Any) -> Any:
         """torch's ``register_load_state_dict_pre_hook`` hooks, run before the state dict is
@@ -768,7 +777,8 @@ class CautiousOptimizer(Optimizer):
         if device_step.wanted(self):  # capturable=True, or under torch.compile
             device_step.step(self)
             return loss
-        self._finish_pending()  # factor_lag=1: the previous step's counts, reduced
+        if getattr(self, "_pending", None):  # factor_lag=1: previous counts of these tensors
+            self._finish_pending({id(p) for g in self.param_groups for p in g["params"]})
         plan = getattr(self, "_plan", None)
         grads = self._reuse(plan) if plan is not None else None
         if grads is None:
@@ -1011,10 +1021,7 @@ class CautiousOptimizer(Optimizer):
         fuse = (
             lag is None
             and not plan.table.sizes
-            and all(
-                b.backend.caps.fused_factor and b.device == home
-                for b in plan.buckets
-            )
+            and all(b.backend.caps.fused_factor and b.device == home for b in plan.buckets)
         )
         slices = plan.slices
         if lag is not None:  # factor_lag=1 in some group (lag.py)
@@ -1067,7 +1074,9 @@ class CautiousOptimizer(Optimizer):
             used = ReducedCounts(lag.counts(local_counts), numels, numels[:0], numels[:0])
             alphas = factors(used, groups, plan.buckets, plan.slices)
             lag.store_local(local_counts)
-            self._pending = Pending(work, lag)
+            if id(lag) in self._pending or len(self._pending) >= 64:
+                self._finish_pending()  # (not expected: a plan's own was waited for above)
+            self._pending[id(lag)] = Pending(work, lag)
         else:
             red = reduce_counts(*args, validated=self._validated)
             self._stats = red

@@ -119,6 +119,7 @@ class LagState:
                 lag_piece[pi] = True
             spans.append((ei, n_units, n, not flat or n == 1))
             n_units += n
+        self.param_ids = frozenset(id(e.param) for e in entries if e.gi in lag_groups)
         self.buf = torch.zeros(n_units, dtype=torch.int64, device=home)
         # per piece, the numel the factor divides (the original tensor's)
         self.numels = torch.tensor([pc.numel for pc in pieces], dtype=torch.int64, device=home)

@@ -264,7 +264,7 @@ def run_case(
     }
     out = {k: gather_max(v) for k, v in out.items()}
     out.update(counts_summary(counter, steps))
-    out["in_flight"] = opt._pending is not None  # factor_lag=1: the last all-reduce
+    out["in_flight"] = bool(opt._pending)  # factor_lag=1: the last all-reduce
     out["optimizer"] = type(opt).__name__
     out["steps"] = steps
     out["layouts"] = sorted(set().union(*gather_all(sorted(layouts))))

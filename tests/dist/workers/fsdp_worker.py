@@ -615,7 +615,7 @@ def sc_lag(rank: int, world: int, ckpt: str) -> dict:
             if k == 0:
                 with counter.count():
                     opts[0].step()
-                in_flight.append(opts[0]._pending is not None)
+                in_flight.append(bool(opts[0]._pending))
             else:
                 opts[1].step()
         ref.step(gs)
