@@ -167,6 +167,7 @@ def test_accelerate_fsdp2_bf16_shard_scale_differs(results):
     r = results["accel_fsdp2_bf16_shard"]
     assert "error" not in r, r.get("tb", r)
     assert r["mp_policy"] == "torch.bfloat16" and r["delta"] > DIFFERS, r
+    _memory(r)
 
 
 @needs_hf
@@ -208,6 +209,7 @@ def test_accelerate_fsdp2_shard_scale_differs(results):
     assert "error" not in r, r.get("tb", r)
     assert r["kinds"] == ["DTensor"] and r["state_steps"] == [STEPS], r
     assert r["delta"] > DIFFERS, r
+    _memory(r)
 
 
 @needs_hf

@@ -77,8 +77,10 @@ def timm():
 
         yield timm
     finally:
-        if finder is not None:
+        if finder is not None:  # leave no stub behind for later imports in this process
             sys.meta_path.remove(finder)
+            for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+                del sys.modules[k]
 
 
 def test_timm_create_optimizer_v2_builds_ours(timm):
