@@ -178,7 +178,7 @@ def step(opt: Any) -> None:
     counts_parts = []
     passes = []
     device = None
-    for group, params, grads, steps, states, info in work:
+    for group, params, grads, steps, states, _info in work:
         if not params:
             passes.append(None)
             continue
@@ -187,21 +187,27 @@ def step(opt: Any) -> None:
         gs = [_local(g) for g in grads]
         sts = tuple([_local(t) for t in states[k * n : (k + 1) * n]] for k in range(n_keys))
         torch._foreach_add_(steps, 1)
-        svec = torch.stack(steps)
-        c, kw = math.count(ps, gs, sts, svec, group)
-        device = c.device
+        c, kw = math.count(ps, gs, sts, steps, group)
+        device = ps[0].device
         counts_parts.append(c)
-        passes.append((ps, gs, sts, svec, kw))
+        passes.append((ps, gs, sts, steps, kw))
     if device is None:
         return
-    counts = torch.cat(counts_parts) if len(counts_parts) > 1 else counts_parts[0]
 
-    # reduce: one functional all-reduce per process group over every piece it shards
     flat_info = [x for _, params, *_, info in work if params for x in info]
     order: dict[str, list[int]] = {}
     for i, (_, names) in enumerate(flat_info):
         for name in names:
             order.setdefault(name, []).append(i)
+    if not order and isinstance(counts_parts[0], list):
+        # compiled, nothing sharded: factors per tensor from 0-d counts (no stacking)
+        _per_tensor_step(opt, math, work, passes, counts_parts, flat_info, device)
+        return
+    if isinstance(counts_parts[0], list):
+        counts_parts = [torch.stack(c) for c in counts_parts]
+    counts = torch.cat(counts_parts) if len(counts_parts) > 1 else counts_parts[0]
+
+    # reduce: one functional all-reduce per process group over every piece it shards
     if order:
         import torch.distributed._functional_collectives as funcol
 
@@ -217,18 +223,63 @@ def step(opt: Any) -> None:
     # factors and pass 2, per param group
     kept, elems = [], []
     off = 0
-    for (group, params, grads, *_), pa in zip(work, passes):
+    for (group, *_), pa in zip(work, passes):
         if pa is None:
             kept.append(torch.zeros((), dtype=torch.int64, device=device))
             elems.append(torch.zeros((), dtype=torch.int64, device=device))
             continue
-        ps, gs, sts, svec, kw = pa
+        ps, gs, sts, steps, kw = pa
         c, nn = counts[off : off + len(ps)], numels[off : off + len(ps)]
         off += len(ps)
         alphas = cautious_factor(c, nn, group["formula"], float(group["clamp"]), torch.float64)
-        math.update(ps, gs, sts, svec, alphas, group, kw)
+        math.update(ps, gs, sts, steps, alphas, group, kw)
         kept.append(c.sum())
         elems.append(nn.sum())
     kept_buf, elems_buf = opt._device_stats  # see _stats_buffers
     kept_buf.copy_(torch.stack(kept))
     elems_buf.copy_(torch.stack(elems))
+
+
+def _alpha(c: Tensor, n: int, formula: str, clamp: float) -> Tensor:
+    """:func:`~dist_cautious.kernels.cautious_factor` of one 0-d count (``n`` a constant)."""
+    if n == 0:
+        return torch.ones((), dtype=torch.float64, device=c.device)
+    c64 = c.to(torch.float64)
+    if formula == "clamp":
+        return n / torch.clamp_min(c64, clamp * n)
+    return n / (c64 + 1)
+
+
+def _per_tensor_step(
+    opt: Any,
+    math: Any,
+    work: list,
+    passes: list,
+    counts_parts: list[list[Tensor]],
+    flat_info: list,
+    device: torch.device,
+) -> None:
+    """Pass 2 of a compiled step without sharded tensors: every scalar per tensor."""
+    kept, elems = [], []
+    parts = iter(counts_parts)
+    off = 0
+    for (group, *_), pa in zip(work, passes):
+        if pa is None:
+            kept.append(torch.zeros((), dtype=torch.int64, device=device))
+            elems.append(0)
+            continue
+        ps, gs, sts, steps, kw = pa
+        cs = next(parts)
+        ns = [n for n, _ in flat_info[off : off + len(ps)]]
+        off += len(ps)
+        f, clamp = group["formula"], float(group["clamp"])
+        alphas = [_alpha(c, n, f, clamp) for c, n in zip(cs, ns)]
+        math.update(ps, gs, sts, steps, alphas, group, kw)
+        total = cs[0]
+        for c in cs[1:]:
+            total = total + c
+        kept.append(total)
+        elems.append(sum(ns))
+    kept_buf, elems_buf = opt._device_stats  # see _stats_buffers
+    kept_buf.copy_(torch.stack(kept))
+    elems_buf.copy_(torch.tensor(elems, dtype=torch.int64, device=device))

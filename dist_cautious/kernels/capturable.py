@@ -19,8 +19,11 @@ floats there).
 
 Each optimizer has ``count(ps, gs, states, steps, group) -> (int64 counts, handoff)`` and
 ``update(ps, gs, states, steps, alphas, group, handoff)``; all lists are local tensors of one
-param group, ``steps`` a float vector of the (already incremented) step counters, ``alphas``
-the float64 per-tensor factors.
+param group, ``steps`` the list of (already incremented) 0-d step counters, ``alphas`` the
+float64 per-tensor factors. Per-tensor scalars are computed on stacked vectors in eager mode
+(a few ops) and per 0-d tensor under ``torch.compile`` (:func:`per_tensor`), where the counts
+are a list of 0-d tensors too: inductor then computes every scalar inside its fused kernel,
+while stacking 0-d tensors makes it pass one view per tensor at every call.
 """
 
 from __future__ import annotations
@@ -59,13 +62,23 @@ def _masks(us: list[Tensor], gs: list[Tensor]) -> list[Tensor]:
     return masks
 
 
-def _counts(masks: list[Tensor]) -> Tensor:
-    """Exact int64 number of ones per mask. Eager: one float64 1-norm over the list (exact
-    for 0/1 values); compiled: per-tensor sums, which inductor fuses into its kernel
-    (``_foreach_norm`` with a dtype is not lowered: a fallback op per step)."""
+def _counts(masks: list[Tensor]) -> Tensor | list[Tensor]:
+    """Exact int64 number of ones per mask. Eager: a vector, from one float64 1-norm over the
+    list (exact for 0/1 values); compiled: a list of 0-d per-tensor sums, which inductor fuses
+    into its kernel (``_foreach_norm`` with a dtype is not lowered: a fallback op per step)."""
     if torch.compiler.is_compiling():
-        return torch.stack([x.sum(dtype=torch.float64) for x in masks]).to(torch.int64)
+        return [x.sum(dtype=torch.int64) for x in masks]
     return torch.stack(torch._foreach_norm(masks, 1, dtype=torch.float64)).to(torch.int64)
+
+
+def per_tensor(fn: Any, *cols: Any) -> list[Tensor]:
+    """``fn`` of per-tensor scalars (each column a list of 0-d tensors or a vector), as a
+    list of 0-d tensors: one call on stacked vectors in eager mode, one call per tensor under
+    ``torch.compile`` (see the module doc)."""
+    if torch.compiler.is_compiling():
+        return [fn(*xs) for xs in zip(*cols)]
+    vecs = [c if isinstance(c, Tensor) else torch.stack(c) for c in cols]
+    return list(fn(*vecs).unbind())
 
 
 def _decay(ps: list[Tensor], dirs: list[Tensor], lr: Any, wd: float, cautious: bool) -> None:
@@ -96,9 +109,9 @@ def adamw_count(
     ps: list[Tensor],
     gs: list[Tensor],
     states: tuple[list[Tensor], ...],
-    steps: Tensor,
+    steps: list[Tensor],
     group: dict[str, Any],
-) -> tuple[Tensor, dict]:
+) -> tuple[Tensor | list[Tensor], dict]:
     exp_avgs, _ = states
     dt = compute_dtype(exp_avgs[0])
     gc = _grads(gs, dt, bool(group["maximize"]))
@@ -115,8 +128,8 @@ def adamw_update(
     ps: list[Tensor],
     gs: list[Tensor],
     states: tuple[list[Tensor], ...],
-    steps: Tensor,
-    alphas: Tensor,
+    steps: list[Tensor],
+    alphas: Tensor | list[Tensor],
     group: dict[str, Any],
     kw: dict,
 ) -> None:
@@ -135,15 +148,19 @@ def adamw_update(
     _decay(pc, ms, lr, group["weight_decay"], bool(group["cautious_weight_decay"]))
     # bias corrections in float64, as the host computes them in the planned step: in float32
     # 1 - beta2**t loses ~1e-5 of its value at t = 1 (cancellation)
-    s = steps.to(torch.float64)
-    bc1 = 1 - torch.pow(beta1, s)
-    bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, s)).to(dt)
-    coef = ((-lr * alphas) / bc1).to(dt)  # -lr / bc1 * alpha, per tensor
+    bc2_sqrt = per_tensor(
+        lambda s: torch.sqrt(1 - torch.pow(beta2, s.to(torch.float64))).to(dt), steps
+    )
+    coef = per_tensor(  # -lr / bc1 * alpha, per tensor
+        lambda s, a: ((-lr * a) / (1 - torch.pow(beta1, s.to(torch.float64)))).to(dt),
+        steps,
+        alphas,
+    )
     denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, list(bc2_sqrt.unbind()))
+    torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_mul_(upd, ms)  # m * mask
-    torch._foreach_mul_(upd, list(coef.unbind()))
+    torch._foreach_mul_(upd, coef)
     torch._foreach_addcdiv_(pc, upd, denom)
     _write_back(ps, pc, p_copied)
 
@@ -155,9 +172,9 @@ def lion_count(
     ps: list[Tensor],
     gs: list[Tensor],
     states: tuple[list[Tensor], ...],
-    steps: Tensor,
+    steps: list[Tensor],
     group: dict[str, Any],
-) -> tuple[Tensor, dict]:
+) -> tuple[Tensor | list[Tensor], dict]:
     (exp_avgs,) = states
     dt = compute_dtype(exp_avgs[0])
     gc = _grads(gs, dt, bool(group["maximize"]))
@@ -172,8 +189,8 @@ def lion_update(
     ps: list[Tensor],
     gs: list[Tensor],
     states: tuple[list[Tensor], ...],
-    steps: Tensor,
-    alphas: Tensor,
+    steps: list[Tensor],
+    alphas: Tensor | list[Tensor],
     group: dict[str, Any],
     kw: dict,
 ) -> None:
@@ -183,9 +200,9 @@ def lion_update(
     lr = group["lr"]
     pc, p_copied = _compute(ps, dt)
     _decay(pc, us, lr, group["weight_decay"], bool(group["cautious_weight_decay"]))
-    step = alphas.to(dt) * lr  # lr * alpha rounded once, as the other backends
+    step = per_tensor(lambda a: a.to(dt) * lr, alphas)  # lr * alpha rounded once
     torch._foreach_mul_(upd, us)  # mask * u
-    torch._foreach_mul_(upd, list(step.unbind()))
+    torch._foreach_mul_(upd, step)
     torch._foreach_sub_(pc, upd)
     _write_back(ps, pc, p_copied)
     torch._foreach_lerp_(ms, gc, 1 - group["betas"][1])
@@ -199,9 +216,9 @@ def sgd_count(
     ps: list[Tensor],
     gs: list[Tensor],
     states: tuple[list[Tensor], ...],
-    steps: Tensor,
+    steps: list[Tensor],
     group: dict[str, Any],
-) -> tuple[Tensor, dict]:
+) -> tuple[Tensor | list[Tensor], dict]:
     (bufs,) = states
     dt = compute_dtype(bufs[0])
     momentum, dampening = group["momentum"], group["dampening"]
@@ -212,12 +229,11 @@ def sgd_count(
         ge = torch._foreach_add(ge, pc, alpha=wd)
     # torch SGD's first step sets the buffer to g_eff: per tensor, first = (step == 1), then
     # buf <- buf * (momentum * (1 - first)) + g_eff * ((1 - dampening) * (1 - first) + first)
-    first = (steps == 1).to(dt)
-    keep = momentum * (1 - first)
-    gain = (1 - dampening) * (1 - first) + first
+    keep = per_tensor(lambda s: momentum * (1 - (s == 1).to(dt)), steps)
+    gain = per_tensor(lambda s: (1 - dampening) * (1 - (s == 1).to(dt)) + (s == 1).to(dt), steps)
     bs, copied = _compute(bufs, dt)
-    torch._foreach_mul_(bs, list(keep.unbind()))
-    torch._foreach_add_(bs, torch._foreach_mul(ge, list(gain.unbind())))
+    torch._foreach_mul_(bs, keep)
+    torch._foreach_add_(bs, torch._foreach_mul(ge, gain))
     _write_back(bufs, bs, copied)
     if copied:  # as stored (a 16-bit state_dtype), so the mask counted is the one applied
         bs, _ = _compute(bufs, dt)
@@ -230,8 +246,8 @@ def sgd_update(
     ps: list[Tensor],
     gs: list[Tensor],
     states: tuple[list[Tensor], ...],
-    steps: Tensor,
-    alphas: Tensor,
+    steps: list[Tensor],
+    alphas: Tensor | list[Tensor],
     group: dict[str, Any],
     kw: dict,
 ) -> None:
@@ -241,9 +257,9 @@ def sgd_update(
     pc, p_copied = _compute(ps, dt)
     if group["cautious_weight_decay"]:
         _decay(pc, ds, lr, group["weight_decay"], True)
-    step = alphas.to(dt) * lr
+    step = per_tensor(lambda a: a.to(dt) * lr, alphas)
     torch._foreach_mul_(upd, ds)  # mask * d
-    torch._foreach_mul_(upd, list(step.unbind()))
+    torch._foreach_mul_(upd, step)
     torch._foreach_sub_(pc, upd)
     _write_back(ps, pc, p_copied)
 
