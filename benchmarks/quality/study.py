@@ -56,9 +56,11 @@ SWEEP_SEEDS = (0,)
 BASE_LR = 3e-3
 SWEEP_MULTS = (1.0, 2.0, 5.0, 10.0)
 SWEEP_LRS = (2e-3, 4.5e-3)  # around BASE_LR, at the best multiplier
-# measured on this 2-core machine with 2 runs at a time: s per step of one run (issue-11
-# runs, the faster half of their steps; eval overhead of the extra splits included by +10%)
-SEC_PER_STEP = {1: 0.5, 2: 0.5, 4: 0.6, 8: 1.2}
+# s per step of one run with 2 runs at a time on this 2-core machine when it is otherwise
+# idle: the fastest issue-11 runs (w1 332 s, w2 207 s, w4 239-312 s per 500 steps) + 10% for
+# the two extra validation splits; w8 was never run: a guess (2x w4). Under a load of ~11
+# from other jobs, niced, a w1 run took ~2.4 s/step (2026-12-03).
+SEC_PER_STEP = {1: 0.7, 2: 0.5, 4: 0.6, 8: 1.2}
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,14 @@ def best_adamw(out: Path) -> tuple[Run | None, float | None, dict]:
     return adamw(0, lr=lr, embed_mult=mult), best_mult, table
 
 
-def plan(out: Path) -> tuple[list[Run], list[str]]:
-    """Every run of the study (those not yet resolvable are left out, with a note)."""
+def plan(out: Path, assume_best: bool = False) -> tuple[list[Run], list[str]]:
+    """Every run of the study (those not yet resolvable are left out, with a note; with
+    ``assume_best`` a placeholder AdamW stands in for them: for counting and estimates)."""
     notes: list[str] = []
     best, best_mult, _ = best_adamw(out)
+    if assume_best and best is None:
+        best_mult = 1.0 if best_mult is None else best_mult
+        best = adamw(0, embed_mult=best_mult)
     runs = sweep_runs(best_mult)
     runs += [cadamw(s, tier=1, arm="cadamw") for s in SWEEP_SEEDS]
     if best_mult is None:
@@ -363,7 +369,16 @@ def main(argv: list[str] | None = None) -> int:
                 for r in runs:
                     print(f"tier {r.tier} {'done' if done(args.out, r) else 'todo'} {r.name}")
                 print("\n".join(notes))
-                print(f"{len(todo)} runs left, ~{estimate_s(todo, 2) / 3600:.1f} h on 2 idle cores")
+                full = unique(plan(args.out, assume_best=True)[0])
+                left = [r for r in full if not done(args.out, r)]
+                for t in sorted({r.tier for r in full}):
+                    lt = [r for r in left if r.tier == t]
+                    print(f"tier {t}: {len(lt)} runs left, ~{estimate_s(lt, 2) / 3600:.2f} h")
+                print(
+                    f"{len(left)} of {len(full)} runs left (runs waiting for the sweep counted), "
+                    f"~{estimate_s(left, 2) / 3600:.1f} h on 2 idle cores with 2 jobs "
+                    f"(s/step per run: {SEC_PER_STEP})"
+                )
                 return 0
             plan_file.write_text(json.dumps(info, indent=1))
             if not todo:
