@@ -63,7 +63,7 @@ int dc_count(int64_t n, float *const *g, float *const *m, const int64_t *lens, f
     }
     const float sign = maximize ? -1.0f : 1.0f;
     const float wm1 = w - 1.0f;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < nc; c++) {
         const float *gp = g[cs[c].tensor] + cs[c].start;
         float *mp = m[cs[c].tensor] + cs[c].start;
@@ -103,7 +103,7 @@ int dc_update(int64_t n, float *const *p, float *const *g, float *const *m, floa
     chunk_t *cs = make_chunks(n, lens, &nc);
     if (!cs) return -1;
     const float sign = maximize ? -1.0f : 1.0f;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < nc; c++) {
         const int64_t t = cs[c].tensor, off = cs[c].start, len = cs[c].len;
         float *pp = p[t] + off;
