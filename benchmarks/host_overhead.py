@@ -195,11 +195,13 @@ def worker(args: argparse.Namespace) -> None:
         model(torch.randn(NUMEL)).backward()
         return model
 
+    keep: list = []
     for n in args.counts:
         steps = {}
         for v in DIST:
             opt_name, kind = v.split("_")
             model = build(kind, n)
+            keep.append(model)  # FSDP1 parameters need their live module (handles)
             params = list(model.parameters())
             if opt_name == "cadamw":
                 opt = CAdamW(params, lr=1e-3, weight_decay=0.1)
