@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -353,49 +353,68 @@ def main(argv: list[str] | None = None) -> int:
     command = portable(" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     lock = threading.Lock()
     results: list[dict] = []
+
+    def snapshot() -> tuple[list[Run], list[str], dict]:
+        runs, notes = plan(args.out)
+        runs = unique(runs)
+        info = {
+            "library_rev": sha,
+            "command": command,
+            "runs": [dict(asdict(r), name=r.name, done=done(args.out, r)) for r in runs],
+            "notes": notes,
+        }
+        return runs, notes, info
+
+    if args.plan:
+        runs, notes, _ = snapshot()
+        for r in runs:
+            print(f"tier {r.tier} {'done' if done(args.out, r) else 'todo'} {r.name}")
+        print("\n".join(notes))
+        full = unique(plan(args.out, assume_best=True)[0])
+        left = [r for r in full if not done(args.out, r)]
+        for t in sorted({r.tier for r in full}):
+            lt = [r for r in left if r.tier == t]
+            print(f"tier {t}: {len(lt)} runs left, ~{estimate_s(lt, 2) / 3600:.2f} h")
+        print(
+            f"{len(left)} of {len(full)} runs left (runs waiting for the sweep counted), "
+            f"~{estimate_s(left, 2) / 3600:.1f} h on 2 idle cores with 2 jobs "
+            f"(s/step per run: {SEC_PER_STEP})"
+        )
+        tmp.cleanup()
+        return 0
+    # A free slot takes the highest-priority run of the current plan that is neither done nor
+    # running; the plan is redone whenever a run ends (a sweep's end adds the runs it decides).
+    running: dict[str, Future] = {}
+    failed: set[str] = set()
+    ex = ThreadPoolExecutor(max(1, args.jobs))
     try:
         while True:
-            runs, notes = plan(args.out)
-            runs = unique(runs)
-            todo = [r for r in runs if not done(args.out, r) and r.tier <= args.max_priority]
-            info = {
-                "library_rev": sha,
-                "command": command,
-                "runs": [dict(asdict(r), name=r.name, done=done(args.out, r)) for r in runs],
-                "notes": notes,
-                "estimate_left_s_2_idle_cores": round(estimate_s(todo, 2)),
-            }
-            if args.plan:
-                for r in runs:
-                    print(f"tier {r.tier} {'done' if done(args.out, r) else 'todo'} {r.name}")
-                print("\n".join(notes))
-                full = unique(plan(args.out, assume_best=True)[0])
-                left = [r for r in full if not done(args.out, r)]
-                for t in sorted({r.tier for r in full}):
-                    lt = [r for r in left if r.tier == t]
-                    print(f"tier {t}: {len(lt)} runs left, ~{estimate_s(lt, 2) / 3600:.2f} h")
-                print(
-                    f"{len(left)} of {len(full)} runs left (runs waiting for the sweep counted), "
-                    f"~{estimate_s(left, 2) / 3600:.1f} h on 2 idle cores with 2 jobs "
-                    f"(s/step per run: {SEC_PER_STEP})"
-                )
-                return 0
+            runs, notes, info = snapshot()
             plan_file.write_text(json.dumps(info, indent=1))
-            if not todo:
+            todo = [
+                r
+                for r in runs
+                if r.tier <= args.max_priority
+                and not done(args.out, r)
+                and r.name not in running
+                and r.name not in failed
+            ]
+            while todo and len(running) < max(1, args.jobs) and len(failed) < 3:
+                r = todo.pop(0)
+                print(f"study: start {r.name} (tier {r.tier}, sha {sha[:12]})", flush=True)
+                running[r.name] = ex.submit(one_run, r, args, lock)
+            if not running:
+                if failed:
+                    print(f"study: failed runs: {sorted(failed)}; see their .log", file=sys.stderr)
                 break
-            # one tier at a time: a tier's results may decide the next tier's runs
-            tier = todo[0].tier
-            batch = [r for r in todo if r.tier == tier]
-            print(f"study: tier {tier}: {len(batch)} run(s) (sha {sha[:12]})", flush=True)
-            with ThreadPoolExecutor(max(1, args.jobs)) as ex:
-                res = list(ex.map(lambda r: one_run(r, args, lock), batch))
-            results += res
-            if any(x["status"] != "ok" for x in res):
-                print(
-                    f"study: failures in tier {tier}: stopping; see the .log files", file=sys.stderr
-                )
-                break
+            ended, _ = wait(list(running.values()), return_when=FIRST_COMPLETED)
+            for name in [n for n, f in running.items() if f in ended]:
+                res = running.pop(name).result()
+                results.append(res)
+                if res["status"] != "ok":
+                    failed.add(name)
     finally:
+        ex.shutdown(wait=True)
         tmp.cleanup()
         status = args.out / "runs_status.json"
         old = json.loads(status.read_text()) if status.exists() else []
