@@ -113,7 +113,9 @@ def main() -> None:
     info = machine()
     info["threads"] = args.threads
     info["torch"] = torch.__version__
-    info["cpu_kernel"] = cpu_fused.describe() if cpu_fused.available() else "unavailable"
+    from portable import portable
+
+    info["cpu_kernel"] = portable(cpu_fused.describe())
     ds_adam = None
     if not args.no_deepspeed:
         import deepspeed
@@ -190,8 +192,6 @@ def main() -> None:
     stem = (
         Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"offload_cpu_step_{date}"
     )
-    from portable import portable
-
     command = portable("python benchmarks/offload_cpu_step.py " + " ".join(sys.argv[1:]))
     doc = {"date": date, "command": command.strip(), "machine": info, "results": results}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
