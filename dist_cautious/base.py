@@ -381,6 +381,14 @@ class CautiousOptimizer(Optimizer):
         """The kernel backend object for backend ``name`` ("auto", ...) on ``device``."""
         raise NotImplementedError
 
+    def _backend_for(self, name: str, device: torch.device) -> Any:
+        """``_resolve``'s backend, one per (name, device) for the optimizer's life: a Triton
+        backend's chunk-table cache then outlives a re-planned step (ZeRO layouts)."""
+        be = self._backends.get((name, device))
+        if be is None:
+            be = self._backends[(name, device)] = self._resolve(name, device)
+        return be
+
     def _count(self, b: Bucket, grads: list[Tensor], group: dict[str, Any]) -> tuple[Tensor, dict]:
         """Pass 1 on bucket ``b``: int64 counts per piece, and keyword arguments for the
         bucket's ``_update`` call (a backend's hand-off between its passes)."""
@@ -414,6 +422,8 @@ class CautiousOptimizer(Optimizer):
         # factor_lag=1: all-reduces left in flight, one per step() call (ZeRO calls step()
         # once per param group / sub-group: each waits for its own at the next call on them)
         self._pending: dict[int, Pending] = {}
+        # kernel backends by (backend name, device), see _backend_for
+        self._backends: dict[tuple[str, torch.device], Any] = {}
 
     # ------------------------------------------------------------------ options
     #
@@ -888,7 +898,7 @@ class CautiousOptimizer(Optimizer):
                     )
                     b = buckets.get(key)
                     if b is None:
-                        be = self._resolve(backend_name(group), pc.param.device)
+                        be = self._backend_for(backend_name(group), pc.param.device)
                         b = buckets[key] = Bucket(gi, step, be, shard, n_states)
                     b.add(pc, ei)
                     bucket_grads[key].append(pc.grad)
