@@ -30,7 +30,8 @@ stores likewise. Arithmetic is float32 (16-bit operands are converted inside; th
 interpreter computes natively in bf16 wrongly) and is rounded back with :func:`cast_out`.
 
 State: the chunk tables and the warn-once set belong to a :class:`MultiTensorApply` (one per
-backend instance, so per bucket of an optimizer's step plan), not to this module. The launch
+backend instance; an optimizer keeps one backend per backend name and device), not to this
+module. The launch
 configuration (:func:`configure`) is a process-wide setting, per optimizer and pass.
 
 On CPU tensors the kernels only run under the Triton interpreter (``TRITON_INTERPRET=1`` set
@@ -491,7 +492,7 @@ _IS_CONTIGUOUS = Tensor.is_contiguous
 
 
 class MultiTensorApply:
-    """The launcher of one backend instance (one optimizer, one bucket of a step plan).
+    """The launcher of one backend instance (an optimizer keeps one per name and device).
 
     Holds what a launch can reuse from the previous step: chunk tables per (pass, device,
     dtypes, sizes, chunk), kept on the device. When only the addresses changed (fresh
