@@ -143,17 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale",
         type=parse_scales,
-        default=["global", "shard"],
+        default=None,
         help="modes to run, one after the other: global | shard | allgather | both | all | a comma list "
         "(default both)",
     )
     p.add_argument(
         "--factor-lag",
         type=parse_lags,
-        default=[0, 1],
+        default=None,
         help="factor_lag of the global mode: 0 (exact factor: count, all-reduce, update), 1 "
         "(the previous step's factor; the all-reduce is waited for at the next step, so it "
-        f"overlaps the forward/backward: mode {LAG_MODE}) or 0,1 (both side by side; default)",
+        f"overlaps the forward/backward: mode {LAG_MODE}) or 0,1 (both side by side). Default: "
+        "0,1 for the main job (no --scale given), else 0",
     )
     p.add_argument(
         "--device",
@@ -526,7 +527,9 @@ def hbm_bytes_per_param(opt: Any) -> tuple[int, int] | None:
 
     if not isinstance(opt, CAdamW):
         return None
-    p = next(q for g in opt.param_groups for q in g["params"])
+    p = next((q for g in opt.param_groups for q in g["params"]), None)
+    if p is None:  # DeepSpeed ZeRO-3 between steps: the groups' params are swapped out
+        return None
     sp = p.element_size()
     dt = opt.param_groups[0]["state_dtype"]
     ss = dt.itemsize if dt is not None else (4 if sp < 4 else sp)
@@ -1445,6 +1448,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.zero_stage is None and "deepspeed" in engines:
         args.zero_stage = 2
+    main_job = args.scale is None  # the README's main job: global with both lags, and shard
+    if main_job:
+        args.scale = ["global", "shard"]
+    if args.factor_lag is None:
+        args.factor_lag = [0, 1] if main_job else [0]
     if "global" in args.scale:  # --factor-lag: global with factor_lag 0, 1 or both
         i = args.scale.index("global")
         args.scale[i : i + 1] = [LAG_MODE if lag else "global" for lag in args.factor_lag]

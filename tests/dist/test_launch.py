@@ -187,6 +187,8 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
             "fsdp2",
             "--scale",
             "all",
+            "--factor-lag",
+            "0,1",
             "--steps",
             "5",
             "--check-against",
@@ -207,7 +209,7 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
     assert doc["world"] == 2 and doc["backend"] == "gloo"
     r = by_mode(doc)
     g, s, ag = r["fsdp2/global"], r["fsdp2/shard"], r["fsdp2/allgather"]
-    # --factor-lag defaults to 0,1: global with factor_lag=1 side by side, the same
+    # --factor-lag 0,1: global with factor_lag=1 side by side, the same
     # all-reduce (waited for at the next step), the same computed bytes per parameter
     lag = r["fsdp2/global+lag1"]
     assert g["factor_lag"] == 0 and lag["factor_lag"] == 1
@@ -571,5 +573,8 @@ def test_factor_lag_flag() -> None:
     args = p.parse_args([])
     b.check_args(p, args)
     assert args.scale == ["global", b.LAG_MODE, "shard"]  # the main job: both side by side
+    args = p.parse_args(["--scale", "global"])  # an explicit --scale: factor_lag 0 only
+    b.check_args(p, args)
+    assert args.scale == ["global"] and args.factor_lag == [0]
     with pytest.raises(SystemExit):
         p.parse_args(["--factor-lag", "2"])
