@@ -761,8 +761,9 @@ def aot_space() -> list[dict]:
                 dts = tuple(dt[row[r]] for r in roles)
                 cfg = cfgs[cfg_name][pass_]
                 const = constexprs(v, dts, fmode, cfg, False)
-                for k in ("PRE", "MATH"):
-                    const[k] = f"jit:{const[k].__module__}.{const[k].__name__}"
+                for k in ("PRE", "MATH"):  # by name: the compile runs in another process
+                    f = getattr(const[k], "fn", const[k])  # the Python function of the jit
+                    const[k] = f"jit:{f.__module__}.{f.__name__}"
                 ptr = [tname[d] for d in dts] + [tname[dts[0]]] * (4 - len(dts))
                 if v.count:
                     aux = ["i64"] * 4
