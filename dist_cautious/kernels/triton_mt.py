@@ -25,14 +25,19 @@ hyperparameters: plain kernel arguments, so that a device-tensor form for ``capt
 replaces them by one pointer and a load in :func:`mt_kernel` without touching the math) and a
 constexpr bit set ``F`` of the math's flags. ``LOADS`` / ``STORES`` say which operands are
 read and written (bit ``k``: operand ``k``): what is not read is never loaded, so the bytes
-per parameter are the math's own. Loads go operand 1, 2, 3, then 0 (the parameters last),
-stores likewise. Arithmetic is float32 (16-bit operands are converted inside; the Triton
-interpreter computes natively in bf16 wrongly) and is rounded back with :func:`cast_out`.
+per parameter are the math's own. The math is two-stage: ``PRE`` (identity by default)
+returns the operands that are final early, which are stored at once (``EARLY``: e.g. AdamW's
+``m``, SGD's buffer), then ``MATH`` returns the rest and the count mask (stored after it,
+``LATE``); storing early keeps the register counts of hand-written kernels (see
+benchmarks/aot_kernels.py). Loads go operand 1, 2, 3, then 0, stores likewise; each pass
+orders its operands for that. Arithmetic is float32 (16-bit operands are converted inside;
+the Triton interpreter computes natively in bf16 wrongly) and is rounded back with
+:func:`cast_out`.
 
 State: the chunk tables and the warn-once set belong to a :class:`MultiTensorApply` (one per
 backend instance; an optimizer keeps one backend per backend name and device), not to this
-module. The launch
-configuration (:func:`configure`) is a process-wide setting, per optimizer and pass.
+module. The launch configuration (:func:`configure`) is a process-wide setting, per optimizer
+and pass.
 
 On CPU tensors the kernels only run under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before Triton is imported), which the test suite uses.
