@@ -59,7 +59,8 @@ print(f"wheel OK: dist_cautious {dist_cautious.__version__} from {pkg}, {len(nam
 
 
 def run(cmd: list[str], **kw) -> None:
-    print("+", " ".join(map(str, cmd)), flush=True)
+    shown = ["<check>" if str(c) == CHECK else str(c) for c in cmd]
+    print("+", " ".join(shown), flush=True)
     subprocess.run(cmd, check=True, timeout=900, **kw)
 
 
