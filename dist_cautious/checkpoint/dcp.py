@@ -184,8 +184,9 @@ def load(
 
     DCP reshards: a checkpoint saved on one world size loads on another (FSDP2 / HSDP).
     Raises :class:`CheckpointMismatch` on every rank, before loading anything, when the
-    checkpoint does not fit (see the package doc of ``dist_cautious.checkpoint``). ``meta`` must equal what was saved;
-    ``check_groups=False`` lets the saved group options win instead of raising.
+    checkpoint does not fit (see the doc of the package, ``dist_cautious.checkpoint``).
+    ``meta`` must equal what was saved; ``check_groups=False`` lets the saved group options
+    win instead of raising.
     ``verify=False`` skips the checksums (the ranks read the whole checkpoint once between
     them to verify it; sizes are always checked).
 
