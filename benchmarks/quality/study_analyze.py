@@ -234,7 +234,7 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
         return ci([fa[s] - fb[s] for s in seeds]) | {"seeds": seeds}
 
     # sweep
-    best, best_mult, table = study.best_adamw(out)
+    best, best_mult, table, _ = study.best_adamw(out)
     S["sweep_val_tune"] = table
     S["adamw_star"] = None if best is None else {"lr": best.lr, "embed_mult": best.embed_mult}
     md += ["## AdamW embedding-lr sweep (seed 0; selected on the tune split)", ""]
