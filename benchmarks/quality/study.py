@@ -21,6 +21,8 @@ Tiers (seed-major within a tier, so a partial tier is balanced):
    ("adamw*") is the lowest final loss on the **tune** split (corpus.val_parts) over tiers
    1-2; the reported split is another one.
 3. adamw* and C-AdamW, seeds 1-4 (500 steps).
+   Also C-AdamW's embedding multiplier {2, 5, 10} (seed 0, tune split): cadamw* is its
+   best; its seeds 1-4 run in tier 6 (if the best is not 1).
 4. C-AdamW ``factor_lag=1``, seeds 0-4 (single process; the lag changes the algorithm at
    any world size).
 5. FSDP2 at 4 ranks, seeds 0-4: C-AdamW global@4; shard everywhere; shard on the dense
@@ -56,6 +58,7 @@ SEEDS = (0, 1, 2, 3, 4)
 SWEEP_SEEDS = (0,)
 BASE_LR = 3e-3
 SWEEP_MULTS = (1.0, 2.0, 5.0, 10.0)
+CSWEEP_MULTS = (2.0, 5.0, 10.0)  # C-AdamW's embedding multipliers besides 1 (seed 0)
 MAX_MULT = 40.0  # tier 1 extends by x2 while its best multiplier is its largest, up to this
 SWEEP_LRS = (2e-3, 4.5e-3)  # around BASE_LR, at the best multiplier
 # s per step of one run with 2 runs at a time on this 2-core machine when it is otherwise
@@ -197,6 +200,16 @@ def plan(out: Path, assume_best: bool = False) -> tuple[list[Run], list[str]]:
         if best is not None:
             runs.append(star(s, tier=3, arm="adamw*"))
         runs.append(cadamw(s, tier=3, arm="cadamw"))
+    # C-AdamW gets the same embedding-lr chance (seed 0, tune split): cadamw* = its best
+    csweep = [cadamw(0, embed_mult=m, tier=3, arm="cadamw sweep") for m in CSWEEP_MULTS]
+    runs += csweep
+    cscore = {r.embed_mult: final_loss(out, r, "val_tune") for r in [cadamw(0), *csweep]}
+    if all(v is not None for v in cscore.values()):
+        cmult = min(cscore, key=cscore.get)
+        for s in SEEDS:
+            runs.append(cadamw(s, embed_mult=cmult, tier=6 if cmult != 1.0 else 3, arm="cadamw*"))
+    else:
+        notes.append("cadamw* waits for the C-AdamW embedding-lr sweep (tier 3)")
     for s in SEEDS:
         runs.append(cadamw(s, factor_lag=1, tier=4, arm="cadamw lag1"))
 

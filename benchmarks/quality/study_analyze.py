@@ -240,10 +240,10 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
     md += ["## AdamW embedding-lr sweep (seed 0; selected on the tune split)", ""]
     md += ["| run | val_tune | val_report | val all (issue 11) |", "|---|---|---|---|"]
     for r in runs_planned:
-        if r.arm == "sweep" and r.name in data:
+        if r.arm in ("sweep", "cadamw sweep") and r.name in data:
             d = data[r.name]
             md.append(
-                f"| lr {r.lr:g}, embedding x{r.embed_mult:g} | {final(d, 'val_tune'):.4f} | "
+                f"| {r.opt} lr {r.lr:g}, embedding x{r.embed_mult:g} | {final(d, 'val_tune'):.4f} | "
                 f"{final(d):.4f} | {final(d, 'val_loss'):.4f} |"
             )
     md.append("")
@@ -270,6 +270,7 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
     cmp: dict[str, Any] = {}
     for a, b, label in (
         ("cadamw", "adamw*", "T500"),
+        ("cadamw*", "adamw*", "T500, both embedding-tuned"),
         ("cadamw T1500", "adamw* T1500", "T1500"),
         ("cadamw T3000", "adamw* T3000", "T3000"),
         ("cadamw tied", "adamw tied", "tied T500"),
