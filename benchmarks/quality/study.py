@@ -17,7 +17,8 @@ Tiers (seed-major within a tier, so a partial tier is balanced):
 
 1. AdamW embedding-lr sweep at lr 3e-3, multipliers {1, 2, 5, 10}, extended by x2 (20, 40)
    while the best is the largest tried, and C-AdamW, seed 0.
-2. AdamW at lr {2e-3, 4.5e-3} with the best multiplier of tier 1 (seed 0). The best AdamW
+2. AdamW at lr {2e-3, 4.5e-3} with the best multiplier of tier 1 (seed 0), extended by
+   x1.5 (6.75e-3, ...) while the best lr is the largest tried. The best AdamW
    ("adamw*") is the lowest final loss on the **tune** split (corpus.val_parts) over tiers
    1-2; the reported split is another one.
 3. adamw* and C-AdamW, seeds 1-4 (500 steps).
@@ -59,7 +60,8 @@ SWEEP_SEEDS = (0,)
 BASE_LR = 3e-3
 SWEEP_MULTS = (1.0, 2.0, 5.0, 10.0)
 CSWEEP_MULTS = (2.0, 5.0, 10.0)  # C-AdamW's embedding multipliers besides 1 (seed 0)
-MAX_MULT = 40.0  # tier 1 extends by x2 while its best multiplier is its largest, up to this
+MAX_MULT = 40.0
+MAX_LR = 1.6e-2  # tier 2 extends the lr by x1.5 while its best is the largest tried  # tier 1 extends by x2 while its best multiplier is its largest, up to this
 SWEEP_LRS = (2e-3, 4.5e-3)  # around BASE_LR, at the best multiplier
 # s per step of one run with 2 runs at a time on this 2-core machine when it is otherwise
 # idle: the fastest issue-11 runs (w1 332 s, w2 207 s, w4 239-312 s per 500 steps) + 10% for
@@ -130,17 +132,19 @@ def stage1(mults: list[float]) -> list[Run]:
     return [adamw(s, embed_mult=m, tier=1, arm="sweep") for s in SWEEP_SEEDS for m in mults]
 
 
-def stage2(mult: float) -> list[Run]:
+def stage2(mult: float, lrs: tuple[float, ...] = ()) -> list[Run]:
     return [
         adamw(s, lr=lr, embed_mult=mult, tier=2, arm="sweep")
         for s in SWEEP_SEEDS
-        for lr in SWEEP_LRS
+        for lr in (*SWEEP_LRS, *lrs)
     ]
 
 
-def best_adamw(out: Path) -> tuple[Run | None, float | None, dict, list[float]]:
+def best_adamw(
+    out: Path,
+) -> tuple[Run | None, float | None, dict, list[float], tuple[float, ...]]:
     """(the selected AdamW config as a seed-0 Run, the best tier-1 multiplier, the table, the
-    tier-1 multipliers): lowest mean final ``val_tune`` over the sweep seeds; None while a
+    tier-1 multipliers, tier 2's lrs beyond SWEEP_LRS): lowest mean final ``val_tune`` over the sweep seeds; None while a
     stage is unfinished. Tier 1 extends by x2 (up to MAX_MULT) while its best multiplier is
     its largest; finished tier-2 runs at an earlier best multiplier take part too."""
     table: dict[str, float] = {}
@@ -159,31 +163,37 @@ def best_adamw(out: Path) -> tuple[Run | None, float | None, dict, list[float]]:
     while True:
         s1 = score(stage1(mults))
         if s1 is None:
-            return None, None, table, mults
+            return None, None, table, mults, ()
         best_mult = min(s1, key=s1.get)[1]
         if best_mult == max(mults) and 2 * best_mult <= MAX_MULT:
             mults.append(2 * best_mult)
             continue
         break
-    s2 = score(stage2(best_mult))
-    if s2 is None:
-        return None, best_mult, table, mults
-    for m in mults:
-        if m != best_mult:
-            s2 |= score(stage2(m)) or {}
-    lr, mult = min({**s1, **s2}.items(), key=lambda kv: kv[1])[0]
-    return adamw(0, lr=lr, embed_mult=mult), best_mult, table, mults
+    extra: tuple[float, ...] = ()  # tier 2's lrs beyond SWEEP_LRS
+    while True:
+        s2 = score(stage2(best_mult, extra))
+        if s2 is None:
+            return None, best_mult, table, mults, extra
+        for m in mults:
+            if m != best_mult:
+                s2 |= score(stage2(m)) or {}
+        lr, mult = min({**s1, **s2}.items(), key=lambda kv: kv[1])[0]
+        top = max((*SWEEP_LRS, *extra))
+        if mult == best_mult and lr == top and top * 1.5 <= MAX_LR:
+            extra = (*extra, float(f"{top * 1.5:.6g}"))  # the best lr is the largest: go on
+            continue
+        return adamw(0, lr=lr, embed_mult=mult), best_mult, table, mults, extra
 
 
 def plan(out: Path, assume_best: bool = False) -> tuple[list[Run], list[str]]:
     """Every run of the study (those not yet resolvable are left out, with a note; with
     ``assume_best`` a placeholder AdamW stands in for them: for counting and estimates)."""
     notes: list[str] = []
-    best, best_mult, _, mults = best_adamw(out)
+    best, best_mult, _, mults, extra = best_adamw(out)
     if assume_best and best is None:
         best_mult = 1.0 if best_mult is None else best_mult
         best = adamw(0, embed_mult=best_mult)
-    runs = stage1(mults) + (stage2(best_mult) if best_mult is not None else [])
+    runs = stage1(mults) + (stage2(best_mult, extra) if best_mult is not None else [])
     # tier-2 runs at an earlier best multiplier (before tier 1 was extended): kept if done
     runs += [r for m in mults if m != best_mult for r in stage2(m) if done(out, r)]
     runs += [cadamw(s, tier=1, arm="cadamw") for s in SWEEP_SEEDS]

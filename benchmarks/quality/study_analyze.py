@@ -234,7 +234,7 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
         return ci([fa[s] - fb[s] for s in seeds]) | {"seeds": seeds}
 
     # sweep
-    best, best_mult, table, _ = study.best_adamw(out)
+    best, best_mult, table, _, _ = study.best_adamw(out)
     S["sweep_val_tune"] = table
     S["adamw_star"] = None if best is None else {"lr": best.lr, "embed_mult": best.embed_mult}
     md += ["## AdamW embedding-lr sweep (seed 0; selected on the tune split)", ""]
@@ -276,25 +276,31 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
         ("cadamw tied", "adamw tied", "tied T500"),
     ):
         fa, fb = finals(a), finals(b)
-        ratios = []
+        ratios, never = [], []
         for s in sorted(set(fa) & set(fb)):
             st, vl = zip(*data[arms[a][s]]["val_report"])
             reach = steps_to_reach(list(st), list(vl), fb[s])
             if reach:
                 ratios.append(data[arms[b][s]]["steps"] / reach)
+            else:
+                never.append(s)  # C-AdamW never reached AdamW's final loss: ratio < 1
         cmp[label] = {
             "diff_report": paired(a, b),
             "diff_all": paired(a, b, "val_loss"),
             "in_schedule_ratio": ci(ratios),
+            "seeds_not_reaching_adamw_final": never,
         }
     S["cadamw_vs_adamw"] = cmp
     md += ["## C-AdamW against AdamW (paired by seed, mean [95% CI])", ""]
-    md += ["| schedule | final loss diff (report) | diff (all windows) | in-schedule ratio |"]
-    md += ["|---|---|---|---|"]
+    md += [
+        "| schedule | final loss diff (report) | diff (all windows) | in-schedule ratio "
+        "(seeds that reach AdamW's final loss) | seeds that never do |"
+    ]
+    md += ["|---|---|---|---|---|"]
     for k, v in cmp.items():
         md.append(
             f"| {k} | {fmt(v['diff_report'])} | {fmt(v['diff_all'])} | "
-            f"{fmt(v['in_schedule_ratio'], 3)} |"
+            f"{fmt(v['in_schedule_ratio'], 3)} | {v['seeds_not_reaching_adamw_final']} |"
         )
     md.append("")
 
