@@ -64,10 +64,11 @@ MAX_MULT = 40.0
 MAX_LR = 1.6e-2  # tier 2 extends the lr by x1.5 while its best is the largest tried  # tier 1 extends by x2 while its best multiplier is its largest, up to this
 SWEEP_LRS = (2e-3, 4.5e-3)  # around BASE_LR, at the best multiplier
 # s per step of one run with 2 runs at a time on this 2-core machine when it is otherwise
-# idle: the fastest issue-11 runs (w1 332 s, w2 207 s, w4 239-312 s per 500 steps) + 10% for
-# the two extra validation splits; w8 was never run: a guess (2x w4). Under a load of ~11
-# from other jobs, niced, a w1 run took ~2.4 s/step (2026-12-03).
-SEC_PER_STEP = {1: 0.7, 2: 0.5, 4: 0.6, 8: 1.2}
+# (nearly) idle. w1: measured in this study on 2026-12-03 at a load of ~2-3 (122-200 s per
+# 500-step run, median ~0.3 s/step; ~2.3 s/step at a load of ~11). w2 / w4: the fastest
+# issue-11 runs (207 s, 239-312 s per 500 steps, under more load than the w1 figure); w8 was
+# never run: a guess (2x w4).
+SEC_PER_STEP = {1: 0.3, 2: 0.5, 4: 0.6, 8: 1.2}
 
 
 @dataclass(frozen=True)
