@@ -39,9 +39,11 @@ def _rules() -> list[tuple[re.Pattern, str]]:
     lib = os.environ.get("QUALITY_LIB_ROOT")
     if lib:
         rules.append((re.escape(str(Path(lib).resolve())), "<library export>"))
-    rules.append((re.escape(str(ROOT)) + "/?", ""))
+    # the interpreter first (a venv may live inside the repository), then the repository
+    # as a whole path component only (/tmp/ci must not eat the /tmp/ci of /tmp/civenv)
     for exe in {sys.executable, os.path.realpath(sys.executable)}:
         rules.append((re.escape(exe) + r"(?![\w.])", "python"))
+    rules.append((re.escape(str(ROOT)) + r"(?:/|(?![\w.-]))", ""))
     sites = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], site.getusersitepackages()}
     for s in sorted(sites, key=len, reverse=True):
         rules.append((re.escape(s), "<site-packages>"))
@@ -67,11 +69,11 @@ _LEGACY = [
 def portable(obj: Any, legacy: bool = False) -> Any:
     """``obj`` with absolute machine paths replaced (strings, and lists / dicts of them)."""
     if isinstance(obj, str):
+        if legacy:  # the old machines' exact paths first: the generic rules below would
+            for pat, rep in _LEGACY:  # turn /root/.pyenv/.../python into ~/.pyenv/...
+                obj = re.sub(pat, rep, obj)
         for pat, rep in _rules():
             obj = pat.sub(rep, obj)
-        if legacy:
-            for pat, rep in _LEGACY:
-                obj = re.sub(pat, rep, obj)
         return obj
     if isinstance(obj, dict):
         return {k: portable(v, legacy) for k, v in obj.items()}

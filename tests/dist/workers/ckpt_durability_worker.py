@@ -28,6 +28,14 @@ from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious import checkpoint as ck  # noqa: E402
 
 
+def say(line: str) -> None:
+    """One write per line: under ``python -u`` print() writes the text and the newline
+    separately, so two ranks' lines can interleave on the shared pipe ("...loadedCORRUPT
+    rank 0 ..."); a single write below PIPE_BUF is atomic."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class Net(torch.nn.Module):
     def __init__(self, seed: int) -> None:
         super().__init__()
@@ -84,11 +92,11 @@ def main() -> None:
         got = ck.load(d / "a", m, o, path=ck.step_path(d / "a", 2))
         s.load_state_dict(got.extra["sched"])
         if rank == 0:
-            print(f"RESUMED at step {got.step}", flush=True)
+            say(f"RESUMED at step {got.step}")
         train(m, o, range(2, 5), s)
         ck.save(d / "b", m, o, 5)
     except ck.CheckpointMismatch as e:
-        print(f"RESUME rank {rank} FAILED: {e}", flush=True)
+        say(f"RESUME rank {rank} FAILED: {e}")
 
     # C: in a copy of step 5 (every parameter has state), rank 1 flips the top exponent bit
     # of its first a.weight element in its own data file; loaded with check_groups=False, so
@@ -109,9 +117,9 @@ def main() -> None:
     try:
         ck.load(d / "c", m, o, check_groups=False)
         big = float(m.a.weight.full_tensor().abs().max())
-        print(f"CORRUPT rank {rank} LOADED (no error), max |a.weight| {big:.3g}", flush=True)
+        say(f"CORRUPT rank {rank} LOADED (no error), max |a.weight| {big:.3g}")
     except Exception as e:  # noqa: BLE001 - the test wants CheckpointMismatch on every rank
-        print(f"CORRUPT rank {rank} {type(e).__name__}: {e}", flush=True)
+        say(f"CORRUPT rank {rank} {type(e).__name__}: {e}")
     dist.barrier()
 
     # S: a single-device state dict into the FSDP2 optimizer
@@ -139,9 +147,9 @@ def main() -> None:
             assert float(o.state[p]["step"]) == float(ro.state[q]["step"]) == 4.0
         if rank == 0:
             ok = "placements ok" if placed else "placements WRONG"
-            print(f"SINGLE max abs diff {diff:.3e} (params and moments), {ok}", flush=True)
+            say(f"SINGLE max abs diff {diff:.3e} (params and moments), {ok}")
     except Exception as e:  # noqa: BLE001 - print it for the test (today: inside step())
-        print(f"SINGLE rank {rank} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        say(f"SINGLE rank {rank} FAILED {type(e).__name__}: {str(e)[:300]}")
     dist.barrier()
     dist.destroy_process_group()
 
