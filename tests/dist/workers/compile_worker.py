@@ -11,8 +11,18 @@ relative errors, dynamo's graph / graph-break counts and the break reasons.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+# One fresh inductor cache per rank: the ranks hold shards of different local shapes (uneven
+# Shard(0)), and with a cache directory shared across ranks and runs (the default
+# /tmp/torchinductor_<user>) a rank was seen to load a graph compiled for the other rank's
+# shapes ("expected size 2==3" in assert_size_stride) on a warm cache. docs/kernels.md.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(
+    prefix=f"inductor_rank{os.environ.get('RANK', '0')}_"
+)
 
 import torch
 import torch.distributed as dist
