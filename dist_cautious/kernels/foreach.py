@@ -37,7 +37,7 @@ from torch import Tensor
 from .common import UpdateHyper, compute_dtype
 
 
-def _as_compute(
+def as_compute(
     ts: list[Tensor], dt: torch.dtype, keys: list[Tensor], slot: int
 ) -> tuple[list[Tensor], bool]:
     """``ts`` in the compute dtype, and whether that is a copy. On CPU the copies go to
@@ -45,7 +45,7 @@ def _as_compute(
     if all(t.dtype == dt for t in ts):
         return ts, False
     if ts[0].device.type == "cpu":
-        out = [_scratch_for(k, dt, slot) for k in keys]
+        out = [scratch_for(k, dt, slot) for k in keys]
         torch._foreach_copy_(out, ts)
         return out, True
     return [t.to(dt) for t in ts], True
@@ -54,7 +54,7 @@ def _as_compute(
 def _grads(
     grads: list[Tensor], dt: torch.dtype, maximize: bool, keys: list[Tensor]
 ) -> list[Tensor]:
-    gs, copied = _as_compute(grads, dt, keys, slot=2)
+    gs, copied = as_compute(grads, dt, keys, slot=2)
     if maximize:
         if copied:
             torch._foreach_neg_(gs)
@@ -82,7 +82,7 @@ def decay_factors(dirs: list[Tensor], ps: list[Tensor], decay: float) -> list[Te
     return [torch.where(x >= 0, hi, one) for x in torch._foreach_mul(dirs, ps)]
 
 
-def _count(mask: Tensor) -> Tensor:
+def count_ones(mask: Tensor) -> Tensor:
     """Exact number of ones in a 0/1 float tensor: a float32 sum is exact while every partial
     sum stays below 2**24; larger tensors are summed in float64."""
     if mask.numel() < (1 << 24) and mask.dtype == torch.float32:
@@ -96,7 +96,7 @@ def _count(mask: Tensor) -> Tensor:
 _scratch: dict[tuple[int, int], tuple[weakref.ref, Tensor]] = {}
 
 
-def _scratch_for(m: Tensor, dt: torch.dtype, slot: int = 0) -> Tensor:
+def scratch_for(m: Tensor, dt: torch.dtype, slot: int = 0) -> Tensor:
     key = (id(m), slot)
     hit = _scratch.get(key)
     if hit is not None and hit[0]() is m and hit[1].shape == m.shape and hit[1].dtype == dt:
@@ -111,7 +111,7 @@ def _mask_products(
 ) -> list[Tensor]:
     """``(m * g > 0)`` as 0/1 in the compute dtype (CPU: in the scratch buffers of ``keys``)."""
     if exp_avgs[0].device.type == "cpu":
-        masks = [_scratch_for(k, dt) for k in keys]
+        masks = [scratch_for(k, dt) for k in keys]
         for m, g, x in zip(exp_avgs, gs, masks):
             torch.mul(m, g, out=x)
     else:
@@ -134,12 +134,12 @@ def count_pass(
         return torch.zeros(0, dtype=torch.int64)
     dt = compute_dtype(exp_avgs[0])
     gs = _grads(grads, dt, maximize, exp_avgs)
-    ms, copied = _as_compute(exp_avgs, dt, exp_avgs, slot=4)  # 16-bit moments: fp32 copies
+    ms, copied = as_compute(exp_avgs, dt, exp_avgs, slot=4)  # 16-bit moments: fp32 copies
     torch._foreach_lerp_(ms, gs, 1 - beta1)
     masks = _mask_products(ms, gs, dt, keys=exp_avgs)
     if copied:
         torch._foreach_copy_(exp_avgs, ms)
-    sums = [_count(x) for x in masks]
+    sums = [count_ones(x) for x in masks]
     if masks[0].device.type == "cpu":  # exact integer-valued floats; .item() is free here
         counts = torch.tensor([int(x.item()) for x in sums], dtype=torch.int64)
     else:
@@ -185,14 +185,14 @@ def update_pass(
     gs = _grads(grads, dt, h.maximize, exp_avgs)
     # 16-bit moments (state_dtype): computed in float32 copies, stored rounded; the
     # denominator uses the unrounded second moment, as the reference does.
-    ms, _ = _as_compute(exp_avgs, dt, exp_avgs, slot=4)
-    vs, v_copied = _as_compute(exp_avg_sqs, dt, exp_avg_sqs, slot=5)
+    ms, _ = as_compute(exp_avgs, dt, exp_avgs, slot=4)
+    vs, v_copied = as_compute(exp_avg_sqs, dt, exp_avg_sqs, slot=5)
     torch._foreach_mul_(vs, h.beta2)
     torch._foreach_addcmul_(vs, gs, gs, 1 - h.beta2)
     if v_copied:
         torch._foreach_copy_(exp_avg_sqs, vs)
 
-    ps, low_precision = _as_compute(params, dt, exp_avg_sqs, slot=3)
+    ps, low_precision = as_compute(params, dt, exp_avg_sqs, slot=3)
     if h.weight_decay != 0:
         if h.cautious_wd:  # decay where sign(m) agrees with p (m * p >= 0), as the reference
             torch._foreach_mul_(ps, decay_factors(ms, ps, 1 - h.lr * h.weight_decay))
@@ -204,7 +204,7 @@ def update_pass(
     if vs[0].device.type == "cpu":
         # No fresh allocation (see _scratch). With alpha = 1 this is bitwise AdamW's
         # foreach update (same denominator, same addcdiv).
-        denom = [_scratch_for(v, dt, slot=1) for v in exp_avg_sqs]
+        denom = [scratch_for(v, dt, slot=1) for v in exp_avg_sqs]
         for v, d in zip(vs, denom):
             torch.sqrt(v, out=d)
         torch._foreach_div_(denom, h.bias_correction2_sqrt)

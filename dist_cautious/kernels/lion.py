@@ -118,9 +118,9 @@ def reference_update_pass(
 # --------------------------------------------------------------------------- foreach
 # On CPU the temporaries (u, the mask, fp32 copies of 16-bit tensors, negated gradients)
 # live in scratch buffers kept between steps and keyed by the state tensors (see
-# foreach._scratch_for: a fresh large CPU allocation costs page faults every step): 8 bytes
+# foreach.scratch_for: a fresh large CPU allocation costs page faults every step): 8 bytes
 # per element of CPU memory, more with 16-bit tensors or maximize. Other devices allocate.
-# Slots of foreach._scratch_for used here: 20 gradients, 21 exp_avg, 22 u, 23 mask, 24 p.
+# Slots of foreach.scratch_for used here: 20 gradients, 21 exp_avg, 22 u, 23 mask, 24 p.
 
 
 def _host(t: Tensor) -> bool:
@@ -132,13 +132,13 @@ def _host(t: Tensor) -> bool:
 def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
     if not keys or not _host(keys[0]):
         return None
-    return [_fe._scratch_for(k, dt, slot) for k in keys]
+    return [_fe.scratch_for(k, dt, slot) for k in keys]
 
 
 def _fe_grads(
     grads: list[Tensor], dt: torch.dtype, maximize: bool, keys: list[Tensor]
 ) -> list[Tensor]:
-    gs, copied = _fe._as_compute(grads, dt, keys, slot=20)
+    gs, copied = _fe.as_compute(grads, dt, keys, slot=20)
     if maximize:
         out = None if copied else _bufs(keys, dt, 20)
         if copied:
@@ -182,8 +182,8 @@ def _fe_direction(gs: list[Tensor], ms: list[Tensor], h: LionHyper, keys: list[T
 
 
 def _counts(masks: list[Tensor]) -> Tensor:
-    # 0/1 values: the sums are exact (foreach._count picks float64 for large tensors)
-    return torch.stack([_fe._count(x).to(torch.float64) for x in masks]).to(torch.int64)
+    # 0/1 values: the sums are exact (foreach.count_ones picks float64 for large tensors)
+    return torch.stack([_fe.count_ones(x).to(torch.float64) for x in masks]).to(torch.int64)
 
 
 def foreach_count_pass(
@@ -202,7 +202,7 @@ def foreach_count_pass(
         return _zeros()
     dt = compute_dtype(exp_avgs[0])
     gs = _fe_grads(grads, dt, h.maximize, exp_avgs)
-    ms, _ = _fe._as_compute(exp_avgs, dt, exp_avgs, slot=21)
+    ms, _ = _fe.as_compute(exp_avgs, dt, exp_avgs, slot=21)
     us, masks = _fe_direction(gs, ms, h, exp_avgs)
     counts = _counts(masks)
     if scratch is not None:
@@ -230,9 +230,9 @@ def foreach_update_pass(
         return
     dt = compute_dtype(exp_avgs[0])
     gs = _fe_grads(grads, dt, h.maximize, exp_avgs)
-    ms, m_copied = _fe._as_compute(exp_avgs, dt, exp_avgs, slot=21)
+    ms, m_copied = _fe.as_compute(exp_avgs, dt, exp_avgs, slot=21)
     us, masks = hit if hit is not None else _fe_direction(gs, ms, h, exp_avgs)
-    ps, p_copied = _fe._as_compute(params, dt, exp_avgs, slot=24)
+    ps, p_copied = _fe.as_compute(params, dt, exp_avgs, slot=24)
     if h.weight_decay != 0:
         decay = 1 - h.lr * h.weight_decay
         if h.cautious_wd:

@@ -136,9 +136,9 @@ def reference_update_pass(
 # --------------------------------------------------------------------------- foreach
 # On CPU the temporaries (g_eff, d for Nesterov, the mask, fp32 copies of 16-bit tensors)
 # live in scratch buffers kept between steps and keyed by the momentum buffers (see
-# foreach._scratch_for: a fresh large CPU allocation costs page faults every step): 4 bytes
+# foreach.scratch_for: a fresh large CPU allocation costs page faults every step): 4 bytes
 # per element of CPU memory for heavy ball, 8 with Nesterov, more with 16-bit tensors, L2
-# decay or maximize. Other devices allocate. Slots of foreach._scratch_for used here:
+# decay or maximize. Other devices allocate. Slots of foreach.scratch_for used here:
 # 30 g_eff, 31 buf, 32 d, 33 mask, 34 p.
 
 
@@ -151,13 +151,13 @@ def _host(t: Tensor) -> bool:
 def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
     if not keys or not _host(keys[0]):
         return None
-    return [_fe._scratch_for(k, dt, slot) for k in keys]
+    return [_fe.scratch_for(k, dt, slot) for k in keys]
 
 
 def _fe_grads(
     params: list[Tensor], grads: list[Tensor], dt: torch.dtype, h: SGDHyper, keys: list[Tensor]
 ) -> list[Tensor]:
-    gs, copied = _fe._as_compute(grads, dt, keys, slot=30)
+    gs, copied = _fe.as_compute(grads, dt, keys, slot=30)
     if h.maximize:
         out = None if copied else _bufs(keys, dt, 30)
         if copied:
@@ -170,7 +170,7 @@ def _fe_grads(
             gs = torch._foreach_neg(gs)
         copied = True
     if _l2(h):
-        ps, _ = _fe._as_compute(params, dt, keys, slot=34)
+        ps, _ = _fe.as_compute(params, dt, keys, slot=34)
         out = None if copied else _bufs(keys, dt, 30)
         if copied:
             torch._foreach_add_(gs, ps, alpha=h.weight_decay)
@@ -237,14 +237,14 @@ def foreach_count_pass(
     if h.first_step:
         torch._foreach_copy_(bufs, ges)
     else:
-        bs, copied = _fe._as_compute(bufs, dt, bufs, slot=31)
+        bs, copied = _fe.as_compute(bufs, dt, bufs, slot=31)
         torch._foreach_mul_(bs, h.momentum)
         torch._foreach_add_(bs, ges, alpha=1 - h.dampening)
         if copied:
             torch._foreach_copy_(bufs, bs)
-    bs, _ = _fe._as_compute(bufs, dt, bufs, slot=31)  # as stored
+    bs, _ = _fe.as_compute(bufs, dt, bufs, slot=31)  # as stored
     ds, masks = _fe_direction(ges, bs, h, bufs)
-    counts = torch.stack([_fe._count(x).to(torch.float64) for x in masks]).to(torch.int64)
+    counts = torch.stack([_fe.count_ones(x).to(torch.float64) for x in masks]).to(torch.int64)
     if scratch is not None:
         scratch.update(key=_fingerprint(h, (params, grads, bufs)), ds=ds, masks=masks)
     return counts
@@ -271,11 +271,11 @@ def foreach_update_pass(
     dt = compute_dtype(bufs[0])
     if hit is None:
         ges = _fe_grads(params, grads, dt, h, bufs)
-        bs, _ = _fe._as_compute(bufs, dt, bufs, slot=31)
+        bs, _ = _fe.as_compute(bufs, dt, bufs, slot=31)
         ds, masks = _fe_direction(ges, bs, h, bufs)
     else:
         ds, masks = hit
-    ps, p_copied = _fe._as_compute(params, dt, bufs, slot=34)
+    ps, p_copied = _fe.as_compute(params, dt, bufs, slot=34)
     if h.cautious_wd and h.weight_decay != 0:
         torch._foreach_mul_(ps, _fe.decay_factors(ds, ps, 1 - h.lr * h.weight_decay))
     steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
