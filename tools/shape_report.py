@@ -39,8 +39,12 @@ def files(rev: str | None) -> dict[str, str]:
     ).stdout.split()  # fmt: skip
     return {
         f: subprocess.run(
-            ["git", "show", f"{rev}:{f}"], cwd=ROOT, capture_output=True, text=True,
-            check=True, timeout=60,
+            ["git", "show", f"{rev}:{f}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout  # fmt: skip
         for f in out
         if f.endswith(".py")
@@ -72,10 +76,14 @@ def uses(tree: ast.AST) -> list[tuple[str, int, str]]:
     """(name, line, how) for private names this module takes from elsewhere."""
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE)):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level or (node.module or "").startswith(PACKAGE)
+        ):
             for a in node.names:
                 if private(a.name):
-                    out.append((a.name, node.lineno, f"from {'.' * node.level}{node.module or ''} import"))
+                    out.append(
+                        (a.name, node.lineno, f"from {'.' * node.level}{node.module or ''} import")
+                    )
         elif isinstance(node, ast.Attribute) and private(node.attr):
             v = node.value
             if isinstance(v, ast.Name) and v.id in ("self", "cls"):
@@ -118,7 +126,9 @@ def report(rev: str | None) -> dict:
         for node in ast.walk(t):
             if isinstance(node, ast.ClassDef):
                 n = (node.end_lineno or node.lineno) - node.lineno + 1
-                methods = sum(isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef)) for b in node.body)
+                methods = sum(
+                    isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef)) for b in node.body
+                )
                 classes.append(dict(module=f, name=node.name, lines=n, methods=methods))
     classes.sort(key=lambda c: -c["lines"])
     return dict(
@@ -136,8 +146,15 @@ def markdown(r: dict) -> str:
     lines = [f"## {r['rev']}", "", "| module | lines |", "|---|---|"]
     lines += [f"| {m['module']} | {m['lines']} |" for m in r["largest_modules"]]
     lines += ["", "| class | module | lines | methods |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['module']} | {c['lines']} | {c['methods']} |" for c in r["largest_classes"]]
-    lines += ["", f"package lines: {r['package_lines']}; test workers lines: {r['workers_lines']}", ""]
+    lines += [
+        f"| {c['name']} | {c['module']} | {c['lines']} | {c['methods']} |"
+        for c in r["largest_classes"]
+    ]
+    lines += [
+        "",
+        f"package lines: {r['package_lines']}; test workers lines: {r['workers_lines']}",
+        "",
+    ]
     lines += [f"private names of the project crossing modules: {len(r['private_crossing'])}"]
     lines += [f"- {c['module']}:{c['line']} `{c['name']}` ({c['how']}; defined in {', '.join(c['defined_in'])})"
               for c in r["private_crossing"]]  # fmt: skip
