@@ -152,6 +152,47 @@ def shard_embed_factor(out: Path, name: str) -> list[float] | None:
     return [float(np.exp(np.mean(np.log(a_local[:, r] / a_glob[:, 0])))) for r in range(c.shape[1])]
 
 
+def shard_per_kind(out: Path, name: str) -> dict[str, list[dict[str, float]]] | None:
+    """Per tensor kind and rank, from ``<run>.counts.npz`` (every step): the rank's kept
+    fraction of its local pieces, its share of the kind's kept elements, and the kept-weighted
+    mean factor its kept elements get with the piece's own counts (``shard``) and with the
+    whole tensor's (``global``), both ``N / max(kept, 1e-3 N)``."""
+    p = out / "runs" / f"{name}.counts.npz"
+    if not p.exists():
+        return None
+    d = np.load(p)
+    c = d["counts"].astype(np.float64)  # (steps, world, tensors, 2)
+    kinds = [str(k) for k in d["kinds"]]
+    kept, n = c[..., 0], c[..., 1]
+    a_local = n / np.maximum(kept, CLAMP * n)
+    tk, tn = kept.sum(1, keepdims=True), n.sum(1, keepdims=True)
+    a_glob = np.broadcast_to(tn / np.maximum(tk, CLAMP * tn), kept.shape)
+    res: dict[str, list[dict[str, float]]] = {}
+    for k in KINDS:
+        sel = [i for i, kk in enumerate(kinds) if kk == k]
+        if not sel:
+            continue
+        kk, nn = kept[:, :, sel], n[:, :, sel]
+        tot = kk.sum()
+        rows = []
+        for r in range(c.shape[1]):
+            w = kk[:, r].sum()
+            rows.append(
+                {
+                    "kept": float(w / max(nn[:, r].sum(), 1.0)),
+                    "share": float(w / max(tot, 1.0)),
+                    "factor_shard": float((a_local[:, r][:, sel] * kk[:, r]).sum() / max(w, 1.0)),
+                    "factor_global": float((a_glob[:, r][:, sel] * kk[:, r]).sum() / max(w, 1.0)),
+                }
+            )
+        res[k] = rows
+    return res
+
+
+def n_ok(g: dict[str, list[dict[str, float]]]) -> bool:
+    return all(len(v) > 0 for v in g.values())
+
+
 def old_runs_reread() -> dict[str, Any]:
     """Issue-11 runs (benchmarks/results/quality/runs): embedding vs all-parameter kept
     fraction from the per-row snapshots, and the same-sharding shard@4 - global@4 CI."""
@@ -192,6 +233,16 @@ def old_runs_reread() -> dict[str, Any]:
             reach = steps_to_reach(list(st), list(vl), final(A, "val_loss"))
             if reach:
                 ratios.append(A["steps"] / reach)
+    gaps: dict[int, list[float]] = {st: [] for st in (150, 250, 375, 500)}
+    for s in (0, 1, 2):
+        ad, cd = OLD_RUNS / f"adamw_na_w1_s{s}.csv", OLD_RUNS / f"cadamw_global_w1_s{s}.csv"
+        if ad.exists() and cd.exists():
+            A, C = dict(read_csv(ad)["val_loss"]), dict(read_csv(cd)["val_loss"])
+            for st in gaps:
+                if st in A and st in C:
+                    gaps[st].append(C[st] - A[st])
+    for st, v in gaps.items():
+        res[f"CAdamW - AdamW(lr 3e-3, mult 1) val_loss at step {st} (issue 11)"] = ci(v)
     res["shard@4 - global@4 final val_loss (issue 11)"] = ci(diffs)
     res["in-schedule ratio CAdamW vs AdamW(lr 3e-3, mult 1) (issue 11)"] = ci(ratios)
     return res
@@ -304,6 +355,34 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
         )
     md.append("")
 
+    # the paired gap inside the schedule (30%, 50%, 75%, 100% of it)
+    gap: dict[str, Any] = {}
+    for a, b, label in (
+        ("cadamw", "adamw*", "T500"),
+        ("cadamw*", "adamw*", "T500, both embedding-tuned"),
+        ("cadamw T1500", "adamw* T1500", "T1500"),
+        ("cadamw T3000", "adamw* T3000", "T3000"),
+        ("cadamw tied", "adamw tied", "tied T500"),
+    ):
+        row: dict[str, Any] = {}
+        seeds = sorted(set(arms.get(a, {})) & set(arms.get(b, {})))
+        seeds = [s for s in seeds if arms[a][s] in data and arms[b][s] in data]
+        for fr in (0.3, 0.5, 0.75, 1.0):
+            vals = []
+            for s in seeds:
+                A, B = dict(data[arms[a][s]]["val_report"]), dict(data[arms[b][s]]["val_report"])
+                st = int(round(fr * data[arms[b][s]]["steps"]))
+                if st in A and st in B:
+                    vals.append(A[st] - B[st])
+            row[f"{fr:g}"] = ci(vals)
+        gap[label] = row
+    S["gap_in_schedule"] = gap
+    md += ["## C-AdamW - AdamW inside the schedule (report split, paired, mean [95% CI])", ""]
+    md += ["| schedule | 30% | 50% | 75% | 100% |", "|---|---|---|---|---|"]
+    for k, v in gap.items():
+        md.append(f"| {k} | " + " | ".join(fmt(c) for c in v.values()) + " |")
+    md.append("")
+
     # horizon: steps AdamW needs with its own schedule
     hz: dict[str, Any] = {}
     for tc in (500, 1500, 3000):
@@ -374,15 +453,67 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
         md += [f"- {k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in sh.items() if v]
         md.append("")
 
+    ps: dict[str, Any] = {}
+    for w in (2, 4, 8):
+        got = [shard_per_kind(out, n) for s, n in sorted(arms.get(f"shard all@{w}", {}).items())]
+        got = [g for g in got if g and n_ok(g)]
+        if not got:
+            continue
+        ps[f"w{w}"] = {
+            k: [
+                {q: float(np.mean([g[k][r][q] for g in got])) for q in got[0][k][r]}
+                for r in range(w)
+            ]
+            for k in got[0]
+        } | {"seeds": len(got)}
+    S["shard_all_per_kind_per_rank"] = ps
+    if ps:
+        md += [
+            "### shard all: per tensor kind and rank (all steps, mean over seeds)",
+            "",
+            "kept fraction of the rank's pieces / its share of the kind's kept elements / "
+            "kept-weighted factor with the piece's own counts (shard) / with the whole "
+            "tensor's (global)",
+            "",
+        ]
+        for wk, v in ps.items():
+            w = int(wk[1:])
+            md += [f"| {wk} (n={v['seeds']}) | " + " | ".join(f"rank {r}" for r in range(w)) + " |"]
+            md += ["|---" * (w + 1) + "|"]
+            for k in KINDS:
+                if k in v:
+                    md.append(
+                        f"| {k} | "
+                        + " | ".join(
+                            f"{c['kept']:.3f} / {c['share']:.3f} / {c['factor_shard']:.2f} / "
+                            f"{c['factor_global']:.2f}"
+                            for c in v[k]
+                        )
+                        + " |"
+                    )
+            md.append("")
+
     # shard decomposed
     sd: dict[str, Any] = {}
     for w in (2, 4, 8):
+        # the control: FSDP2's reduction order alone (same algorithm as single process)
+        sd[f"global@{w} - single process"] = paired(f"global@{w}", "cadamw")
+        sd[f"global@{w} - single process (all windows)"] = paired(
+            f"global@{w}", "cadamw", "val_loss"
+        )
         for arm in ("shard all", "shard dense", "shard embed"):
             sd[f"{arm}@{w} - global@{w}"] = paired(f"{arm}@{w}", f"global@{w}")
+            sd[f"{arm}@{w} - global@{w} (all windows)"] = paired(
+                f"{arm}@{w}", f"global@{w}", "val_loss"
+            )
     S["shard_decomposed"] = sd
     md += ["## shard, decomposed: final loss minus global at the same world size", ""]
-    md += ["| comparison | report split |", "|---|---|"]
-    md += [f"| {k} | {fmt(v)} |" for k, v in sd.items()]
+    md += ["| comparison | report split | all windows (issue 11) | seeds |", "|---|---|---|---|"]
+    md += [
+        f"| {k} | {fmt(v)} | {fmt(sd[k + ' (all windows)'])} | {v['seeds']} |"
+        for k, v in sd.items()
+        if not k.endswith("(all windows)")
+    ]
     md.append("")
 
     # lag

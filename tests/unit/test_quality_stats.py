@@ -12,7 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "quality"))
 
-from study_analyze import ci, schedule_steps_to_reach, steps_to_reach, t975  # noqa: E402
+from study_analyze import (  # noqa: E402
+    ci,
+    schedule_steps_to_reach,
+    shard_per_kind,
+    steps_to_reach,
+    t975,
+)
 
 
 def test_t_interval():
@@ -38,3 +44,34 @@ def test_sample_efficiency_interpolation():
     assert got == pytest.approx(math.sqrt(500 * 1500))
     assert schedule_steps_to_reach({500: 1.5, 1500: 1.4}, 1.39) is None  # beyond the longest
     assert schedule_steps_to_reach({500: 1.5, 1500: 1.4}, 1.6) == 500.0  # a bound
+
+
+def test_shard_per_kind_accounting(tmp_path):
+    # one step, 2 ranks, one embedding tensor cut in two pieces of 4 elements:
+    # rank 0 keeps 3, rank 1 keeps 1. Shard factors 4/3 and 4/1; the whole tensor's 8/4 = 2;
+    # shares 3/4 and 1/4. Rank 1 of a second (attn) tensor keeps nothing: its shard factor
+    # is clamped to 1/1e-3 but weighs nothing (no kept element gets it).
+    import numpy as np
+
+    (tmp_path / "runs").mkdir()
+    counts = np.array([[[[3, 4], [2, 2]], [[1, 4], [0, 2]]]], dtype=np.int32)  # (1, 2, 2, 2)
+    np.savez(
+        tmp_path / "runs" / "r.counts.npz",
+        counts=counts,
+        kinds=np.array(["embed", "attn"]),
+        names=np.array(["embed.weight", "layers.0.attn.q_proj.weight"]),
+        shard=np.array([True, True]),
+    )
+    got = shard_per_kind(tmp_path, "r")
+    e0, e1 = got["embed"]
+    assert (e0["kept"], e0["share"], e0["factor_shard"], e0["factor_global"]) == pytest.approx(
+        (0.75, 0.75, 4 / 3, 2.0)
+    )
+    assert (e1["kept"], e1["share"], e1["factor_shard"], e1["factor_global"]) == pytest.approx(
+        (0.25, 0.25, 4.0, 2.0)
+    )
+    a0, a1 = got["attn"]
+    assert (a0["factor_shard"], a0["factor_global"]) == pytest.approx((1.0, 2.0))  # 2/2, 4/2
+    assert (a1["kept"], a1["share"], a1["factor_shard"]) == (0.0, 0.0, 0.0)
+    assert set(got) == {"embed", "attn"}
+    assert shard_per_kind(tmp_path, "missing") is None
