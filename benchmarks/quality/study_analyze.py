@@ -84,7 +84,8 @@ def schedule_steps_to_reach(finals: dict[int, float], target: float) -> float | 
     """Steps a run needs *with its own schedule* to end at ``target``: its final losses at
     schedule lengths T (``{T: loss}``) interpolated linearly in log T. None if ``target`` is
     below the longest schedule's loss (not reached within the measured schedules); the
-    shortest T if already reached there (a lower bound)."""
+    shortest T if already reached there (an upper bound on the steps needed: shorter
+    schedules were not run)."""
     ts = sorted(finals)
     if not ts or target < finals[ts[-1]]:
         return None
