@@ -291,8 +291,11 @@ def analyze(out: Path = DEFAULT_OUT) -> dict[str, Any]:
     S["adamw_star"] = None if best is None else {"lr": best.lr, "embed_mult": best.embed_mult}
     md += ["## AdamW embedding-lr sweep (seed 0; selected on the tune split)", ""]
     md += ["| run | val_tune | val_report | val all (issue 11) |", "|---|---|---|---|"]
+    seen: set[str] = set()
     for r in runs_planned:
-        if r.arm in ("sweep", "cadamw sweep") and r.name in data:
+        c0 = r.arm == "cadamw" and r.seed == 0  # C-AdamW at x1: its sweep's reference
+        if (r.arm in ("sweep", "cadamw sweep") or c0) and r.name in data and r.name not in seen:
+            seen.add(r.name)
             d = data[r.name]
             md.append(
                 f"| {r.opt} lr {r.lr:g}, embedding x{r.embed_mult:g} | {final(d, 'val_tune'):.4f} | "
