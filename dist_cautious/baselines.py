@@ -9,10 +9,10 @@ with it. The result is the exact per-tensor factor (it matches ``CAdamW(scale="g
 to float tolerance; the tests check it), at a cost of about ``(2 + 1) * 4 * numel`` bytes
 moved per fp32 parameter per step, against 16 bytes per sharded *tensor* for CAdamW.
 
-Plain (non-DTensor) parameters take the local path, as in the reference. Arithmetic is
-the same as :mod:`dist_cautious.kernels.reference` (decoupled, unmasked weight decay, or with
-``cautious_weight_decay=True`` decay only where ``m * p >= 0``; bias corrections as
-``torch.optim.AdamW``); the first-moment update and the factor reuse the package's kernels.
+Plain (non-DTensor) parameters take the local path, as in the reference. The arithmetic is
+:class:`~dist_cautious.CAdamW`'s: the first moment and the update are the ``reference`` or
+``foreach`` kernels' ``count_pass`` / ``update_pass`` with the same hyperparameters
+(:func:`dist_cautious.optim.adamw_hyper`); only the factor's route differs.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import Tensor
 
 from . import kernels
 from .base import backend_name
-from .kernels import UpdateHyper, cautious_factor, compute_dtype
+from .kernels import cautious_factor, compute_dtype
 from .layout import DTensor
-from .optim import CAdamW
+from .optim import CAdamW, adamw_hyper
 
 try:
     from torch.distributed.tensor import distribute_tensor
@@ -68,58 +68,49 @@ class AllGatherCAdamW(CAdamW):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
-            beta1, beta2 = group["betas"]
-            maximize = bool(group["maximize"])
+            be = kernels.get_backend(
+                "reference" if backend_name(group) == "reference" else "foreach"
+            )
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._state_for(p, group)
                 state["step"] += 1
-                step = int(state["step"].item())
                 g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
                 pl, gl, ml, vl = _local(p), _local(g), _local(m), _local(v)
-                be = kernels.get_backend(
-                    "reference" if backend_name(group) == "reference" else "foreach"
-                )
-                local_count = be.count_pass([gl], [ml], beta1, maximize)  # m updated in place
-                dt = compute_dtype(ml)
+                # m updated in place; the local count
+                count = be.count_pass([gl], [ml], group["betas"][0], bool(group["maximize"]))
                 if isinstance(p, DTensor):
-                    # The reference path: two parameter-sized all-gathers ...
-                    full_m = m.full_tensor().to(dt)
-                    full_g = g.full_tensor().to(dt)
-                    if maximize:
-                        full_g = -full_g
-                    mask = (full_m * full_g > 0).to(dt)
-                    n = torch.tensor([mask.numel()], dtype=torch.int64, device=mask.device)
-                    nnz = mask.sum(dtype=torch.int64).reshape(1)
-                    mask.mul_(cautious_factor(nnz, n, group["formula"], group["clamp"]).to(dt))
-                    # ... and the scaled mask sent back to the shards (scatter from rank 0).
-                    mask_local = distribute_tensor(mask, p.device_mesh, p.placements).to_local()
+                    alpha = _allgather_factor(p, g, m, group)  # collectives: on every rank
                 else:
-                    n = torch.tensor([pl.numel()], dtype=torch.int64, device=local_count.device)
-                    a = cautious_factor(local_count, n, group["formula"], group["clamp"])
-                    gc = -gl.to(dt) if maximize else gl.to(dt)
-                    mask_local = (ml.to(dt) * gc > 0).to(dt) * a.to(pl.device, dt)
+                    n = torch.tensor([pl.numel()], dtype=torch.int64, device=count.device)
+                    alpha = cautious_factor(count, n, group["formula"], group["clamp"])
                 if pl.numel() == 0:
                     continue
-                h = UpdateHyper(
-                    lr=float(group["lr"]),
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step=step,
-                    maximize=maximize,
-                )
-                gc = -gl.to(dt) if maximize else gl.to(dt)
-                vl.copy_(vl.to(dt).mul(beta2).addcmul_(gc, gc, value=1 - beta2))
-                pc = pl.to(dt)
-                if h.weight_decay != 0:
-                    if group["cautious_weight_decay"]:  # as kernels/reference.py: where m*p >= 0
-                        pc = torch.where(ml.to(dt) * pc >= 0, pc.mul(1 - h.lr * h.weight_decay), pc)
-                    else:
-                        pc = pc.mul(1 - h.lr * h.weight_decay)
-                denom = (vl.to(dt).sqrt() / h.bias_correction2_sqrt).add_(h.eps)
-                pc = pc.addcdiv(ml.to(dt) * mask_local, denom, value=-h.step_size)
-                pl.copy_(pc)
+                h = adamw_hyper(group, int(state["step"].item()))
+                be.update_pass([pl], [gl], [ml], [vl], alpha, h)
         return loss
+
+
+def _allgather_factor(p: DTensor, g: DTensor, m: DTensor, group: dict[str, Any]) -> Tensor:
+    """The reference repository's route to the factor of DTensor ``p`` (``m`` already
+    updated): two parameter-sized all-gathers (``full_tensor``), the full mask scaled by
+    ``alpha``, and the scaled mask sent back to the shards (a scatter from rank 0).
+
+    Returns ``alpha`` as this shard sees it, shape ``(1,)``: the largest value of its piece
+    of the scaled mask. The update pass recomputes the mask from the same ``m`` and ``g``
+    (the scattered piece's support), so that carries everything the piece says; where the
+    piece keeps nothing, 0 (it then multiplies only zeros)."""
+    dt = compute_dtype(m.to_local())
+    full_m = m.full_tensor().to(dt)
+    full_g = g.full_tensor().to(dt)
+    if group["maximize"]:
+        full_g = -full_g
+    mask = (full_m * full_g > 0).to(dt)
+    n = torch.tensor([mask.numel()], dtype=torch.int64, device=mask.device)
+    nnz = mask.sum(dtype=torch.int64).reshape(1)
+    mask.mul_(cautious_factor(nnz, n, group["formula"], group["clamp"]).to(dt))
+    piece = distribute_tensor(mask, p.device_mesh, p.placements).to_local()
+    if piece.numel() == 0:
+        return torch.ones(1, dtype=dt, device=piece.device)
+    return piece.amax().reshape(1)

@@ -203,18 +203,24 @@ class CAdamW(CautiousOptimizer):
         alphas: Tensor | None,
         kw: dict[str, Any],
     ) -> None:
-        extra = {"cautious_wd": True} if group["cautious_weight_decay"] else {}
-        h = UpdateHyper(
-            lr=float(group["lr"]),
-            beta1=group["betas"][0],
-            beta2=group["betas"][1],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            step=b.step,
-            maximize=bool(group["maximize"]),
-            **extra,
-        )
+        h = adamw_hyper(group, b.step)
         b.backend.update_pass(b.params, grads, b.states[0], b.states[1], alphas, h, **kw)
+
+
+def adamw_hyper(group: dict[str, Any], step: int) -> UpdateHyper:
+    """The scalars of C-AdamW's update pass for ``group`` at ``step`` (also used by
+    :class:`~dist_cautious.baselines.AllGatherCAdamW`, so both run one update)."""
+    extra = {"cautious_wd": True} if group["cautious_weight_decay"] else {}
+    return UpdateHyper(
+        lr=float(group["lr"]),
+        beta1=group["betas"][0],
+        beta2=group["betas"][1],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        step=step,
+        maximize=bool(group["maximize"]),
+        **extra,
+    )
 
 
 # --------------------------------------------------------------------------- Lion
