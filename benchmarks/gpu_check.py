@@ -48,7 +48,7 @@ for extra in (ROOT, ROOT / "launch"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from benchmarks.kernel import llama_shapes  # noqa: E402
+from benchmarks.kernel import Timer, llama_shapes  # noqa: E402
 from dist_cautious import CSGD, CAdamW, CLion  # noqa: E402
 
 SHAPES = {
@@ -83,23 +83,9 @@ def sync(dev: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    out = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
+    """Median ms of ``reps`` calls after ``warmup``: benchmarks/kernel.py's timer (CUDA events
+    on a GPU, the host clock elsewhere)."""
+    return statistics.median(Timer(dev).time(fn, reps, warmup))
 
 
 def tensors(shape_name: str, dev: torch.device, seed: int = 0) -> list[torch.Tensor]:
