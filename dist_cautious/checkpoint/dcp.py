@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .fit import SCHEDULER_KEYS, diff_groups, diff_meta
+from .fit import SCHEDULER_KEYS, diff_groups
 from .protocol import (
     CheckpointMismatch,
     Loaded,
@@ -28,9 +28,8 @@ from .protocol import (
     complete,
     describe,
     finish_load,
-    locate,
+    open_load,
     prepare,
-    read_info,
     save_rng,
 )
 from .safe import safe_planner, safe_reader, whole_planner
@@ -202,18 +201,17 @@ def load(
         set_optimizer_state_dict,
     )
 
-    root = Path(root)
-    where = locate(root, path)
-    if where is None:
+    opened = open_load(
+        Path(root),
+        path,
+        verify,
+        meta,
+        "dcp",
+        "dist_cautious.checkpoint.save: use load_deepspeed for DeepSpeed checkpoints",
+    )
+    if opened is None:
         return None
-    info, err = read_info(where, verify)
-    if info is not None and info.get("engine") != "dcp":
-        err = (
-            f"checkpoint {where} was written by {info.get('engine')!r}, not by "
-            "dist_cautious.checkpoint.save: use load_deepspeed for DeepSpeed checkpoints"
-        )
-    if info is not None and not err:
-        err = diff_meta(where, info.get("meta", {}), meta or {})
+    where, info, err = opened
     if info is not None and not err and check_groups:
         err = diff_groups(where, info, optimizer)
     if info is not None and not err and optimizer is None and info.get("optimizer"):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .fit import diff_groups, diff_meta, group_options
+from .fit import diff_groups, group_options
 from .protocol import (
     Loaded,
     agree,
@@ -21,9 +21,8 @@ from .protocol import (
     commit,
     describe,
     finish_load,
-    locate,
+    open_load,
     prepare,
-    read_info,
     save_rng,
 )
 from .safe import ds_load, ds_safe_globals
@@ -97,17 +96,17 @@ def load_deepspeed(
     ``verify=False``) plus the ZeRO stage and the data-parallel size (ZeRO partitions do not
     reshard). Files are read with ``torch.load(weights_only=True)``."""
     root = Path(root)
-    where = locate(root, path)
-    if where is None:
+    opened = open_load(
+        root,
+        path,
+        verify,
+        meta,
+        "deepspeed",
+        "save_deepspeed: load it with dist_cautious.checkpoint.load into a non-DeepSpeed model",
+    )
+    if opened is None:
         return None
-    info, err = read_info(where, verify)
-    if info is not None and info.get("engine") != "deepspeed":
-        err = (
-            f"checkpoint {where} was written by {info.get('engine')!r}, not by save_deepspeed: "
-            "load it with dist_cautious.checkpoint.load into a non-DeepSpeed model"
-        )
-    if info is not None and not err:
-        err = diff_meta(where, info.get("meta", {}), meta or {})
+    where, info, err = opened
     if info is not None and not err:
         now = _ds_layout(engine)
         for k, what in (("zero_stage", "ZeRO stage"), ("dp_world_size", "data-parallel size")):

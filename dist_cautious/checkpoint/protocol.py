@@ -5,8 +5,9 @@ marker with sizes and CRC-32s), the rollback rule (newer checkpoints moved into
 checkpoint and checking its files and ``checkpoint.json`` on every rank.
 
 The backends (:mod:`.dcp`, :mod:`.ds`) write their data into the temporary directory that
-:func:`prepare` returns and hand it to :func:`commit`; at load they call :func:`locate`,
-:func:`read_info`, their own fit checks, :func:`agree`, and :func:`finish_load`.
+:func:`prepare` returns and hand it to :func:`commit`; at load they call :func:`open_load`
+(:func:`locate`, :func:`read_info`, the engine and ``meta`` checks), their own fit checks,
+:func:`agree`, and :func:`finish_load`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .fit import group_options, jsonable
+from .fit import diff_meta, group_options, jsonable
 
 MARKER = "COMPLETE"
 INFO = "checkpoint.json"
@@ -406,6 +407,32 @@ def read_info(path: Path, verify: bool = True) -> tuple[dict | None, str | None]
             f"checkpoint {path}: format {info.get('format')!r}, this version reads {FORMAT}",
         )
     return info, None
+
+
+def open_load(
+    root: Path,
+    path: str | os.PathLike | None,
+    verify: bool,
+    meta: dict[str, Any] | None,
+    engine: str,
+    other: str,
+) -> tuple[Path, dict | None, str | None] | None:
+    """The checks every backend's load starts with, on every rank: the checkpoint
+    (:func:`locate`; None when there is none), its files and ``checkpoint.json``
+    (:func:`read_info`), written by ``engine`` (else the error says ``... not by {other}``:
+    the right save and how to load), and ``meta`` equal to the saved one.
+
+    Returns ``(where, info, err)``: ``err`` the first problem found or None. The backend
+    adds its own checks while ``err`` is None and hands it to :func:`agree`."""
+    where = locate(root, path)
+    if where is None:
+        return None
+    info, err = read_info(where, verify)
+    if info is not None and info.get("engine") != engine:
+        err = f"checkpoint {where} was written by {info.get('engine')!r}, not by {other}"
+    if info is not None and not err:
+        err = diff_meta(where, info.get("meta", {}), meta or {})
+    return where, info, err
 
 
 def check_keep(keep: int | None) -> None:

@@ -222,6 +222,40 @@ def test_checkpoints_that_do_not_fit_raise_naming_the_difference(tmp_path: Path)
         ck.load(tmp_path, mm, oo, meta={"preset": "tiny", "steps": 8})
 
 
+def test_each_load_takes_only_its_own_engines_checkpoints(tmp_path: Path) -> None:
+    """The prologue both loads share (locate, files, engine, meta): a DCP checkpoint given
+    to load_deepspeed, and one whose checkpoint.json says DeepSpeed given to load, are
+    refused naming the right load, before the model or the engine is touched."""
+    assert ck.load_deepspeed(tmp_path, object()) is None  # nothing there: nothing to resume
+    m = tiny_model()
+    o = CAdamW(m.parameters(), lr=1e-2)
+    train(m, o, 1, seed=0)
+    path = ck.save(tmp_path, m, o, 1, meta={"preset": "tiny"})
+    with pytest.raises(
+        ck.CheckpointMismatch,
+        match=r"written by 'dcp', not by save_deepspeed: load it with dist_cautious\."
+        r"checkpoint\.load into a non-DeepSpeed model",
+    ):
+        ck.load_deepspeed(tmp_path, object(), meta={"preset": "tiny"})
+    info_path = path / "checkpoint.json"
+    info = json.loads(info_path.read_text())
+    info["engine"] = "deepspeed"
+    info_path.write_text(json.dumps(info))
+    marker = json.loads((path / ck.MARKER).read_text())  # keep size and checksum quiet
+    marker["files"][info_path.name] = info_path.stat().st_size
+    marker[ck.CHECKSUM][info_path.name] = ck.crc32_file(info_path)
+    (path / ck.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(
+        ck.CheckpointMismatch,
+        match=r"written by 'deepspeed', not by dist_cautious\.checkpoint\.save: use "
+        r"load_deepspeed for DeepSpeed checkpoints",
+    ):
+        ck.load(tmp_path, m, o, meta={"preset": "tiny"})
+    # the engine agrees: the meta check follows, the same for both loads
+    with pytest.raises(ck.CheckpointMismatch, match=r"preset='tiny' \(now '60m'\)"):
+        ck.load_deepspeed(tmp_path, object(), meta={"preset": "60m"})
+
+
 def test_nothing_is_unpickled_that_could_run_code(tmp_path: Path) -> None:
     m = tiny_model()
     o = CAdamW(m.parameters(), lr=1e-2)
