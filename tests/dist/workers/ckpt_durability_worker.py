@@ -24,8 +24,13 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
+from models import PoolNet as Net  # noqa: E402
+
 from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious import checkpoint as ck  # noqa: E402
+from launch import engines  # noqa: E402
+
+HYPER = dict(lr=1e-2, weight_decay=0.1)
 
 
 def say(line: str) -> None:
@@ -34,20 +39,6 @@ def say(line: str) -> None:
     rank 0 ..."); a single write below PIPE_BUF is atomic."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-class Net(torch.nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.a = torch.nn.Linear(4, 8)
-        self.b = torch.nn.Linear(8, 3)
-        self.pool = torch.nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor, use_pool: bool) -> torch.Tensor:
-        h = torch.tanh(self.a(x))
-        out = self.b(h).pow(2).mean()
-        return out + self.pool(h).pow(2).mean() if use_pool else out
 
 
 def train(m, o, steps, sched=None, pool_from: int = 3, seed: int | None = None) -> None:
@@ -70,15 +61,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
+    def sharded(net: torch.nn.Module):
+        """``net`` under FSDP2 (the root alone) and its CAdamW."""
+        return engines.build("fsdp2", net, lambda m: CAdamW(m.parameters(), **HYPER), mesh=mesh)
+
     def build(seed: int):
-        m = fully_shard(Net(seed), mesh=mesh)
-        o = CAdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-        return m, o, torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10)
+        fsdp = sharded(Net(seed))
+        o = fsdp.opt
+        return fsdp.model, o, torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10)
 
     # A: unused parameter + momentum-cycling scheduler, resumed in fresh objects
     m, o, s = build(0)
@@ -124,12 +118,11 @@ def main() -> None:
 
     # S: a single-device state dict into the FSDP2 optimizer
     ref = Net(0)
-    ro = CAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    ro = CAdamW(ref.parameters(), **HYPER)
     train(ref, ro, range(2), pool_from=0, seed=500)
     m = Net(5)
     m.load_state_dict(ref.state_dict())
-    fully_shard(m, mesh=mesh)
-    o = CAdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    o = sharded(m).opt
     try:
         o.load_state_dict(copy.deepcopy(ro.state_dict()))
         placed = all(

@@ -37,8 +37,10 @@ from fsdp_common import (
     setup,
     shard_like,
 )
+from models import DNet, LinNormBlock, Twins
 
 from dist_cautious import CAdamW
+from launch import engines
 from tests.oracle import Float64CAdamW, rel_err
 
 STEPS = 4
@@ -51,25 +53,15 @@ def _msg(e: BaseException | None) -> str:
 # ------------------------------------------------------------------ FSDP2
 
 
-class Twins(nn.Module):
-    """Two (6, 5) tensors (the swap) and a (5, 6) one; ``a`` gets gradients with a steady
-    sign, ``b`` random ones, so their kept counts (and factors) really differ."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(6, 5))
-        self.b = nn.Parameter(torch.randn(6, 5))
-        self.c = nn.Parameter(torch.randn(5, 6))
-
-
 def _twin_grads(step: int) -> list[torch.Tensor]:
+    """``a`` gets gradients with a steady sign, ``b`` random ones, so their kept counts (and
+    factors) really differ."""
     ga, gb, gc = seeded_grads([torch.Size((6, 5)), torch.Size((6, 5)), torch.Size((5, 6))], step)
     return [ga + 1.0, gb, gc]
 
 
 def sc_fsdp2(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     out: dict = {}
@@ -78,10 +70,13 @@ def sc_fsdp2(rank: int, world: int) -> dict:
         torch.manual_seed(0)
         m = Twins()
         init = [p.detach().clone() for p in m.parameters()]
-        fully_shard(m, mesh=mesh)
-        named = list(m.named_parameters())
-        params = [p for _, p in named]
-        opt = CAdamW(groups_of(named), **HYPER, **opt_kw)
+        eng = engines.build(
+            "fsdp2",
+            m,
+            lambda mod: CAdamW(groups_of(list(mod.named_parameters())), **HYPER, **opt_kw),
+            mesh=mesh,
+        )
+        opt, params = eng.opt, list(m.parameters())
         oracle = Float64CAdamW([t.double() for t in init], **HYPER)
         counter = CollectiveCounter()
         before = None
@@ -108,7 +103,7 @@ def sc_fsdp2(rank: int, world: int) -> dict:
             "orders": gather_all([n for g in opt.param_groups for n in g.get("param_names", [])]),
         }
         if err is None:
-            full = [p.full_tensor().double() for p in params]
+            full = list(engines.full_params(eng, dtype=torch.float64).values())
             r["oracle_param"] = gather_max(max(rel_err(f, o) for f, o in zip(full, oracle.p)))
             r["oracle_delta"] = gather_max(
                 max(
@@ -158,12 +153,10 @@ def sc_fsdp2(rank: int, world: int) -> dict:
 
 
 def _belt(mesh, rank: int) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
     m = Twins()
-    fully_shard(m, mesh=mesh)
+    # (6, 5) and (5, 6): different tags
+    opt = engines.build("fsdp2", m, lambda mod: CAdamW([mod.a, mod.c], **HYPER), mesh=mesh).opt
     params = list(m.parameters())
-    opt = CAdamW([params[0], params[2]], **HYPER)  # (6, 5) and (5, 6): different tags
     grads = _twin_grads(0)
     for p, g in zip(params, grads):
         p.grad = shard_like(g, p)
@@ -190,43 +183,16 @@ def _belt(mesh, rank: int) -> dict:
 # ------------------------------------------------------------------ FSDP1
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(7, 7)
-        self.norm = nn.LayerNorm(7)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(torch.tanh(self.lin(x)))
-
-
 def sc_fsdp1(rank: int, world: int) -> dict:
     """Two Blocks, each its own FSDP1 unit: their FlatParameters' ``_fqns`` are the same
     (``lin.weight``, ``lin.bias``, ``norm.weight``, ``norm.bias``); six tensors of shape
     (7,), two of (7, 7). Rank 1 lists same-shape tensors (use_orig_params=True) or the two
     FlatParameters (False) in another order than rank 0; no names are passed."""
-    from fsdp1_worker import full_grads, full_params
+    from fsdp1_worker import full_grads
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    out = {}
-    for uop in (True, False):
-        torch.manual_seed(0)
-        net = nn.Sequential(Block(), Block())
-        with torch.no_grad():  # norms away from their (1, 0) init: different updates
-            for b in net:
-                b.norm.weight.add_(0.3 * torch.randn(7))
-                b.norm.bias.add_(0.3 * torch.randn(7))
-        model = FSDP(
-            net,
-            auto_wrap_policy=ModuleWrapPolicy({Block}),
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            use_orig_params=uop,
-            device_id=torch.device("cpu"),
-        )
-        init = full_params(model)
-        names = list(init)
+    def listed(model: nn.Module) -> list[torch.Tensor]:
+        """The optimizer's tensors, in another order on rank 1 (same numels and shapes)."""
         if uop:
             params = list(model.parameters())
         else:
@@ -238,7 +204,26 @@ def sc_fsdp1(rank: int, world: int) -> dict:
             params = [params[i] for i in (4, 2, 1, 3, 0, 5, 6, 7)]
         elif rank == 1:  # the two FlatParameters (70 elements each), reversed
             params = params[::-1]
-        opt = CAdamW(params, **HYPER)
+        return params
+
+    out = {}
+    for uop in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(LinNormBlock(), LinNormBlock())
+        with torch.no_grad():  # norms away from their (1, 0) init: different updates
+            for b in net:
+                b.norm.weight.add_(0.3 * torch.randn(7))
+                b.norm.bias.add_(0.3 * torch.randn(7))
+        eng = engines.build(
+            "fsdp1",
+            net,
+            lambda model: CAdamW(listed(model), **HYPER),
+            fsdp1_wrap={LinNormBlock},
+            use_orig_params=uop,
+        )
+        model, opt = eng.model, eng.opt
+        init = engines.full_params(eng)
+        names = list(init)
         oracle = Float64CAdamW([init[n].double() for n in names], **HYPER)
         err = None
         try:
@@ -252,7 +237,7 @@ def sc_fsdp1(rank: int, world: int) -> dict:
                 oracle.step([g[n].double() for n in names])
         except RuntimeError as e:
             err = e
-        fin = full_params(model)
+        fin = engines.full_params(eng)
         out[f"uop={uop}"] = {
             "messages": gather_all(_msg(err)),
             "oracle_param": gather_max(
@@ -267,23 +252,12 @@ def sc_fsdp1(rank: int, world: int) -> dict:
             "names": names,
             "shapes": [list(init[n].shape) for n in names],
         }
-        del model, opt
+        del eng, model, opt
         dist.barrier()
     return out
 
 
 # ------------------------------------------------------------------ DeepSpeed ZeRO-2
-
-
-class DNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(5, 6, bias=False)  # (6, 5)
-        self.b = nn.Linear(6, 6, bias=False)
-        self.c = nn.Linear(5, 6, bias=False)  # (6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.tanh(self.a(x))) + torch.sin(self.c(x))
 
 
 def sc_deepspeed(rank: int, world: int) -> dict:
@@ -292,8 +266,6 @@ def sc_deepspeed(rank: int, world: int) -> dict:
     import deepspeed  # noqa: F401  (DS_ACCELERATOR=cpu is set in main)
     import torch.nn.functional as F
     from deepspeed.utils import logger as ds_logger
-
-    from dist_cautious import deepspeed as dc_ds
 
     ds_logger.setLevel(logging.ERROR)
     torch.manual_seed(0)
@@ -314,19 +286,21 @@ def sc_deepspeed(rank: int, world: int) -> dict:
 
     out = {}
     for case in ("same_order", "other_order"):
+
+        def listed(model: nn.Module, case=case) -> list[torch.Tensor]:
+            params = list(model.parameters())
+            if case == "other_order" and rank == 1:
+                params = [params[2], params[1], params[0]]  # c before a: same shape
+            return params
+
         net = copy.deepcopy(net0)
-        params = list(net.parameters())
-        if case == "other_order" and rank == 1:
-            params = [params[2], params[1], params[0]]  # c before a: same shape
-        opt = CAdamW(params, **HYPER)
-        cfg = dc_ds.config(
-            {
-                "train_micro_batch_size_per_gpu": 4,
-                "gradient_accumulation_steps": 1,
-                "zero_optimization": {"stage": 2},
-            }
+        eng = engines.build(
+            "zero2",
+            net,
+            lambda model: CAdamW(listed(model), **HYPER),
+            ds_config={"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1},
         )
-        engine, *_ = dc_ds.initialize(model=net, optimizer=opt, config=cfg)
+        engine, opt = eng.ds_engine, eng.opt
         before = [p.detach().clone() for p in net.parameters()]
         err = None
         t0 = time.perf_counter()
@@ -351,7 +325,7 @@ def sc_deepspeed(rank: int, world: int) -> dict:
             unchanged = all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
             r["params_unchanged"] = all(gather_all(unchanged))
         out[case] = r
-        del engine, opt
+        del eng, engine, opt
         dist.barrier()
     return out
 
