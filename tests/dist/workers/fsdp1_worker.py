@@ -25,9 +25,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from fsdp_common import CollectiveCounter, gather_all, gather_max, setup
 from fsdp_worker import counts_summary
+from models import FNET_NAMES as NAMES
+from models import FNet
 from row_oracle import GroupedOracle
 from torch import Tensor
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     FullOptimStateDictConfig,
     FullStateDictConfig,
@@ -36,38 +37,15 @@ from torch.distributed.fsdp import (
     StateDictType,
 )
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from dist_cautious.fsdp1 import layout_for
+from launch import engines
 from tests.optimizers import ROWS, Row, selected
 from tests.oracle import rel_err
 
 STEPS = 10
 SUBSET_STEPS = 6  # subset:NAME scenarios (the other rows): fewer steps, same assertions
 WD = (0.1, 0.0)  # weight decay of param group 0 / 1: the groups really differ
-CPU = torch.device("cpu")
-
-
-class FNet(nn.Module):
-    """Tensors (3, 5), (1, 7), fc1 (40, 5) + (40,), fc2 (6, 47) + (6,), all in the forward.
-
-    Wrapped with a Linear policy: three FlatParameters (root: w35 + w17; fc1; fc2). On 4
-    ranks the root's 22 (or 24 aligned) elements give windows of 6: w35 has nothing on rank
-    3, w17 nothing on ranks 0 and 1; fc1.bias lies on rank 3 only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w35 = nn.Parameter(torch.randn(3, 5) * 0.5)
-        self.w17 = nn.Parameter(torch.randn(1, 7) * 0.5 + 1.0)
-        self.fc1 = nn.Linear(5, 40)
-        self.fc2 = nn.Linear(47, 6)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.fc1(x @ self.w35))
-        return self.fc2(torch.cat([h, h[:, :7] * self.w17], dim=1))
-
-
-NAMES = ["w35", "w17", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
 
 def batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
@@ -104,13 +82,6 @@ def full_grads(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def full_params(model: nn.Module) -> dict[str, Tensor]:
-    cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
-        sd = model.state_dict()
-    return {k: v.detach().clone() for k, v in sd.items()}
-
-
 def no_wd(row: Row) -> dict:
     """The row's hyperparameters without weight decay (the param groups set it: WD)."""
     return {k: v for k, v in row.hyper.items() if k != "weight_decay"}
@@ -141,26 +112,29 @@ class GroupReference:
         self.oracle.step([grads[n] for n in NAMES])
 
 
-def build(strategy: ShardingStrategy, uop: bool, world: int, mp: bool = False) -> nn.Module:
+def build(strategy: ShardingStrategy, uop: bool, make_optimizer, mp: bool = False) -> engines.Setup:
+    """FNet (seed 0) under FSDP1, one unit per Linear (hybrid strategies: a 2 x world/2
+    mesh), with the optimizer ``make_optimizer(wrapped model)``."""
     torch.manual_seed(0)
-    net = FNet()
     kw: dict = {}
     if mp:  # bf16 compute and gradient reduction; the optimizer steps the fp32 shards
         kw["mixed_precision"] = MixedPrecision(
             param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16
         )
-    if strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
-        kw["device_mesh"] = init_device_mesh(
-            "cpu", (2, world // 2), mesh_dim_names=("rep", "shard")
-        )
-    return FSDP(
-        net,
-        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    return engines.build(
+        "fsdp1",
+        FNet(),
+        make_optimizer,
+        fsdp1_wrap={nn.Linear},
         sharding_strategy=strategy,
         use_orig_params=uop,
-        device_id=CPU,
-        **kw,
+        fsdp_kwargs=kw,
     )
+
+
+def grouped(uop: bool, row: Row, **kw):
+    """``make_optimizer`` for :func:`build`: the row's optimizer on ``param_groups``."""
+    return lambda model: row.cls(param_groups(model, uop)[0], **no_wd(row), **kw)
 
 
 def param_groups(model: nn.Module, uop: bool) -> tuple[list[dict], dict[str, int]]:
@@ -196,7 +170,6 @@ def local_pieces(opt_params: list[Tensor]) -> list[tuple[int, int, int]]:
 def run_case(
     strategy: ShardingStrategy,
     uop: bool,
-    world: int,
     scale: str = "global",
     steps: int = STEPS,
     mp: bool = False,
@@ -206,11 +179,11 @@ def run_case(
     row = row or selected()
     lag = {"factor_lag": factor_lag} if factor_lag else {}
     rank = dist.get_rank()
-    model = build(strategy, uop, world, mp)
-    init = full_params(model)
+    eng = build(strategy, uop, grouped(uop, row, scale=scale, **lag), mp)
+    model, opt = eng.model, eng.opt
+    init = engines.full_params(eng)
     groups, group_of = param_groups(model, uop)
     opt_params = [p for g in groups for p in g["params"]]
-    opt = row.cls(groups, scale=scale, **no_wd(row), **lag)
     ref = GroupReference(init, group_of, row, **lag)
     pieces = local_pieces(opt_params)
     piece_wd = [WD[next(gi for gi, g in enumerate(groups) if any(q is opt_params[i] for q in g["params"]))] for i, _, _ in pieces]  # fmt: skip
@@ -229,7 +202,7 @@ def run_case(
         opt.zero_grad()
         ref.step(gfull)
         piece_oracle.step(local_grads)
-    fin = full_params(model)
+    fin = engines.full_params(eng)
     fp = [fin[n].double() for n in NAMES]
     op = ref.oracle.p
     piece_p = piece_oracle.p
@@ -273,11 +246,11 @@ def run_case(
     out["init"] = {n: init[n].tolist() for n in NAMES}
     if strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
         h = next(m._handle for m in model.modules() if isinstance(m, FSDP) and m._handle)
-        mesh = model._device_mesh
+        mesh = eng.mesh
         out["shard_group"] = str(mesh.get_group("shard").group_name)
-        out["replicate_group"] = str(mesh.get_group("rep").group_name)
+        out["replicate_group"] = str(mesh.get_group("replicate").group_name)
         out["handle_group"] = str(h.process_group.group_name)
-    del model, opt
+    del eng, model, opt
     return out
 
 
@@ -303,10 +276,10 @@ def sc_strategies(rank: int, world: int) -> dict:
     out = {}
     for st in strategies:
         for uop in (False, True):
-            out[f"{st.name}.uop={uop}"] = run_case(st, uop, world)
+            out[f"{st.name}.uop={uop}"] = run_case(st, uop)
     if world == 2:
         for uop in (False, True):
-            out[f"FULL_SHARD.bf16.uop={uop}"] = run_case(SS.FULL_SHARD, uop, world, mp=True)
+            out[f"FULL_SHARD.bf16.uop={uop}"] = run_case(SS.FULL_SHARD, uop, mp=True)
     return out
 
 
@@ -318,11 +291,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int) 
         opt.zero_grad()
 
 
-def _fresh(uop: bool, world: int, **kw: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    model = build(SS.FULL_SHARD, uop, world)
-    groups, _ = param_groups(model, uop)
-    row = selected()
-    return model, row.cls(groups, **no_wd(row), **kw)
+def _fresh(uop: bool, **kw: int) -> engines.Setup:
+    return build(SS.FULL_SHARD, uop, grouped(uop, selected(), **kw))
 
 
 def sc_ckpt(rank: int, world: int, **kw: int) -> dict:
@@ -333,26 +303,28 @@ def sc_ckpt(rank: int, world: int, **kw: int) -> dict:
     ocfg = FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False)
     full = StateDictType.FULL_STATE_DICT
     for uop in (False, True):
-        model, opt = _fresh(uop, world, **kw)
-        _train(model, opt, 0, STEPS)
-        ref = full_params(model)
-        model, opt = _fresh(uop, world, **kw)
+        eng = _fresh(uop, **kw)
+        _train(eng.model, eng.opt, 0, STEPS)
+        ref = engines.full_params(eng)
+        eng = _fresh(uop, **kw)
+        model, opt = eng.model, eng.opt
         _train(model, opt, 0, STEPS // 2)
         with FSDP.state_dict_type(model, full, cfg, ocfg):
             msd, osd = model.state_dict(), FSDP.optim_state_dict(model, opt)
         steps_saved = sorted({float(v["step"]) for v in osd["state"].values()})
-        model, opt = _fresh(uop, world, **kw)
+        eng = _fresh(uop, **kw)
+        model, opt = eng.model, eng.opt
         with FSDP.state_dict_type(model, full, cfg, ocfg):
             model.load_state_dict(msd)
             opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, osd))
         _train(model, opt, STEPS // 2, STEPS)
-        fin = full_params(model)
+        fin = engines.full_params(eng)
         out[f"uop={uop}"] = {
             "resume_vs_straight": gather_max(max(rel_err(fin[n], ref[n]) for n in NAMES)),
             "saved_steps": steps_saved,
             "saved_tensors": sorted(osd["state"]),
         }
-        del model, opt
+        del eng, model, opt
     return out
 
 
@@ -365,8 +337,8 @@ def sc_shard(rank: int, world: int) -> dict:
     """scale='shard' (per-piece semantics) against scale='global', FULL_SHARD."""
     out = {}
     for uop in (False, True):
-        g = run_case(SS.FULL_SHARD, uop, world, "global")
-        s = run_case(SS.FULL_SHARD, uop, world, "shard")
+        g = run_case(SS.FULL_SHARD, uop, "global")
+        s = run_case(SS.FULL_SHARD, uop, "shard")
         s["shard_vs_global_delta_rel"] = _delta_diff(s, g)
         out[f"uop={uop}"] = s
     return out
@@ -378,8 +350,8 @@ def sc_lag(rank: int, world: int) -> dict:
     factor_lag=0 shows the lag is real."""
     out = {}
     for uop in (False, True):
-        out[f"uop={uop}"] = run_case(SS.FULL_SHARD, uop, world, factor_lag=1)
-    exact = run_case(SS.FULL_SHARD, False, world)
+        out[f"uop={uop}"] = run_case(SS.FULL_SHARD, uop, factor_lag=1)
+    exact = run_case(SS.FULL_SHARD, False)
     out["exact_vs_lag_delta"] = _delta_diff(out["uop=False"], exact)
     return out
 
@@ -392,8 +364,8 @@ def sc_subset(rank: int, world: int, name: str) -> dict:
     st = SS.HYBRID_SHARD if world == 4 else SS.FULL_SHARD
     out = {}
     for uop in (False, True):
-        g = run_case(st, uop, world, "global", SUBSET_STEPS, row=row)
-        s = run_case(st, uop, world, "shard", SUBSET_STEPS, row=row)
+        g = run_case(st, uop, "global", SUBSET_STEPS, row=row)
+        s = run_case(st, uop, "shard", SUBSET_STEPS, row=row)
         s["shard_vs_global_delta_rel"] = _delta_diff(s, g)
         out[f"{st.name}.global.uop={uop}"] = g
         out[f"{st.name}.shard.uop={uop}"] = s
@@ -413,9 +385,9 @@ def sc_errors(rank: int, world: int) -> dict:
     row = selected()
     out: dict = {}
     for uop in (False, True):
-        model = build(SS.FULL_SHARD, uop, world)
+        eng = build(SS.FULL_SHARD, uop, lambda m: row.cls(list(m.parameters()), **row.hyper))
+        model, opt = eng.model, eng.opt
         params = list(model.parameters())
-        opt = row.cls(params, **row.hyper)
         x, y = batch(rank, 0)
         ((model(x) - y) ** 2).mean().backward()
         root = model._handle.flat_param
@@ -444,7 +416,7 @@ def sc_errors(rank: int, world: int) -> dict:
                 for p in params:
                     p.grad = torch.zeros_like(p)
                 out["unsharded_view"] = _err(opt.step)
-        del model, opt
+        del eng, model, opt
     # 5. a tensor marked as FSDP1-flattened that no FSDP1 handle owns
     t = nn.Parameter(torch.randn(12))
     t._fsdp_flattened = True
@@ -464,15 +436,16 @@ def sc_cost(rank: int, world: int) -> dict:
         layers = [nn.Linear(8, 8) for _ in range(150)]
         net = nn.Sequential(*[nn.Sequential(*layers[i : i + 10]) for i in range(0, 150, 10)])
         plain = [nn.Parameter(p.detach().clone()) for p in net.parameters()]
-        model = FSDP(
+        eng = engines.build(
+            "fsdp1",
             net,
-            auto_wrap_policy=ModuleWrapPolicy({nn.Sequential}),
+            lambda m: row.cls(list(m.parameters()), **row.hyper),
+            fsdp1_wrap={nn.Sequential},
             use_orig_params=uop,
-            device_id=CPU,
         )
+        model, opt = eng.model, eng.opt
         model(torch.randn(4, 8)).sum().backward()
         params = list(model.parameters())
-        opt = row.cls(params, **row.hyper)
         for p in plain:
             p.grad = torch.randn_like(p)
         ref = row.cls(plain, **row.hyper)
@@ -507,7 +480,7 @@ def sc_cost(rank: int, world: int) -> dict:
             "plan_cached": cached,
             "ms": {k: gather_max(v) for k, v in med.items()},
         }
-        del model, opt
+        del eng, model, opt
     return out
 
 
