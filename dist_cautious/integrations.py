@@ -28,6 +28,24 @@ CLASSES: dict[str, type] = {"cadamw": CAdamW, "clion": CLion, "csgd": CSGD}
 TIMM_NAMES = {"dc-cadamw": "cadamw", "dc-clion": "clion", "dc-csgd": "csgd"}
 
 
+# What timm's registry says of each (its description, and which of timm's hyperparameters
+# it passes on: betas, eps, momentum).
+_TIMM_INFO: dict[str, tuple[str, dict[str, bool]]] = {
+    "dc-cadamw": (
+        "dist_cautious C-AdamW: exact per-tensor cautious factor under sharding",
+        dict(has_betas=True),
+    ),
+    "dc-clion": (
+        "dist_cautious C-Lion: exact per-tensor cautious factor under sharding",
+        dict(has_eps=False, has_betas=True),
+    ),
+    "dc-csgd": (
+        "dist_cautious C-SGD (momentum): exact per-tensor cautious factor",
+        dict(has_eps=False, has_momentum=True),
+    ),
+}
+
+
 def register_timm(registry: Any = None) -> list[str]:
     """Register ``dc-cadamw``, ``dc-clion`` and ``dc-csgd`` in timm's optimizer registry
     (``timm.optim._optim_factory.default_registry`` unless ``registry`` is given), so that
@@ -41,26 +59,8 @@ def register_timm(registry: Any = None) -> list[str]:
 
     registry = default_registry if registry is None else registry
     infos = {
-        "dc-cadamw": OptimInfo(
-            name="dc-cadamw",
-            opt_class=CAdamW,
-            description="dist_cautious C-AdamW: exact per-tensor cautious factor under sharding",
-            has_betas=True,
-        ),
-        "dc-clion": OptimInfo(
-            name="dc-clion",
-            opt_class=CLion,
-            description="dist_cautious C-Lion: exact per-tensor cautious factor under sharding",
-            has_eps=False,
-            has_betas=True,
-        ),
-        "dc-csgd": OptimInfo(
-            name="dc-csgd",
-            opt_class=CSGD,
-            description="dist_cautious C-SGD (momentum): exact per-tensor cautious factor",
-            has_eps=False,
-            has_momentum=True,
-        ),
+        name: OptimInfo(name=name, opt_class=CLASSES[TIMM_NAMES[name]], description=text, **hyper)
+        for name, (text, hyper) in _TIMM_INFO.items()
     }
     for name, info in infos.items():
         if name not in registry._optimizers or registry._optimizers[name].opt_class is not (
