@@ -43,6 +43,7 @@ from .lag import COUNT_KEY, LagState, Pending, check_factor_lag
 from .layout import DEFAULT_LAYOUT, ParamLayout, SlotTable, is_dtensor, zeros_state
 from .plan import Bucket, Entry, Plan, factors, pieces_of
 from .reduce import ReducedCounts, check_agreement, device_index, reduce_counts, start_reduce
+from .resolve import FSDP1, resolve, resolver
 
 SCALES = ("global", "shard")
 FORMULAS = ("clamp", "paper")
@@ -72,10 +73,11 @@ OPTION_DEFAULTS: dict[str, Any] = dict(
 
 
 def flat_layout_for(p: Tensor) -> ParamLayout | None:
-    """The layout of an FSDP1 flattened parameter (see :mod:`.fsdp1`), else None."""
-    from .fsdp1 import layout_for  # lazy: imports torch.distributed.fsdp
+    """The layout of an FSDP1 flattened parameter (see :mod:`.fsdp1`), else None: the
+    resolver chain's ``fsdp1`` entry (:mod:`.resolve`), which imports FSDP1 lazily. (The plan
+    cache re-checks its FSDP1 layouts with it every step.)"""
+    return resolver(FSDP1)(p, None)
 
-    return layout_for(p)
 
 
 def real(x: Any) -> bool:
@@ -412,7 +414,7 @@ class CautiousOptimizer(Optimizer):
         # Tensors passed in by the user, by id, held weakly: HF Accelerate / the HF Trainer
         # swap sharded DTensors into param_groups after construction, and the originals (the
         # unsharded model) must be freed. A dead entry leaves at once, so a recycled id never
-        # matches; look up with ``_was_given`` (identity, not just the id).
+        # matches; look up with ``was_given`` (identity, not just the id).
         self._given: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self._layouts: dict[int, ParamLayout] = {}  # registered by adapters, by id
         self._layout_params: dict[int, Tensor] = {}  # ... and their tensors
@@ -444,13 +446,9 @@ class CautiousOptimizer(Optimizer):
             doc=f"The default ``{key}``; assigning it sets it in every param group.",
         )
 
-    @property
-    def _known_params(self) -> set[int]:
-        """ids of every tensor this optimizer may step (given, or registered by an adapter)."""
-        return set(self._given) | set(self._layouts)
-
-    def _was_given(self, p: Tensor) -> bool:
-        """``p`` itself (not a new tensor that reuses a freed one's id) was given."""
+    def was_given(self, p: Tensor) -> bool:
+        """``p`` itself (not a new tensor that reuses a freed one's id) was given: at
+        construction or by ``add_param_group`` (held weakly: a swapped-out original is freed)."""
         return self._given.get(id(p)) is p
 
     # ------------------------------------------------------------------ copy / pickle
@@ -468,11 +466,9 @@ class CautiousOptimizer(Optimizer):
             p
             for g in self.param_groups
             for p in g["params"]
-            if self._was_given(p) and id(p) not in self._layouts
+            if self.was_given(p) and not self.layout_registered(p)
         ]
-        state["_registered"] = _Registered(
-            [(self._layout_params[i], layout) for i, layout in self._layouts.items()]
-        )
+        state["_registered"] = _Registered(self.registered_layouts())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -540,25 +536,31 @@ class CautiousOptimizer(Optimizer):
         """Tell the optimizer how ``param`` maps to pieces of original tensors.
 
         Used by adapters whose parameters are not the model's tensors (DeepSpeed ZeRO's
-        flat partitions, see :mod:`dist_cautious.deepspeed`).
+        flat partitions, see :mod:`dist_cautious.deepspeed`). The first resolver of the
+        chain (:mod:`dist_cautious.resolve`) answers with it, before any other.
         """
         self._layouts[id(param)] = layout
         self._layout_params[id(param)] = param
         self._plan = None
 
-    def _layout_for(self, p: Tensor) -> ParamLayout:
-        layout = self._layouts.get(id(p))
-        if layout is not None:
-            return layout
-        layout = flat_layout_for(p)  # FSDP1 FlatParameters and use_orig_params views
-        if layout is not None:
-            return layout
-        if is_dtensor(p):
-            # A DTensor describes its own layout completely (mesh, placements, global
-            # shape), so one swapped into param_groups after construction (HF Accelerate's
-            # FSDP2 path) is stepped exactly, like one given at construction.
-            return DEFAULT_LAYOUT
-        if not self._was_given(p):
+    def registered_layout(self, p: Tensor) -> ParamLayout | None:
+        """The layout registered for ``p`` with :meth:`register_layout`, else None."""
+        return self._layouts.get(id(p))  # (the tensor is held: its id cannot be reused)
+
+    def layout_registered(self, p: Tensor) -> bool:
+        """Whether ``p`` has a layout from :meth:`register_layout` (planned every step)."""
+        return id(p) in self._layouts
+
+    def registered_layouts(self) -> list[tuple[Tensor, ParamLayout]]:
+        """``[(tensor, layout)]`` registered with :meth:`register_layout`, in that order."""
+        return [(self._layout_params[i], layout) for i, layout in self._layouts.items()]
+
+    def layout_for(self, p: Tensor) -> ParamLayout:
+        """The layout ``p`` is stepped with: the first answer of the resolver chain
+        (:mod:`dist_cautious.resolve`: registered, FSDP1, DTensor, a given tensor). Raises
+        for a tensor none of them knows (one this optimizer was never given)."""
+        found = resolve(p, self)
+        if found is None:
             raise RuntimeError(
                 f"{type(self).__name__} is asked to step a tensor it was never given (shape "
                 f"{tuple(p.shape)}, dtype {p.dtype}). DeepSpeed does this when it swaps the "
@@ -569,7 +571,9 @@ class CautiousOptimizer(Optimizer):
                 "right after it (see docs/deepspeed.md). If you changed param_groups by hand, "
                 "use optimizer.add_param_group instead."
             )
-        return DEFAULT_LAYOUT
+        return found[1]
+
+    _layout_for = layout_for  # the old private name, until its callers use layout_for
 
     def _check_group(self, group: dict[str, Any], gi: int, where: str | None = None) -> None:
         where = where or f"param group {gi}"
@@ -642,8 +646,9 @@ class CautiousOptimizer(Optimizer):
         for i, p in enumerate(params):
             st = out["state"].get(i)
             c = st.get(COUNT_KEY) if st else None
-            if torch.is_tensor(c) and c.dim() > 0 and id(p) not in self._layouts:
-                if flat_layout_for(p) is not None:
+            if torch.is_tensor(c) and c.dim() > 0:
+                found = resolve(p, self)
+                if found is not None and found[0] == FSDP1:
                     out["state"][i] = {**st, COUNT_KEY: tuple(c.tolist())}
         return out
 

@@ -6,8 +6,10 @@ fp32 *partition* of it (slices of several original tensors, with cuts inside ten
 ZeRO 3 gives each rank one flat fp32 buffer per sub-group, the concatenation of its shard
 of every parameter in that sub-group; the fp16/bf16 "unfused" wrapper used without ZeRO
 gives fp32 copies of whole tensors. A per-tensor factor computed on those buffers would be
-per-partition. :func:`attach` reads DeepSpeed's own partition metadata and registers, for
-every such buffer, a :class:`ZeroFlatLayout` that cuts it back into per-tensor fragments:
+per-partition. :func:`attach` reads DeepSpeed's own partition metadata and registers on the
+optimizer (``register_layout``: per optimizer, as only the engine knows its partitions; the
+first resolver of the layout chain, :mod:`dist_cautious.resolve`), for every such buffer, a
+:class:`ZeroFlatLayout` that cuts it back into per-tensor fragments:
 each fragment is stepped in place, its mask counts go into one slot per original tensor,
 and the slots are summed over the partition's data-parallel group (the expert data-parallel
 group for MoE param groups) in one all-reduce per ``optimizer.step()`` call.
@@ -389,7 +391,7 @@ def attach(engine: Any, *, verify: bool = True) -> CautiousOptimizer:
             p
             for g in opt.param_groups
             for p in g["params"]
-            if id(p) not in opt._given and id(p) not in opt._layouts
+            if not opt.was_given(p) and not opt.layout_registered(p)
         ]
         if unknown:
             raise NotImplementedError(

@@ -12,8 +12,9 @@ then sees
 * ``use_orig_params=True``: every original parameter as a 1-D view of *its* part of that
   window (empty where the rank holds none of it), marked ``_fsdp_flattened``.
 
-A local cautious factor on either would be per-window. :func:`layout_for` (called by
-:class:`~dist_cautious.CAdamW` for every parameter, so nothing is needed from the user)
+A local cautious factor on either would be per-window. :func:`layout_for` (the ``fsdp1``
+resolver of the optimizer's layout chain, :mod:`dist_cautious.resolve`, asked for every
+parameter, so nothing is needed from the user)
 finds the ``FlatParamHandle`` that owns the tensor, reads FSDP1's own shard metadata
 (``_shard_param_infos``, ``_numels``, ``_numels_with_padding``, ``_is_padding_mask``,
 ``_sharded_size``, ``_shard_numel_padded``) and returns a :class:`~dist_cautious.flat.FlatLayout`
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from .flat import FlatLayout, Fragment, _packed_offsets, window_fragments
 from .layout import ParamLayout, Reduction, is_dtensor
+from .resolve import FSDP1, register_resolver
 
 try:
     from torch.distributed.fsdp._flat_param import (
@@ -351,3 +353,11 @@ def layout_for(p: Tensor) -> ParamLayout | None:
         o.layout = _build(o, p)
         o.key = key
     return o.layout
+
+
+def _resolve(p: Tensor, opt: Any) -> ParamLayout | None:
+    return layout_for(p)
+
+
+# replaces resolve.py's lazy shim (which imported this module) in the chain, in its place
+register_resolver(FSDP1, _resolve)
