@@ -2,13 +2,17 @@
 
 A step, in four stages (each in its own module):
 
-1. plan (:mod:`.layout`, :mod:`.plan`): walk every parameter of every group, reserve count
-   slots for tensors split across ranks, and cut the local pieces the kernels will step;
+1. plan (:mod:`.plan`, :mod:`.layout`): walk every parameter of every group, reserve count
+   slots for tensors split across ranks, and cut the local pieces the kernels will step
+   (``plan.build``), or reuse the cached plan (``plan.reuse``);
 2. count pass (the optimizer's kernels): update what the mask needs and count
    ``u * g > 0`` per piece (``u`` the update direction, ``g`` the gradient);
 3. reduce (:mod:`.reduce`): sum counts over shards (one all-reduce per shard process group),
    then ``alpha = N / max(nnz, clamp * N)`` per piece, on the device;
 4. update pass (the optimizer's kernels): the masked, rescaled step and the state update.
+
+Stages 2-4 are ``plan.execute``; :meth:`CautiousOptimizer.step` is gather -> plan -> execute,
+and the plan reaches the optimizer only through its public surface (``plan.Stepper``).
 
 The base owns the options every cautious optimizer has (``scale``, ``formula``, ``clamp``,
 ``backend``, ``state_dtype``, ``cautious_weight_decay``, ``factor_lag``: param-group keys
@@ -17,7 +21,8 @@ state creation from the subclass's ``state_keys``, copies and pickling, state-di
 validation, the cached step plan, the statistics, and the distributed bookkeeping. A
 subclass (:mod:`.optim`: ``CAdamW``, ``CLion``, ``CSGD``) is its math: hyperparameters and
 their checks, ``state_keys``, and four hooks (``_check_hyper``, ``_resolve``, ``_count``,
-``_update``) that call its kernels.
+``_update``) that call its kernels; the base calls them (``count`` / ``update`` are the
+public face of the last two).
 
 No host synchronisation happens inside ``step()`` on CUDA (counts and factors stay on the
 device); the kept-mask statistics are device tensors read only when you ask for them.
@@ -28,10 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Iterable
-from itertools import repeat
-from operator import attrgetter, is_
 from typing import Any, ClassVar
 
 import torch
@@ -39,10 +41,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import device_step, kernels
-from .lag import COUNT_KEY, LagState, Pending, check_factor_lag
-from .layout import DEFAULT_LAYOUT, ParamLayout, SlotTable, is_dtensor, zeros_state
-from .plan import Bucket, Entry, Plan, factors, pieces_of
-from .reduce import ReducedCounts, check_agreement, device_index, reduce_counts, start_reduce
+from . import plan as planning
+from .lag import COUNT_KEY, Pending, check_factor_lag
+from .layout import ParamLayout, SlotTable, is_dtensor, zeros_state
+from .plan import Bucket, Plan, backend_name
+from .reduce import ReducedCounts, check_agreement
 from .resolve import FSDP1, resolve, resolver
 
 SCALES = ("global", "shard")
@@ -77,7 +80,6 @@ def flat_layout_for(p: Tensor) -> ParamLayout | None:
     resolver chain's ``fsdp1`` entry (:mod:`.resolve`), which imports FSDP1 lazily. (The plan
     cache re-checks its FSDP1 layouts with it every step.)"""
     return resolver(FSDP1)(p, None)
-
 
 
 def real(x: Any) -> bool:
@@ -205,26 +207,6 @@ def check_torch_flags(opts: dict[str, Any], where: str) -> None:
         )
 
 
-def backend_name(group: dict[str, Any]) -> str:
-    """The backend a group asks for: ``backend``, unless it is ``"auto"`` and torch's
-    ``fused`` / ``foreach`` choose (``fused=True``: ``"triton"``; ``foreach=True``:
-    ``"foreach"``; ``foreach=False``: ``"reference"``, torch's single-tensor loop;
-    ``fused=False``: ``"foreach"``). ``"auto"`` is resolved per device by the optimizer."""
-    backend = group["backend"]
-    if backend != "auto":
-        return backend
-    fused, foreach = group.get("fused"), group.get("foreach")
-    if fused:
-        return "triton"
-    if foreach:
-        return "foreach"
-    if foreach is False:
-        return "reference"
-    if fused is False:
-        return "foreach"
-    return "auto"
-
-
 def check_fused(group: dict[str, Any], devices: Iterable[torch.device], where: str) -> None:
     """``fused=True`` needs the fused (triton) backend: a CUDA device with Triton."""
     if not group.get("fused"):
@@ -338,10 +320,6 @@ class _Registered:
         return (_Registered, ([],))
 
 
-_GRAD = attrgetter("grad")
-_IS_SPARSE = attrgetter("is_sparse")
-
-
 class CautiousOptimizer(Optimizer):
     """The shared machinery of :class:`~dist_cautious.CAdamW`, ``CLion`` and ``CSGD``.
 
@@ -383,14 +361,6 @@ class CautiousOptimizer(Optimizer):
         """The kernel backend object for backend ``name`` ("auto", ...) on ``device``."""
         raise NotImplementedError
 
-    def _backend_for(self, name: str, device: torch.device) -> Any:
-        """``_resolve``'s backend, one per (name, device) for the optimizer's life: a Triton
-        backend's chunk-table cache then outlives a re-planned step (ZeRO layouts)."""
-        be = self._backends.get((name, device))
-        if be is None:
-            be = self._backends[(name, device)] = self._resolve(name, device)
-        return be
-
     def _count(self, b: Bucket, grads: list[Tensor], group: dict[str, Any]) -> tuple[Tensor, dict]:
         """Pass 1 on bucket ``b``: int64 counts per piece, and keyword arguments for the
         bucket's ``_update`` call (a backend's hand-off between its passes)."""
@@ -424,7 +394,7 @@ class CautiousOptimizer(Optimizer):
         # factor_lag=1: all-reduces left in flight, one per step() call (ZeRO calls step()
         # once per param group / sub-group: each waits for its own at the next call on them)
         self._pending: dict[int, Pending] = {}
-        # kernel backends by (backend name, device), see _backend_for
+        # kernel backends by (backend name, device), see backend_for
         self._backends: dict[tuple[str, torch.device], Any] = {}
 
     # ------------------------------------------------------------------ options
@@ -515,7 +485,7 @@ class CautiousOptimizer(Optimizer):
             check_group_keys(param_group, self.defaults, f"param group {gi}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._check_group(group, gi)
+        self.check_group(group, gi)
         try:
             check_fused(group, _devices(group["params"]), f"param group {gi}")
         except ValueError:
@@ -575,7 +545,8 @@ class CautiousOptimizer(Optimizer):
 
     _layout_for = layout_for  # the old private name, until its callers use layout_for
 
-    def _check_group(self, group: dict[str, Any], gi: int, where: str | None = None) -> None:
+    def check_group(self, group: dict[str, Any], gi: int, where: str | None = None) -> None:
+        """Raise for a bad value in param group ``gi`` (hyperparameters and options)."""
         where = where or f"param group {gi}"
         self._check_hyper(group, where)
         check_options(group, where)
@@ -690,7 +661,7 @@ class CautiousOptimizer(Optimizer):
         saved_ids = [i for g in groups for i in g.get("params", ())]
         for gi, g in enumerate(groups):
             where = f"loaded param group {gi}"
-            self._check_group({**self.defaults, **g}, gi, where=where)
+            self.check_group({**self.defaults, **g}, gi, where=where)
             if gi < len(self.param_groups):
                 check_fused(
                     {**self.defaults, **g}, _devices(self.param_groups[gi]["params"]), where
@@ -741,7 +712,8 @@ class CautiousOptimizer(Optimizer):
             return dt
         return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
-    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``p``'s state, created (zeros, step 0) or brought to the group's state dtype."""
         state = self.state[p]
         dt = self._state_dtype_for(p, group)
         if len(state) == 0:
@@ -760,20 +732,11 @@ class CautiousOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ step
     #
-    # A step is planned (walk every parameter: layouts, slots, state, pieces, buckets) and
-    # then executed (count pass, reduce, factor, update pass). A plan whose parameters all
-    # use the default layout (plain tensors, DDP, DTensors) is cached and reused while
-    # nothing it depends on changed: the same param_groups (same dicts, same parameters in
-    # the same order), the same gradient presence pattern, the same state mapping with the
-    # same dict per parameter and the same tensors in it (``del opt.state[p]``,
-    # ``opt.state[p] = {}``, ``opt.state.clear()`` and a new ``opt.state`` all re-plan, with
-    # fresh state for the affected parameters), unchanged step counters (checked through
-    # their version counter) and the same ``scale`` / ``backend`` / ``state_dtype`` per
-    # group. Reusing a plan then costs O(1) work per parameter: read ``.grad`` and compare
-    # identities. FSDP1 flat layouts are cached too (each reuse checks that
-    # ``fsdp1.layout_for`` still returns the plan's layout and cuts fresh views of the flat
-    # tensors, as DTensor buckets take fresh local shards); layouts registered by adapters
-    # (DeepSpeed ZeRO) are planned every step.
+    # A step is gather -> plan -> execute (:mod:`.plan`): the plan is built (walk every
+    # parameter: layouts, slots, state, pieces, buckets) or, while nothing it depends on
+    # changed, the cached one is reused; executing it runs the count pass, the reduce, the
+    # factors and the update pass. ``capturable=True`` and ``torch.compile`` take the
+    # device-scalar step instead (:mod:`.device_step`).
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -790,21 +753,71 @@ class CautiousOptimizer(Optimizer):
                 "or factor_lag=1 in eager mode with capturable=False"
             )
         if device_step.wanted(self):  # capturable=True, or under torch.compile
-            device_step.step(self)
+            stats = device_step.step(self)
+            if stats is not None:  # kept / stepped elements per group (see _stats_buffers)
+                for buf, value in zip(self._device_stats, stats):
+                    buf.copy_(value)
             return loss
         if getattr(self, "_pending", None):  # factor_lag=1: previous counts of these tensors
             self._finish_pending({id(p) for g in self.param_groups for p in g["params"]})
         plan = getattr(self, "_plan", None)
-        grads = self._reuse(plan) if plan is not None else None
+        grads = planning.reuse(plan, self) if plan is not None else None
         if grads is None:
             self._plan = None
-            plan, grads = self._make_plan()
+            for gi, group in enumerate(self.param_groups):  # before any state changes
+                if group.get("fused"):
+                    check_fused(group, _devices(group["params"]), f"param group {gi}")
+            plan, grads = planning.build(self)
             if plan is None:
                 return loss
-            if plan.table.sizes and not plan.table.agreed:
-                self._check_agreement(plan)
-        self._execute(plan, grads)  # gradients are held by locals only, never by the plan
+            planning.agree(plan, self)  # the ranks' one-time check; undoes the step on failure
+            if plan.cached:
+                self._plan = plan
+        stats, pending = planning.execute(plan, grads, self)  # grads: held by locals only
+        if pending is None:
+            self._stats = stats
+        else:  # factor_lag=1: this step's all-reduce is in flight, waited for later
+            if id(pending.lag) in self._pending or len(self._pending) >= 64:
+                self._finish_pending()  # (not expected: a plan's own was waited for above)
+            self._pending[id(pending.lag)] = pending
         return loss
+
+    # ------------------------------------------------------------------ plan.Stepper
+    #
+    # The surface plan.py and device_step.py step through (with param_groups, state,
+    # state_keys, layout_for, check_group and state_for above).
+
+    def backend_for(self, group: dict[str, Any], device: torch.device) -> Any:
+        """The kernel backend ``group`` asks for (:func:`~.plan.backend_name`) on ``device``:
+        ``_resolve``'s, one per (name, device) for the optimizer's life, so a Triton
+        backend's chunk-table cache outlives a re-planned step (ZeRO layouts)."""
+        name = backend_name(group)
+        be = self._backends.get((name, device))
+        if be is None:
+            be = self._backends[(name, device)] = self._resolve(name, device)
+        return be
+
+    def count(
+        self, b: Bucket, grads: list[Tensor], group: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """Pass 1 on bucket ``b``: the subclass's ``_count``."""
+        return self._count(b, grads, group)
+
+    def update(
+        self,
+        b: Bucket,
+        grads: list[Tensor],
+        group: dict[str, Any],
+        alphas: Tensor | None,
+        kw: dict[str, Any],
+    ) -> None:
+        """Pass 2 on bucket ``b``: the subclass's ``_update``."""
+        self._update(b, grads, group, alphas, kw)
+
+    def check_agreement(self, table: SlotTable) -> None:
+        """The ranks' one-time check that they count the same tensors (:mod:`.reduce`),
+        remembering the count-vector signatures agreed on."""
+        check_agreement(table, self._validated)
 
     def _init_group(
         self,
@@ -814,293 +827,29 @@ class CautiousOptimizer(Optimizer):
         steps: list[Tensor],
         states: list[Tensor],
     ) -> tuple:
-        """The device-scalar step's gather (``device_step.init_group``). Named as torch's
+        """The device-scalar step's gather (``device_step.gather``). Named as torch's
         optimizers name it: dynamo runs it eagerly instead of tracing it."""
-        return device_step.init_group(self, group, params, grads, steps, states)
-
-    def _check_agreement(self, plan: Plan) -> None:
-        """The ranks' one-time check that they count the same tensors (see reduce.py), before
-        anything is stepped; on failure the planned step is undone (no state is left)."""
-        try:
-            check_agreement(plan.table, self._validated)
-        except RuntimeError:
+        info, table, moved = device_step.gather(self, group, params, grads, steps, states)
+        if moved:  # a step counter left the cached plan's shared buffer
             self._plan = None
-            for e, created in zip(plan.entries, plan.created):
-                if created:
-                    self.state.pop(e.param, None)
-                else:
-                    e.state["step"] = e.state["step"].clone() - 1
-            raise
+        if params:
+            p = params[0]
+            self._stats_buffers((p.to_local() if is_dtensor(p) else p).device)
+        if table.sizes:
+            check_agreement(table, self._validated)
+        return info
 
-    def _settings(self) -> tuple:
-        """What a cached plan depends on besides parameters, gradients and state objects
-        (formula, clamp and the other scalars are read at every step)."""
-        return tuple(
-            (g["scale"], backend_name(g), g["state_dtype"], g["factor_lag"])
-            for g in self.param_groups
-        )
-
-    def _make_plan(self) -> tuple[Plan | None, list[list[Tensor]] | None]:
-        """Walk every parameter (the reference path); cache the plan when it may be reused."""
-        table = SlotTable()
-        buckets: dict[tuple, Bucket] = {}
-        bucket_grads: dict[tuple, list[Tensor]] = defaultdict(list)
-        home: torch.device | None = None
-        params: list[Tensor] = []
-        none_pattern: list[bool] = []
-        entries: list[Entry] = []
-        entry_layouts: list[ParamLayout] = []
-        created: list[bool] = []
-        cacheable = True
-        flat: list[tuple[Tensor, ParamLayout]] = []  # FSDP1 parameters and their layouts
-        n_states = len(self.state_keys)
-        for gi, group in enumerate(self.param_groups):  # before any state changes
-            if group.get("fused"):
-                check_fused(group, _devices(group["params"]), f"param group {gi}")
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(group, gi)
-            table.current_group = gi
-            shard = group["scale"] == "shard"
-            names = group.get("param_names")  # torch >= 2.6: from named_parameters()
-            for j, p in enumerate(group["params"]):
-                table.current_name = names[j] if names is not None else None
-                layout = self._layout_for(p)
-                if layout is not DEFAULT_LAYOUT:
-                    if id(p) in self._layouts:  # an adapter's (ZeRO): planned every step
-                        cacheable = False
-                    else:  # FSDP1's: cached, the layout checked every step (_reuse)
-                        flat.append((p, layout))
-                # Reserve slots for every parameter, gradient or not (see reduce.py).
-                token = None if shard else layout.reserve(p, table)
-                if home is None:
-                    home = (p.to_local() if is_dtensor(p) else p).device
-                g = p.grad
-                params.append(p)
-                none_pattern.append(g is None)
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"sparse gradient for a parameter of shape {tuple(p.shape)}: "
-                        f"{type(self).__name__} does not support sparse gradients"
-                    )
-                created.append(not self.state.get(p))
-                state = self._state_for(p, group)
-                state["step"] += 1
-                step = int(state["step"].item())  # a CPU tensor: no device sync
-                states = tuple(state[k] for k in self.state_keys)
-                ei = len(entries)
-                entries.append(Entry(p, state, states, token, gi, step))
-                entry_layouts.append(layout)
-                for pc in pieces_of(layout, p, g, states, token, shard):
-                    key = (
-                        gi,
-                        step,
-                        pc.param.device,
-                        pc.param.dtype,
-                        pc.grad.dtype,
-                        pc.states[0].dtype,
-                    )
-                    b = buckets.get(key)
-                    if b is None:
-                        be = self._backend_for(backend_name(group), pc.param.device)
-                        b = buckets[key] = Bucket(gi, step, be, shard, n_states)
-                    b.add(pc, ei)
-                    bucket_grads[key].append(pc.grad)
-
-        if home is None or (not buckets and not table.sizes):
-            return None, None
-        order = list(buckets)
-        plan = Plan(
-            groups=list(self.param_groups),
-            param_ids=[tuple(map(id, g["params"])) for g in self.param_groups],
-            params=params,
-            none_pattern=none_pattern,
-            entries=entries,
-            created=created,
-            table=table,
-            home=home,
-            buckets=[buckets[k] for k in order],
-            state_obj=self.state,
-            settings=self._settings(),
-            state_keys=self.state_keys,
-        )
-        grads = [bucket_grads[k] for k in order]
-        lag_groups = {gi for gi, g in enumerate(self.param_groups) if g["factor_lag"] == 1}
-        if lag_groups:
-            piece_entry = [i for b in plan.buckets for i in b.src]
-            plan.lag = LagState(entries, entry_layouts, plan.pieces, piece_entry, lag_groups, home)
-            # the all-reduce may be left in flight only when every slot is lagged
-            plan.lag.deferrable = all(
-                self.param_groups[gi]["factor_lag"] == 1
-                for gis in table.group_index.values()
-                for gi in gis
-            )
-        if cacheable:
-            plan.freeze()
-            plan.flat = flat
-            plan.entry_layouts = entry_layouts
-            for b in plan.buckets:  # FSDP1: fresh views of the flat tensors every step
-                flat_bucket = any(entry_layouts[i] is not DEFAULT_LAYOUT for i in b.src)
-                if b.dynamic is None and flat_bucket:
-                    b.dynamic = list(b.pieces)
-            self._plan = plan
-        return plan, grads
-
-    def _reuse(self, plan: Plan) -> list[list[Tensor]] | None:
-        """The per-bucket gradients if ``plan`` still describes this step, else None."""
-        if plan.state_obj is not self.state or plan.settings != self._settings():
-            return None
-        if not all(map(is_, map(self.state.get, plan.eparams), plan.states)):
-            return None  # a parameter's state was deleted, replaced or cleared
-        for group, g0, ids in zip(self.param_groups, plan.groups, plan.param_ids):
-            if group is not g0 or tuple(map(id, group["params"])) != ids:
-                return None
-        for p, layout in getattr(plan, "flat", ()):
-            if flat_layout_for(p) is not layout:
-                return None  # FSDP1 re-computed its shard metadata (re-wrapped, resharded)
-        buf = plan.step_buf
-        if buf is None or buf._version != plan.step_version:
-            return None  # a step counter was changed in place
-        # C-level loops (map/operator): this runs for every parameter on every step.
-        pgrads = list(map(_GRAD, plan.params))
-        if list(map(is_, pgrads, repeat(None))) != plan.none_pattern:
-            return None
-        states = plan.states
-        if not all(map(is_, map(dict.get, states, repeat("step")), plan.steps)):
-            return None
-        for key, objs in zip(plan.state_keys, plan.tensors):
-            if not all(map(is_, map(dict.get, states, repeat(key)), objs)):
-                return None  # a state tensor was replaced
-        lag = getattr(plan, "lag", None)
-        if lag is not None and not lag.intact():
-            return None  # a cautious_count was replaced
-        egrads = list(map(pgrads.__getitem__, plan.grad_index))
-        if any(map(_IS_SPARSE, egrads)):
-            return None  # the full path raises the error
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(group, gi)
-        # Valid: this step is the cached one with every counter one further.
-        plan.advance(1)
-        out = []
-        for b in plan.buckets:
-            if b.dynamic is None:
-                out.append(egrads if b.all_entries else list(map(egrads.__getitem__, b.src)))
-                continue
-            # DTensors and FSDP1 flat tensors: fresh local views (and the layout's checks)
-            # every step; an entry's pieces are consecutive in its bucket
-            layouts = getattr(plan, "entry_layouts", None)
-            j, n = 0, len(b.dynamic)
-            for i in dict.fromkeys(b.src):
-                e = plan.entries[i]
-                layout = DEFAULT_LAYOUT if layouts is None else layouts[i]
-                pcs = pieces_of(layout, e.param, egrads[i], e.states, e.token, b.shard)
-                for pc in pcs:
-                    if j >= n or b.src[j] != i or pc.grad.dtype != b.grad_dtype:
-                        plan.advance(-1)  # undo; the full path re-plans this step
-                        return None
-                    b.dynamic[j] = pc
-                    j += 1
-            if j != n:
-                plan.advance(-1)
-                return None
-            out.append([pc.grad for pc in b.dynamic])
-            b.refresh(b.dynamic)
-            for pc in b.dynamic:
-                pc.grad = None  # type: ignore[assignment]
-        return out
-
-    def _execute(self, plan: Plan, grads: list[list[Tensor]]) -> None:
-        home = plan.home
-        groups = self.param_groups
-        # Pass 1: local counts (and whatever state the optimizer updates there), one backend
-        # call per bucket; each call may hand keyword arguments to its pass 2.
-        counts_parts = []
-        handoff = []
-        for b, gs in zip(plan.buckets, grads):
-            c, kw = self._count(b, gs, groups[b.gi])
-            counts_parts.append(c if c.device == home else c.to(home))
-            handoff.append(kw)
-        if len(counts_parts) == 1:
-            local_counts = counts_parts[0]
-        elif counts_parts:
-            local_counts = torch.cat(counts_parts)
-        else:
-            local_counts = torch.zeros(0, dtype=torch.int64, device=home)
-
-        # When no count crosses ranks (whole tensors, or scale="shard" everywhere) and every
-        # bucket's backend can compute the factor inside its update kernel (triton), the
-        # update is launched straight from the local counts and the statistics are reduced
-        # after it: the factor's small launches leave the critical path. Same numbers.
-        lag: LagState | None = getattr(plan, "lag", None)
-        fuse = (
-            lag is None
-            and not plan.table.sizes
-            and all(b.backend.caps.fused_factor and b.device == home for b in plan.buckets)
-        )
-        slices = plan.slices
-        if lag is not None:  # factor_lag=1 in some group (lag.py)
-            alphas = self._lagged_factors(plan, lag, local_counts)
-        elif fuse:
-            numels = plan.local_numels.get(home)
-            if numels is None:
-                numels = device_index(tuple(pc.param.numel() for pc in plan.pieces), home)
-                plan.local_numels[home] = numels
-            alphas: dict[torch.dtype, Tensor] = {}
-        else:
-            # Reduce counts over shards (no-op for whole tensors and scale="shard" groups).
-            red = reduce_counts(
-                plan.pieces, plan.piece_group, local_counts, plan.table, len(groups),
-                validated=self._validated,
-            )  # fmt: skip
-            self._stats = red
-            alphas = factors(red, groups, plan.buckets, slices)
-
-        # Pass 2: the masked, rescaled step.
-        single = len(plan.buckets) == 1
-        for b, gs, kw, sl in zip(plan.buckets, grads, handoff, slices):
-            group = groups[b.gi]
-            if fuse:
-                kw["factor"] = (local_counts[sl], numels[sl], group["formula"], group["clamp"])
-                a = None
-            else:
-                a = alphas[b.factor_dtype]
-                a = a if single else a[sl]
-                a = a if a.device == b.device else a.to(b.device)
-            self._update(b, gs, group, a, kw)
-
-        if fuse:  # the statistics (kept / stepped elements per group); no collective here
-            self._stats = reduce_counts(
-                plan.pieces, plan.piece_group, local_counts, plan.table, len(groups)
-            )
-
-    def _lagged_factors(
-        self, plan: Plan, lag: LagState, local_counts: Tensor
-    ) -> dict[torch.dtype, Tensor]:
-        """The factors of a step with ``factor_lag=1`` groups: the previous step's counts for
-        lagged pieces, this step's for the others. The all-reduce of this step's counts is
-        left in flight (waited for at the next step) when no factor of this step needs it."""
-        groups = self.param_groups
-        args = (plan.pieces, plan.piece_group, local_counts, plan.table, len(groups))
-        if lag.deferrable and not lag.fresh and plan.table.sizes:
-            # every sharded tensor's factor lags: this step needs no reduced count
-            work = start_reduce(*args, validated=self._validated)
-            numels = lag.numels
-            used = ReducedCounts(lag.counts(local_counts), numels, numels[:0], numels[:0])
-            alphas = factors(used, groups, plan.buckets, plan.slices)
-            lag.store_local(local_counts)
-            if id(lag) in self._pending or len(self._pending) >= 64:
-                self._finish_pending()  # (not expected: a plan's own was waited for above)
-            self._pending[id(lag)] = Pending(work, lag)
-        else:
-            red = reduce_counts(*args, validated=self._validated)
-            self._stats = red
-            used = ReducedCounts(lag.counts(red.counts), red.numels, red.numels, red.numels)
-            alphas = factors(used, groups, plan.buckets, plan.slices)
-            lag.store_local(local_counts)
-            lag.store_reduced(red)
-        lag.stepped()
-        return alphas
+    def _stats_buffers(self, device: torch.device) -> None:
+        """Kept / stepped elements per param group: buffers the device-scalar step writes in
+        place (a traced step cannot rebind ``_stats``); ``_stats`` points at them."""
+        box = getattr(self, "_device_stats", None)
+        n = len(self.param_groups)
+        if box is None or box[0].numel() != n or box[0].device != device:
+            box = tuple(torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
+            self._device_stats = box
+        if self._stats is None or self._stats.kept_per_group is not box[0]:
+            none = box[0][:0]
+            self._stats = ReducedCounts(none, none, box[0], box[1])
 
     # ------------------------------------------------------------------ statistics
 

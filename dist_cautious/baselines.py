@@ -67,14 +67,14 @@ class AllGatherCAdamW(CAdamW):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group, gi)
+            self.check_group(group, gi)
             be = kernels.get_backend(
                 "reference" if backend_name(group) == "reference" else "foreach"
             )
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self._state_for(p, group)
+                state = self.state_for(p, group)
                 state["step"] += 1
                 g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
                 pl, gl, ml, vl = _local(p), _local(g), _local(m), _local(v)

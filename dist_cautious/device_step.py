@@ -6,12 +6,13 @@ the per-step cross-rank fingerprint on gloo). None of that can be traced by dyna
 captured in a CUDA graph. This module computes the same algorithm with everything that
 changes from step to step kept in tensors:
 
-1. gather (``CautiousOptimizer._init_group``, plain Python; dynamo runs it eagerly, as for
-   torch's optimizers, and guards on what it saw): per param group the parameters with a
+1. gather (:func:`gather`, called by ``CautiousOptimizer._init_group``: torch's name, which
+   dynamo runs eagerly, as for torch's optimizers, and guards on what it saw; plain
+   Python): per param group the parameters with a
    gradient, their gradients, state tensors and step counters (moved to the parameter's
    device, as torch's capturable AdamW keeps them), and per parameter the constants the
    step needs: the factor's ``N`` and the names of the process groups its count is summed
-   over. The cross-rank agreement check (:func:`.reduce.check_agreement`) runs here, once
+   over. The cross-rank agreement check (:func:`.reduce.check_agreement`) runs there, once
    per layout, before anything is stepped: outside a captured or compiled steady state;
 2. count pass (:mod:`.kernels.capturable`, per param group): exact int64 counts, a device
    vector;
@@ -21,7 +22,9 @@ changes from step to step kept in tensors:
    the first-appearance order every rank computes alike; factors on the device. The
    per-step ``[h, h*h]`` fingerprint check of the planned step is **not** done here: it
    is a host read, and the one-time check in (1) covers the layout;
-4. update pass (:mod:`.kernels.capturable`), step counters incremented on the device.
+4. update pass (:mod:`.kernels.capturable`), step counters incremented on the device;
+   :func:`step` returns the kept / stepped elements per group, which the optimizer writes
+   into its statistics buffers.
 
 Supported layouts: plain tensors, DDP, DTensors (FSDP2, HSDP, TP). Adapter layouts (FSDP1
 flat parameters, DeepSpeed ZeRO partitions) raise: use the planned step there
@@ -38,7 +41,7 @@ from torch import Tensor
 from .kernels import capturable as cap
 from .kernels import cautious_factor
 from .layout import DEFAULT_LAYOUT, SlotTable, group_key, is_dtensor, shard_reduction
-from .reduce import ReducedCounts, check_agreement, device_index
+from .reduce import device_index
 
 
 def wanted(opt: Any) -> bool:
@@ -65,18 +68,20 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def init_group(
+def gather(
     opt: Any,
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
     steps: list[Tensor],
     states: list[Tensor],
-) -> tuple:
+) -> tuple[tuple, SlotTable, bool]:
     """Fill the lists for ``group`` (``states`` key-major: every parameter's first state
-    tensor, then every second one); return per parameter ``(N, process group names)``."""
+    tensor, then every second one). Returns per parameter ``(N, process group names)``, the
+    slot table the optimizer checks the ranks' agreement on, and whether a step counter was
+    taken out of the cached plan's shared buffer (the plan is then stale)."""
     gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
-    opt._check_group(group, gi)
+    opt.check_group(group, gi)
     if group.get("factor_lag", 0):
         raise ValueError(
             f"param group {gi}: factor_lag={group['factor_lag']!r} is not implemented by the "
@@ -88,9 +93,10 @@ def init_group(
     table.current_group = gi
     info = []
     per_key: list[list[Tensor]] = [[] for _ in opt.state_keys]
+    moved = False
     pnames = group.get("param_names")  # named_parameters(): the guard's identity
     for j, p in enumerate(group["params"]):
-        if opt._layout_for(p) is not DEFAULT_LAYOUT:  # (raises for tensors never given)
+        if opt.layout_for(p) is not DEFAULT_LAYOUT:  # (raises for tensors never given)
             raise NotImplementedError(
                 f"param group {gi}: a parameter of shape {tuple(p.shape)} has an adapter "
                 "layout (FSDP1 flat parameter or DeepSpeed ZeRO partition), which the "
@@ -119,12 +125,12 @@ def init_group(
         else:
             names = ()
         local = _local(p)
-        state = opt._state_for(p, group)
+        state = opt.state_for(p, group)
         t = state["step"]
-        if t._base is not None or t.device != local.device:
+        if t._base is not None or t.device != local.device:  # (torch's view attribute)
             # a view of the planned step's shared counter buffer, or on another device
             state["step"] = t.detach().to(local.device, copy=True)
-            opt._plan = None
+            moved = True
         params.append(p)
         grads.append(g)
         steps.append(state["step"])
@@ -133,24 +139,7 @@ def init_group(
         info.append((int(p.numel()) if red is not None else int(local.numel()), names))
     for lst in per_key:
         states.extend(lst)
-    if params:
-        _stats_buffers(opt, _local(params[0]).device)
-    if table.sizes:
-        check_agreement(table, opt._validated)
-    return tuple(info)
-
-
-def _stats_buffers(opt: Any, device: torch.device) -> None:
-    """Kept / stepped elements per param group: buffers the step writes in place (a traced
-    step cannot rebind ``opt._stats``); ``opt._stats`` points at them."""
-    box = getattr(opt, "_device_stats", None)
-    n = len(opt.param_groups)
-    if box is None or box[0].numel() != n or box[0].device != device:
-        box = tuple(torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
-        opt._device_stats = box
-    if opt._stats is None or opt._stats.kept_per_group is not box[0]:
-        none = box[0][:0]
-        opt._stats = ReducedCounts(none, none, box[0], box[1])
+    return tuple(info), table, moved
 
 
 def _index(values: list[int], device: torch.device) -> Tensor:
@@ -161,8 +150,9 @@ def _index(values: list[int], device: torch.device) -> Tensor:
     return device_index(tuple(values), device)
 
 
-def step(opt: Any) -> None:
-    """One step of ``opt`` on the device-scalar path (see the module doc)."""
+def step(opt: Any) -> tuple[Tensor, Tensor] | None:
+    """One step of ``opt`` on the device-scalar path (see the module doc): the kept and the
+    stepped elements per param group, or None when no parameter has a gradient."""
     math = _math(opt)
     n_keys = len(opt.state_keys)
     work = []
@@ -171,7 +161,7 @@ def step(opt: Any) -> None:
         grads: list[Tensor] = []
         steps: list[Tensor] = []
         states: list[Tensor] = []
-        info = opt._init_group(group, params, grads, steps, states)
+        info = opt._init_group(group, params, grads, steps, states)  # torch's name: see (1)
         work.append((group, params, grads, steps, states, info))
 
     # pass 1, per param group
@@ -192,7 +182,7 @@ def step(opt: Any) -> None:
         counts_parts.append(c)
         passes.append((ps, gs, sts, steps, kw))
     if device is None:
-        return
+        return None
 
     flat_info = [x for _, params, *_, info in work if params for x in info]
     order: dict[str, list[int]] = {}
@@ -201,8 +191,7 @@ def step(opt: Any) -> None:
             order.setdefault(name, []).append(i)
     if not order and isinstance(counts_parts[0], list):
         # compiled, nothing sharded: factors per tensor from 0-d counts (no stacking)
-        _per_tensor_step(opt, math, work, passes, counts_parts, flat_info, device)
-        return
+        return _per_tensor_step(math, work, passes, counts_parts, flat_info, device)
     if isinstance(counts_parts[0], list):
         counts_parts = [torch.stack(c) for c in counts_parts]
     counts = torch.cat(counts_parts) if len(counts_parts) > 1 else counts_parts[0]
@@ -235,9 +224,7 @@ def step(opt: Any) -> None:
         math.update(ps, gs, sts, steps, alphas, group, kw)
         kept.append(c.sum())
         elems.append(nn.sum())
-    kept_buf, elems_buf = opt._device_stats  # see _stats_buffers
-    kept_buf.copy_(torch.stack(kept))
-    elems_buf.copy_(torch.stack(elems))
+    return torch.stack(kept), torch.stack(elems)
 
 
 def _alpha(c: Tensor, n: int, formula: str, clamp: float) -> Tensor:
@@ -251,14 +238,13 @@ def _alpha(c: Tensor, n: int, formula: str, clamp: float) -> Tensor:
 
 
 def _per_tensor_step(
-    opt: Any,
     math: Any,
     work: list,
     passes: list,
     counts_parts: list[list[Tensor]],
     flat_info: list,
     device: torch.device,
-) -> None:
+) -> tuple[Tensor, Tensor]:
     """Pass 2 of a compiled step without sharded tensors: every scalar per tensor."""
     kept, elems = [], []
     parts = iter(counts_parts)
@@ -280,6 +266,4 @@ def _per_tensor_step(
             total = total + c
         kept.append(total)
         elems.append(sum(ns))
-    kept_buf, elems_buf = opt._device_stats  # see _stats_buffers
-    kept_buf.copy_(torch.stack(kept))
-    elems_buf.copy_(torch.tensor(elems, dtype=torch.int64, device=device))
+    return torch.stack(kept), torch.tensor(elems, dtype=torch.int64, device=device)

@@ -328,27 +328,20 @@ class ReducedCounts:
     slot_counts: dict = dataclasses.field(default_factory=dict)
 
 
-def reduce_counts(
-    pieces: list[Piece],
-    piece_group: list[int],
-    local_counts: Tensor,
-    table: SlotTable,
-    n_groups: int,
-    validated: set | None = None,
-) -> ReducedCounts:
-    """Turn local per-piece counts into the counts each piece's factor is computed from
-    (:func:`start_reduce` and wait for it)."""
-    return start_reduce(pieces, piece_group, local_counts, table, n_groups, validated).wait()
-
-
 class CountReduction:
     """A count reduction started by :func:`start_reduce`: its first round of all-reduces is
     in flight; :meth:`wait` completes every round and returns the :class:`ReducedCounts`.
-    Later rounds (FSDP + TP) start only when the previous one is complete."""
+    Later rounds (FSDP + TP) start only when the previous one is complete.
 
-    def __init__(self, finish: Any) -> None:
+    ``fused``: the update kernels compute each factor themselves from the local counts and
+    ``local_numels`` (per piece, on the counts' device); :meth:`wait` then gives only the
+    statistics, and the caller runs it after the update (see :func:`start_reduce`)."""
+
+    def __init__(self, finish: Any, local_numels: Tensor, fused: bool = False) -> None:
         self._finish = finish
         self._result: ReducedCounts | None = None
+        self.local_numels = local_numels
+        self.fused = fused
 
     def wait(self) -> ReducedCounts:
         if self._result is None:
@@ -364,6 +357,7 @@ def start_reduce(
     table: SlotTable,
     n_groups: int,
     validated: set | None = None,
+    in_kernel: bool = False,
 ) -> CountReduction:
     """Start turning local per-piece counts into the counts each piece's factor is computed from.
 
@@ -372,18 +366,32 @@ def start_reduce(
     :func:`plan_schedule`); pieces without one (whole tensors, and every piece of a
     ``scale="shard"`` group, which the optimizer gives local numels) count locally.
     ``validated``: the optimizer's set of agreed signatures (see :func:`check_agreement`).
+
+    The fuse decision: ``in_kernel`` says that the update kernels could compute the factors
+    from the local counts (every backend of the step can, on the counts' device, and no
+    factor lags). When in addition no count crosses ranks (no slot in ``table``: whole
+    tensors, or ``scale="shard"`` everywhere) the result is ``fused``: the caller launches
+    the update straight from the local counts and waits for this reduction (the
+    statistics) after it, so the factor's small launches leave the critical path. Same
+    numbers. Without slots nothing is computed before :meth:`CountReduction.wait`.
     """
     device = local_counts.device
     local_numels = device_index(tuple(p.param.numel() for p in pieces), device)
     groups_t = device_index(tuple(piece_group), device)
-    kept = torch.zeros(n_groups, dtype=torch.int64, device=device)
-    elems = torch.zeros(n_groups, dtype=torch.int64, device=device)
 
     if not table.sizes:
-        kept.index_add_(0, groups_t, local_counts)
-        elems.index_add_(0, groups_t, local_numels)
-        done = ReducedCounts(local_counts, local_numels, kept, elems)
-        return CountReduction(lambda: done)
+
+        def local_only() -> ReducedCounts:
+            kept = torch.zeros(n_groups, dtype=torch.int64, device=device)
+            elems = torch.zeros(n_groups, dtype=torch.int64, device=device)
+            kept.index_add_(0, groups_t, local_counts)
+            elems.index_add_(0, groups_t, local_numels)
+            return ReducedCounts(local_counts, local_numels, kept, elems)
+
+        return CountReduction(local_only, local_numels, fused=in_kernel)
+
+    kept = torch.zeros(n_groups, dtype=torch.int64, device=device)
+    elems = torch.zeros(n_groups, dtype=torch.int64, device=device)
 
     counts = local_counts.clone()
     numels = device_index(tuple(p.numel for p in pieces), device)
@@ -439,7 +447,8 @@ def start_reduce(
     return CountReduction(
         lambda: _finish_reduce(
             first, start_round, n_rounds, table, vecs, where, counts, numels, kept, elems, device
-        )
+        ),
+        local_numels,
     )
 
 
