@@ -23,14 +23,11 @@ from .protocol import (
     Loaded,
     agree,
     check_files,
-    check_keep,
-    commit,
     complete,
     describe,
     finish_load,
     open_load,
-    prepare,
-    save_rng,
+    save_step,
 )
 from .safe import safe_planner, safe_reader, whole_planner
 
@@ -152,19 +149,18 @@ def save(
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    check_keep(keep)
-    root = Path(root)
-    final, tmp = prepare(root, step)
-    if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
-        sd = {"model": msd, "optim": osd}
-    else:
-        sd = {"model": get_model_state_dict(model)}
-    dcp_save(sd, storage_writer=FileSystemWriter(str(tmp)))
-    if rng:
-        save_rng(tmp)
-    info = describe(step, optimizer, meta, extra, engine="dcp")
-    return commit(root, tmp, final, step, info, keep, checksum)
+    def write(tmp: Path) -> None:
+        if optimizer is not None:
+            msd, osd = get_state_dict(model, optimizer)
+            sd = {"model": msd, "optim": osd}
+        else:
+            sd = {"model": get_model_state_dict(model)}
+        dcp_save(sd, storage_writer=FileSystemWriter(str(tmp)))
+
+    def info() -> dict[str, Any]:
+        return describe(step, optimizer, meta, extra, engine="dcp")
+
+    return save_step(root, step, write, info, keep, rng, checksum)
 
 
 def load(

@@ -17,13 +17,10 @@ from .fit import diff_groups, group_options
 from .protocol import (
     Loaded,
     agree,
-    check_keep,
-    commit,
     describe,
     finish_load,
     open_load,
-    prepare,
-    save_rng,
+    save_step,
 )
 from .safe import ds_load, ds_safe_globals
 
@@ -67,18 +64,21 @@ def save_deepspeed(
     """:func:`save` for a DeepSpeed engine (ZeRO 0-3), through ``engine.save_checkpoint``
     (DeepSpeed's own format, no ``latest`` file), with the same complete-marker protocol,
     rollback rule and checksums."""
-    check_keep(keep)
-    root = Path(root)
-    final, tmp = prepare(root, step)
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
-    if rng:
-        save_rng(tmp)
-    info = describe(step, engine.optimizer, meta, extra, engine="deepspeed", **_ds_layout(engine))
-    client = getattr(engine, "client_optimizer", None)
-    if client is not None:
-        info["optimizer"] = type(client).__name__
-        info["param_groups"] = group_options(client)
-    return commit(root, tmp, final, step, info, keep, checksum)
+
+    def write(tmp: Path) -> None:  # DeepSpeed writes <root>/<tag>: the tag is tmp's name
+        engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={}, save_latest=False)
+
+    def info() -> dict[str, Any]:
+        out = describe(
+            step, engine.optimizer, meta, extra, engine="deepspeed", **_ds_layout(engine)
+        )
+        client = getattr(engine, "client_optimizer", None)
+        if client is not None:
+            out["optimizer"] = type(client).__name__
+            out["param_groups"] = group_options(client)
+        return out
+
+    return save_step(root, step, write, info, keep, rng, checksum)
 
 
 def load_deepspeed(

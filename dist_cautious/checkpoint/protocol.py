@@ -4,8 +4,8 @@ marker with sizes and CRC-32s), the rollback rule (newer checkpoints moved into
 ``abandoned/``), pruning (``keep``), the per-rank RNG files, and, at load, finding the
 checkpoint and checking its files and ``checkpoint.json`` on every rank.
 
-The backends (:mod:`.dcp`, :mod:`.ds`) write their data into the temporary directory that
-:func:`prepare` returns and hand it to :func:`commit`; at load they call :func:`open_load`
+The backends (:mod:`.dcp`, :mod:`.ds`) save through :func:`save_step` (their writer fills the
+temporary directory of :func:`prepare`, then :func:`commit`); at load they call :func:`open_load`
 (:func:`locate`, :func:`read_info`, the engine and ``meta`` checks), their own fit checks,
 :func:`agree`, and :func:`finish_load`.
 """
@@ -20,6 +20,7 @@ import shutil
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,28 @@ def commit(
                 shutil.rmtree(step_path(root, s), ignore_errors=True)
     barrier()
     return final
+
+
+def save_step(
+    root: str | os.PathLike,
+    step: int,
+    write: Callable[[Path], None],
+    info: Callable[[], dict[str, Any]],
+    keep: int | None,
+    rng: bool,
+    checksum: bool,
+) -> Path:
+    """Every backend's save, collective: ``write(tmp)`` puts the backend's files into the
+    temporary directory of ``step`` under ``root`` (:func:`prepare`); then each rank's RNG
+    file (``rng``), ``info()`` as ``checkpoint.json``, the rename and the marker
+    (:func:`commit`). Returns the checkpoint's path."""
+    check_keep(keep)
+    root = Path(root)
+    final, tmp = prepare(root, step)
+    write(tmp)
+    if rng:
+        save_rng(tmp)
+    return commit(root, tmp, final, step, info(), keep, checksum)
 
 
 def describe(step: int, optimizer: Any, meta: dict | None, extra: dict | None, **more: Any) -> dict:
