@@ -46,7 +46,7 @@ from .lag import COUNT_KEY, Pending, check_factor_lag
 from .layout import ParamLayout, SlotTable, is_dtensor, zeros_state
 from .plan import Bucket, Plan, backend_name
 from .reduce import ReducedCounts, check_agreement
-from .resolve import FSDP1, resolve, resolver
+from .resolve import FSDP1, resolve
 
 SCALES = ("global", "shard")
 FORMULAS = ("clamp", "paper")
@@ -73,13 +73,6 @@ OPTION_DEFAULTS: dict[str, Any] = dict(
     cautious_weight_decay=False,
     factor_lag=0,  # 1: the previous step's factor, the all-reduce off the critical path (lag.py)
 )
-
-
-def flat_layout_for(p: Tensor) -> ParamLayout | None:
-    """The layout of an FSDP1 flattened parameter (see :mod:`.fsdp1`), else None: the
-    resolver chain's ``fsdp1`` entry (:mod:`.resolve`), which imports FSDP1 lazily. (The plan
-    cache re-checks its FSDP1 layouts with it every step.)"""
-    return resolver(FSDP1)(p, None)
 
 
 def real(x: Any) -> bool:

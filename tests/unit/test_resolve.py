@@ -46,6 +46,9 @@ def test_each_resolver_answers_in_chain_order():
     b._fsdp_flattened = True  # what FSDP1 marks its flattened tensors with
     with pytest.raises(RuntimeError, match="no live FSDP1 FlatParamHandle owns it"):
         opt.layout_for(b)
+    from dist_cautious import fsdp1  # imported by now: its own resolver replaced the shim
+
+    assert rs.resolver("fsdp1") is fsdp1._resolve and _names() == ORDER
     lay = FlatLayout([Fragment(0, 6, 0, 0, 6)], None, 6, "test")
     c._fsdp_flattened = True
     opt.register_layout(c, lay)
