@@ -166,7 +166,7 @@ def main() -> None:
         o = o.optimizer
     res = {
         "chain": chain,
-        "layouts": len(o._layouts),
+        "layouts": len(o.registered_layouts()),
         "state_steps": sorted({int(s["step"]) for s in o.state.values()}),
         "kept_fraction": o.kept_fraction,
         "micro_batches": [len(r) for r in micro],

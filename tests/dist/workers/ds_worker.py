@@ -584,7 +584,7 @@ def specs_for(
     for flat, names, frs, rep, pg in flat_groups:
         numels = [named[n].ds_numel if c["stage"] == 3 else named[n].numel() for n in names]
         specs[id(flat)] = dict(names=names, numels=numels, frags=frs, replicated=rep, group=pg)
-        lay = opt._layouts.get(id(flat))
+        lay = opt.registered_layout(flat)
         if isinstance(lay, dc_ds.ZeroFlatLayout):
             grank = dist.get_rank(pg)
             got = sorted(

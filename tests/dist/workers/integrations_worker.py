@@ -934,7 +934,7 @@ def sc_lightning_deepspeed(stage: int) -> dict:
         o = o.optimizer
     res = report(got, trainer.optimizers[0], gather_batches(module.seen))
     res["chain"] = chain
-    res["layouts"] = len(o._layouts)
+    res["layouts"] = len(o.registered_layouts())
     return res
 
 
