@@ -105,6 +105,18 @@ def set_grads(ps: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
             p.grad.copy_(g)  # in place: a captured graph reads these addresses
 
 
+def step_both(
+    shape: str, dev: torch.device, k: int, a: list, b: list, step_a: Callable, step_b: Callable
+) -> None:
+    """Step ``k`` of a side-by-side check: the same gradients (seed ``10 + k``) into both
+    parameter lists, then both steps."""
+    gs = tensors(shape, dev, seed=10 + k)
+    set_grads(a, gs)
+    set_grads(b, gs)
+    step_a()
+    step_b()
+
+
 def capturable(cls: type, ps: list[torch.Tensor], **kw: object) -> torch.optim.Optimizer:
     opt = cls(ps, **{**HYPER[cls], **kw})
     for group in opt.param_groups:
@@ -151,11 +163,7 @@ def check_cuda_graph(dev: torch.device, shape: str, steps: int = 10) -> dict:
             planned.step()
         replay = capture(cap, dev)
         for k in range(steps):
-            gs = tensors(shape, dev, seed=10 + k)
-            set_grads(a, gs)
-            set_grads(b, gs)
-            planned.step()
-            replay()
+            step_both(shape, dev, k, a, b, planned.step, replay)
         sync(dev)
         err = max_rel(b, a)
         out[cls.__name__] = {"max_rel_err_vs_planned": err, "pass": err <= TOL}
@@ -170,11 +178,7 @@ def check_reduce_overhead(dev: torch.device, shape: str, steps: int = 10) -> dic
     step = torch.compile(comp.step, mode="reduce-overhead")
     t0 = time.perf_counter()
     for k in range(steps):
-        gs = tensors(shape, dev, seed=10 + k)
-        set_grads(a, gs)
-        set_grads(b, gs)
-        planned.step()
-        step()
+        step_both(shape, dev, k, a, b, planned.step, step)
         if k == 2:
             sync(dev)
             compile_s = time.perf_counter() - t0
@@ -255,11 +259,7 @@ def parity_dry(dev: torch.device, shape: str) -> dict:
         a, b = params_like(init), params_like(init)
         planned, cap = cls(a, **HYPER[cls]), capturable(cls, b)
         for k in range(5):
-            gs = tensors(shape, dev, seed=10 + k)
-            set_grads(a, gs)
-            set_grads(b, gs)
-            planned.step()
-            cap.step()
+            step_both(shape, dev, k, a, b, planned.step, cap.step)
         err = max_rel(b, a)
         out[cls.__name__] = {"max_rel_err_vs_planned": err, "pass": err <= TOL}
     return out
