@@ -39,7 +39,12 @@ __all__ = [
 
 _ADAMW = {
     "reference": Functions(reference.count_pass, reference.update_pass),
-    "foreach": Functions(foreach.count_pass, foreach.update_pass, Capabilities(takes_scratch=True)),
+    "foreach": Functions(
+        foreach.count_pass,
+        foreach.update_pass,
+        Capabilities(takes_scratch=True, one_pass_lagged=True),
+        foreach.one_pass,
+    ),
 }
 
 

@@ -101,11 +101,16 @@ class Capabilities:
     the mask from count to update through it). ``fused_factor``: ``update_pass(..., alphas=None,
     factor=(counts, numels, formula, clamp))`` computes the factor itself (no separate
     launches). ``deferred_exp_avg`` (AdamW): ``count_pass(..., defer_exp_avg=True)`` returns
-    ``(counts, deferred)`` and leaves the exp_avg write to the update pass."""
+    ``(counts, deferred)`` and leaves the exp_avg write to the update pass.
+    ``one_pass_lagged``: ``one_pass(<update_pass's arguments with per-piece alphas>) -> int64
+    counts`` does a ``factor_lag=1`` step in one pass over memory: the update with the given
+    (previous step's) factors, and this step's mask counts for the next step's factors;
+    equal to ``count_pass`` then ``update_pass`` with those factors."""
 
     takes_scratch: bool = False
     fused_factor: bool = False
     deferred_exp_avg: bool = False
+    one_pass_lagged: bool = False
 
 
 class Backend(Protocol):
@@ -113,7 +118,9 @@ class Backend(Protocol):
     optimizer's: AdamW ``count_pass(grads, exp_avgs, beta1, maximize)`` /
     ``update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)``; Lion and SGD
     ``count_pass(params, grads, states, h)`` / ``update_pass(params, grads, states, alphas, h)``
-    (plus ``scratch=`` / ``factor=`` / ``defer_exp_avg=`` as ``caps`` declares)."""
+    (plus ``scratch=`` / ``factor=`` / ``defer_exp_avg=`` as ``caps`` declares), and
+    ``one_pass`` (``update_pass``'s arguments, returns the counts) where ``caps`` declares
+    ``one_pass_lagged``."""
 
     caps: Capabilities
     count_pass: Callable[..., Any]
@@ -122,8 +129,10 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class Functions:
-    """A backend made of two plain functions (reference, foreach)."""
+    """A backend made of plain functions (reference, foreach): two passes, and ``one_pass``
+    where ``caps.one_pass_lagged``."""
 
     count_pass: Callable[..., Any]
     update_pass: Callable[..., Any]
     caps: Capabilities = Capabilities()
+    one_pass: Callable[..., Any] | None = None

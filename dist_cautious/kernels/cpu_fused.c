@@ -1,4 +1,5 @@
-/* Fused two-pass C-AdamW on CPU, float32 (dist_cautious.kernels.cpu_fused).
+/* Fused C-AdamW on CPU, float32, two passes or one for factor_lag=1
+ * (dist_cautious.kernels.cpu_fused).
  *
  * Pass 1 (dc_count): per element, m <- lerp(m, g, w); counts[t] += (m * g > 0). The lerp
  *   is torch's: one fused multiply-add, fma(w, g - m, m) for w < 0.5, else
@@ -7,6 +8,10 @@
  * Pass 2 (dc_update): v <- b2 v + (1 - b2) g^2; p <- p * decay (cautious: only where
  *   m p >= 0); p <- p + (s_t * mask * m) / (sqrt(v) / bc2 + eps), with
  *   s_t = -lr / bc1 * alpha_t folded per tensor. Reads p, g, m, v; writes p, v (24 bytes).
+ *
+ * One pass (dc_onepass, for factor_lag=1: the factors are known before the step): both
+ *   in one sweep, counting the mask for the next step; reads p, g, m, v, writes p, m, v
+ *   (28 bytes per element).
  *
  * Each call takes a list of tensors (pointer arrays), cut into chunks of CHUNK elements
  * that OpenMP threads share; counts are exact int64, summed per tensor after the loop.
@@ -137,5 +142,78 @@ int dc_update(int64_t n, float *const *p, float *const *g, float *const *m, floa
         }
     }
     free(cs);
+    return 0;
+}
+
+/* One pass (factor_lag=1, dc_onepass): dc_count then dc_update in one sweep, for a step
+ * whose per-tensor factors are known before it (the previous step's): per element
+ * m <- lerp(m, g, w), v <- b2 v + (1 - b2) g^2, decay, p <- p + (s_t * mask * m) / den with
+ * the given s_t = -lr / bc1 * alpha_t, and counts[t] += mask for the next step's factor.
+ * The same operations in the same order as the two passes: bitwise their results. Reads
+ * p, g, m, v, writes p, m, v: 28 bytes per element instead of 12 + 24. */
+static inline __attribute__((always_inline)) int32_t onepass_chunk(
+    float *pp, const float *gp, float *mp, float *vp, int64_t len, float w, float s,
+    float sign, float beta2, float b2c, float decay, float bc2_sqrt, float eps,
+    const int lerp_small, const int cautious_wd) {
+    int32_t cnt = 0;
+    const float wm1 = w - 1.0f;
+    for (int64_t i = 0; i < len; i++) {
+        const float gi = sign * gp[i];
+        const float m0 = mp[i];
+        const float mi = lerp_small ? fmaf(w, gi - m0, m0) : fmaf(wm1, gi - m0, gi);
+        mp[i] = mi;
+        const int keep = mi * gi > 0.0f;
+        cnt += keep;
+        const float vn = fmaf(b2c * gi, gi, vp[i] * beta2);
+        vp[i] = vn;
+        const float pi0 = pp[i];
+        const float pi = cautious_wd ? ((mi * pi0 >= 0.0f) ? pi0 * decay : pi0) : pi0 * decay;
+        const float den = sqrtf(vn) / bc2_sqrt + eps;
+        const float u = (float)keep * mi;
+        pp[i] = pi + (s * u) / den;
+    }
+    return cnt;
+}
+
+int dc_onepass(int64_t n, float *const *p, float *const *g, float *const *m, float *const *v,
+               const int64_t *lens, const float *scal, float w, int lerp_small, float beta2,
+               float b2c, float decay, int cautious_wd, float bc2_sqrt, float eps, int maximize,
+               int threads, int64_t *counts) {
+    int64_t nc;
+    chunk_t *cs = make_chunks(n, lens, &nc);
+    int64_t *part = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nc > 0 ? nc : 1));
+    if (!cs || !part) {
+        free(cs);
+        free(part);
+        return -1;
+    }
+    const float sign = maximize ? -1.0f : 1.0f;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < nc; c++) {
+        const int64_t t = cs[c].tensor, off = cs[c].start, len = cs[c].len;
+        float *pp = p[t] + off;
+        const float *gp = g[t] + off;
+        float *mp = m[t] + off;
+        float *vp = v[t] + off;
+        const float s = scal[t];
+        int32_t cnt;
+        if (lerp_small && cautious_wd)
+            cnt = onepass_chunk(pp, gp, mp, vp, len, w, s, sign, beta2, b2c, decay, bc2_sqrt,
+                                eps, 1, 1);
+        else if (lerp_small)
+            cnt = onepass_chunk(pp, gp, mp, vp, len, w, s, sign, beta2, b2c, decay, bc2_sqrt,
+                                eps, 1, 0);
+        else if (cautious_wd)
+            cnt = onepass_chunk(pp, gp, mp, vp, len, w, s, sign, beta2, b2c, decay, bc2_sqrt,
+                                eps, 0, 1);
+        else
+            cnt = onepass_chunk(pp, gp, mp, vp, len, w, s, sign, beta2, b2c, decay, bc2_sqrt,
+                                eps, 0, 0);
+        part[c] = cnt;
+    }
+    for (int64_t t = 0; t < n; t++) counts[t] = 0;
+    for (int64_t c = 0; c < nc; c++) counts[cs[c].tensor] += part[c];
+    free(cs);
+    free(part);
     return 0;
 }

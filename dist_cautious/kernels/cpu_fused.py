@@ -1,5 +1,5 @@
-"""Fused two-pass C-AdamW for float32 tensors on the CPU (``backend="cpu"``; what
-``backend="auto"`` picks on the CPU when it can be built).
+"""Fused C-AdamW for float32 tensors on the CPU (``backend="cpu"``; what ``backend="auto"``
+picks on the CPU when it can be built): two passes, or one for a ``factor_lag=1`` step.
 
 Why: under ZeRO-Offload and FSDP2's ``CPUOffloadPolicy`` the optimizer steps fp32
 partitions of tens of millions of elements on the host. The ``foreach`` backend makes about
@@ -8,7 +8,10 @@ needs: pass 1 reads ``g, m`` and writes ``m`` (12 bytes per element), pass 2 rea
 ``p, g, m, v`` and writes ``p, v`` (24 bytes), against 28 bytes for one-pass AdamW
 (DeepSpeed's ``DeepSpeedCPUAdam``). Each pass is one call for a whole bucket (a list of
 tensors or ZeRO fragments), split into 32768-element chunks shared by
-``torch.get_num_threads()`` OpenMP threads; counts are exact int64.
+``torch.get_num_threads()`` OpenMP threads; counts are exact int64. A lagged step
+(``factor_lag=1``: the factors are the previous step's, known before it) is one sweep,
+:func:`one_pass`: reads ``p, g, m, v``, writes ``p, m, v`` and counts the mask for the next
+step (28 bytes per element, one-pass AdamW's traffic).
 
 The kernel is plain C (``cpu_fused.c``, no torch headers), compiled on first use with the
 system C compiler (``$CC``, else ``cc``/``gcc``: ``-O3 -march=native -fopenmp
@@ -32,6 +35,7 @@ tensors, tensors on another device) go to ``foreach``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -40,7 +44,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,16 +54,9 @@ from torch import Tensor
 from . import foreach
 from .common import Capabilities, UpdateHyper
 
-# The plan hands a per-bucket scratch dict (used by the foreach fallback): declared both
-# ways the engine has read it (``caps``, a kernels.common.Capabilities; ``TAKES_SCRATCH``).
-TAKES_SCRATCH = True
-try:
-    from .common import Capabilities
-
-    caps = Capabilities(takes_scratch=True)
-except ImportError:  # pragma: no cover - before the backend contract had Capabilities
-    caps = None
-caps = Capabilities(takes_scratch=True)  # the backend contract the engine reads (common.py)
+# The backend contract the engine reads (common.py): the plan hands a per-bucket scratch
+# dict (used by the foreach fallback); one_pass does a factor_lag=1 step in one sweep.
+caps = Capabilities(takes_scratch=True, one_pass_lagged=True)
 
 SOURCE = Path(__file__).with_name("cpu_fused.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -152,6 +151,9 @@ def _load() -> None:
         lib.dc_count.restype = ci
         lib.dc_update.argtypes = [i64, vp, vp, vp, vp, vp, vp, f32, f32, f32, ci, f32, f32, ci, ci]
         lib.dc_update.restype = ci
+        lib.dc_onepass.argtypes = [i64, vp, vp, vp, vp, vp, vp, f32, ci, f32, f32, f32, ci]
+        lib.dc_onepass.argtypes += [f32, f32, ci, ci, vp]
+        lib.dc_onepass.restype = ci
         _state.update(lib=lib, why="", path=path, openmp=openmp)
         return
     _state.update(lib=None, why="building the CPU kernel failed: " + " | ".join(errors))
@@ -200,75 +202,92 @@ def _lens(ts: list[Tensor]) -> ctypes.Array:
     return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
 
 
-def count_pass(
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    beta1: float,
-    maximize: bool,
-    scratch: dict | None = None,
-) -> Tensor:
-    """``m <- lerp(m, g, 1 - beta1)`` in place; int64 counts of ``m * g > 0`` per tensor."""
-    if not exp_avgs or not _covered(grads, exp_avgs):
-        return foreach.count_pass(grads, exp_avgs, beta1, maximize, scratch=scratch)
-    if scratch is not None:
-        scratch.clear()  # nothing handed to pass 2: it recomputes the mask from m and g
-    n = len(exp_avgs)
-    counts = torch.empty(n, dtype=torch.int64)
-    w = 1 - beta1  # the double torch.lerp receives; rounded to float32 like its scalar
-    rc = _state["lib"].dc_count(
-        n,
-        _ptrs(grads),
-        _ptrs(exp_avgs),
-        _lens(exp_avgs),
-        w,
-        int(w < 0.5),
-        int(maximize),
-        torch.get_num_threads(),
-        counts.data_ptr(),
-    )
+def _or_foreach(fallback: Callable[..., Any], n_lists: int) -> Callable:
+    """A C pass with ``fallback``'s signature (the foreach pass of the same name): calls
+    whose first ``n_lists`` arguments (tensor lists) the kernel does not cover (empty, other
+    dtypes, non-contiguous, not on the CPU, no compiled kernel) go to ``fallback`` with the
+    caller's ``scratch``; otherwise ``scratch`` is cleared (the C passes hand nothing over:
+    the update recomputes the mask from m and g) and the C pass runs."""
+
+    def wrap(c_pass: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(c_pass)
+        def run(*args: Any, scratch: dict | None = None) -> Any:
+            lists = args[:n_lists]
+            if not lists[0] or not _covered(*lists):
+                return fallback(*args, scratch=scratch)
+            if scratch is not None:
+                scratch.clear()
+            return c_pass(*args)
+
+        return run
+
+    return wrap
+
+
+def _check(rc: int, what: str) -> None:
     if rc != 0:
-        raise MemoryError("dist_cautious cpu kernel: out of memory in the count pass")
-    return counts
+        raise MemoryError(f"dist_cautious cpu kernel: out of memory in the {what}")
 
 
-def update_pass(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    alphas: Tensor,
-    h: UpdateHyper,
-    scratch: dict | None = None,
-) -> None:
-    """Second moment, decoupled (or cautious) weight decay, masked rescaled step, in place."""
-    if not params or not _covered(params, grads, exp_avgs, exp_avg_sqs):
-        foreach.update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h, scratch=scratch)
-        return
-    if scratch is not None:
-        scratch.clear()
-    n = len(params)
-    # scalars as foreach computes them (doubles, rounded to float32 at the call)
-    scal = (ctypes.c_float * n)(*[-h.step_size * a for a in alphas.tolist()])
-    decay = 1 - h.lr * h.weight_decay
-    rc = _state["lib"].dc_update(
-        n,
-        _ptrs(params),
-        _ptrs(grads),
-        _ptrs(exp_avgs),
-        _ptrs(exp_avg_sqs),
-        _lens(params),
-        scal,
+def _step_scalars(alphas: Tensor, h: UpdateHyper) -> ctypes.Array:
+    """Per tensor ``-lr / bc1 * alpha``, as foreach computes them (doubles, rounded to
+    float32 at the call)."""
+    return (ctypes.c_float * alphas.numel())(*[-h.step_size * a for a in alphas.tolist()])
+
+
+def _update_args(h: UpdateHyper) -> tuple:
+    """The C update's scalar arguments after the step scalars, in its order: beta2,
+    1 - beta2, the decay, cautious_wd, sqrt(bc2), eps, maximize, threads."""
+    return (
         h.beta2,
         1 - h.beta2,
-        decay,
+        1 - h.lr * h.weight_decay,
         int(h.cautious_wd and h.weight_decay != 0),
         h.bias_correction2_sqrt,
         h.eps,
         int(h.maximize),
         torch.get_num_threads(),
     )
-    if rc != 0:
-        raise MemoryError("dist_cautious cpu kernel: out of memory in the update pass")
+
+
+@_or_foreach(foreach.count_pass, 2)
+def count_pass(grads: list[Tensor], exp_avgs: list[Tensor], beta1: float, maximize: bool) -> Tensor:
+    """``m <- lerp(m, g, 1 - beta1)`` in place; int64 counts of ``m * g > 0`` per tensor."""
+    n = len(exp_avgs)
+    counts = torch.empty(n, dtype=torch.int64)
+    w = 1 - beta1  # the double torch.lerp receives; rounded to float32 like its scalar
+    args = (w, int(w < 0.5), int(maximize), torch.get_num_threads(), counts.data_ptr())
+    lib = _state["lib"]
+    _check(lib.dc_count(n, _ptrs(grads), _ptrs(exp_avgs), _lens(exp_avgs), *args), "count pass")
+    return counts
+
+
+@_or_foreach(foreach.update_pass, 4)
+def update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h) -> None:  # noqa: ANN001
+    """Second moment, decoupled (or cautious) weight decay, masked rescaled step, in place
+    (``foreach.update_pass``'s arguments)."""
+    ptrs = [_ptrs(x) for x in (params, grads, exp_avgs, exp_avg_sqs)]
+    scal = _step_scalars(alphas, h)
+    rc = _state["lib"].dc_update(len(params), *ptrs, _lens(params), scal, *_update_args(h))
+    _check(rc, "update pass")
+
+
+@_or_foreach(foreach.one_pass, 4)
+def one_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h) -> Tensor:  # noqa: ANN001
+    """A ``factor_lag=1`` step in one sweep (``foreach.one_pass``'s arguments): the update
+    with the given per-tensor ``alphas`` and the int64 counts of this step's mask. Reads p,
+    g, m, v once and writes p, m, v (28 B per element; the two passes: 36); bitwise
+    :func:`count_pass` then :func:`update_pass` with the same ``alphas``."""
+    n = len(params)
+    counts = torch.empty(n, dtype=torch.int64)
+    ptrs = [_ptrs(x) for x in (params, grads, exp_avgs, exp_avg_sqs)]
+    w = 1 - h.beta1
+    scal = _step_scalars(alphas, h)
+    rc = _state["lib"].dc_onepass(
+        n, *ptrs, _lens(params), scal, w, int(w < 0.5), *_update_args(h), counts.data_ptr()
+    )
+    _check(rc, "one-pass step")
+    return counts
 
 
 def describe() -> str:

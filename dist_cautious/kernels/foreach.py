@@ -219,3 +219,23 @@ def update_pass(
         torch._foreach_addcdiv_(ps, upd, denom, -h.step_size)
     if low_precision:
         torch._foreach_copy_(params, ps)
+
+
+def one_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    alphas: Tensor,
+    h: UpdateHyper,
+    scratch: dict | None = None,
+) -> Tensor:
+    """A ``factor_lag=1`` step (the factors ``alphas`` are the previous step's, known before
+    it): :func:`count_pass` and :func:`update_pass` back to back in one call, the mask of the
+    first handed to the second; returns this step's int64 counts (for the next step's
+    factors). Bitwise the two calls with the same ``alphas``. Torch ops cannot fuse the
+    sweeps; the C kernel (``cpu_fused.one_pass``) and Triton do it in one."""
+    hand = {} if scratch is None else scratch
+    counts = count_pass(grads, exp_avgs, h.beta1, h.maximize, scratch=hand)
+    update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h, scratch=hand)
+    return counts

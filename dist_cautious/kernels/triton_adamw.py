@@ -1,4 +1,5 @@
-"""C-AdamW's math for the multi-tensor Triton kernel (:mod:`.triton_mt`), and its two passes.
+"""C-AdamW's math for the multi-tensor Triton kernel (:mod:`.triton_mt`), its two passes and
+the one-pass lagged step.
 
 Arithmetic follows :mod:`.reference` operation by operation in float32; square root and
 divisions are correctly rounded (``sqrt_rn`` / ``div_rn``). Operands in table order:
@@ -9,13 +10,18 @@ divisions are correctly rounded (``sqrt_rn`` / ``div_rn``). Operands in table or
   same code (the mask applied is the mask counted); second moment, decoupled (optionally
   cautious) weight decay, the masked step rescaled by ``alpha`` (24 B, 28 B deferred).
 
+* one pass (``factor_lag=1``, :func:`one_pass`): the deferred update with the previous step's
+  factors that also counts this step's mask: 28 B per fp32 parameter, AdamW's own traffic.
+
 36 B per fp32 parameter in all, the minimum for an exact two-pass C-AdamW (28 B for
-bf16/fp16 parameters with fp32 state). Float64 state, non-contiguous tensors and mixed
-devices are handed to :mod:`.foreach` (same math), warned once per backend instance.
+bf16/fp16 parameters with fp32 state); 28 B (22 B) for the one-pass lagged step. Float64
+state, non-contiguous tensors and mixed devices are handed to :mod:`.foreach` (same math),
+warned once per backend instance.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -24,7 +30,15 @@ from . import foreach as _foreach
 from .common import Capabilities, UpdateHyper, cautious_factor
 from .triton_mt import INTERPRETED, MultiTensorApply, Variant, config, configure, lerp
 
-__all__ = ["INTERPRETED", "TritonAdamW", "config", "configure", "count_pass", "update_pass"]
+__all__ = [
+    "INTERPRETED",
+    "TritonAdamW",
+    "config",
+    "configure",
+    "count_pass",
+    "one_pass",
+    "update_pass",
+]
 
 NAME = "adamw"
 # Deferred exp_avg: the count pass only reads g and m (8 B/param, read-only) and the update
@@ -80,7 +94,7 @@ def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constex
     denom = tl.div_rn(tl.sqrt_rn(v_new), s5) + s6
     upd = tl.where(m * g > 0, m, 0.0) * alpha
     p = p + s4 * tl.div_rn(upd, denom)
-    return p, g, m, v_new, upd > 0
+    return p, g, m, v_new, m * g > 0  # the mask (counted by the one-pass launch)
 
 
 def count_variant(maximize: bool, lerp_hi: bool, write_m: bool) -> Variant:
@@ -100,6 +114,13 @@ def update_variant(maximize: bool, decay: bool, cwd: bool, lerp_m: bool, lerp_hi
     early = 0b0100 * bool(lerp_m)  # m, when the count pass deferred it
     stores = 0b1001 | early  # p, v
     return Variant(update_math, flags, 0b1111, stores, False, 4, pre=update_pre, early=early)
+
+
+def one_pass_variant(maximize: bool, decay: bool, cwd: bool, lerp_hi: bool) -> Variant:
+    """The lagged step in one launch: the deferred-exp_avg update (m brought up to date
+    first, p, m, v written: 28 B per fp32 parameter) that also counts its mask."""
+    v = update_variant(maximize, decay, cwd, True, lerp_hi)
+    return Variant(v.math, v.flags, v.loads, v.stores, True, 4, v.pre, v.early, lagged=True)
 
 
 def count_pass(
@@ -172,8 +193,12 @@ def update_pass(
     v = update_variant(
         h.maximize, h.weight_decay != 0, h.cautious_wd, exp_avg_pending, not (w < 0.5)
     )
-    scalars = (
-        w,
+    mt.launch("update", hit, v, _scalars(h), len(params), alphas=alphas, factor=factor)
+
+
+def _scalars(h: UpdateHyper) -> tuple[float, ...]:
+    return (
+        1.0 - h.beta1,
         h.beta2,
         1.0 - h.beta2,
         1.0 - h.lr * h.weight_decay,
@@ -181,22 +206,55 @@ def update_pass(
         h.bias_correction2_sqrt,
         h.eps,
     )
-    mt.launch("update", hit, v, scalars, len(params), alphas=alphas, factor=factor)
+
+
+def one_pass(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    alphas: Tensor,
+    h: UpdateHyper,
+    *,
+    mt: MultiTensorApply | None = None,
+) -> Tensor:
+    """A ``factor_lag=1`` step in one launch: ``m <- lerp(m, g, 1 - beta1)``, the second
+    moment, weight decay and the masked step scaled by the given per-tensor ``alphas`` (the
+    previous step's factors), and the int64 counts of this step's mask ``m_new * g > 0``
+    (for the next step's factors), returned. Reads p, g, m, v once and writes p, m, v
+    (28 B per fp32 parameter; count pass + update pass: 36). Bitwise :func:`count_pass` +
+    :func:`update_pass` with the same ``alphas``. Float64 / non-contiguous tensors: foreach's
+    two passes (same results)."""
+    if not params:
+        return torch.zeros(0, dtype=torch.int64)
+    mt = mt or MultiTensorApply(NAME)
+    hit = mt.prepare("update", [params, grads, exp_avgs, exp_avg_sqs], grads)
+    if hit is None:
+        return _foreach.one_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
+    w = 1.0 - h.beta1
+    v = one_pass_variant(h.maximize, h.weight_decay != 0, h.cautious_wd, not (w < 0.5))
+    return mt.launch("update", hit, v, _scalars(h), len(params), alphas=alphas)
 
 
 class TritonAdamW:
-    """The C-AdamW Triton backend: :func:`count_pass` / :func:`update_pass` with one
-    :class:`~.triton_mt.MultiTensorApply` (its table cache) per instance."""
+    """The C-AdamW Triton backend: :func:`count_pass` / :func:`update_pass` (and the lagged
+    step's :func:`one_pass`) with one :class:`~.triton_mt.MultiTensorApply` (its table cache)
+    per instance."""
 
     def __init__(self) -> None:
         self.mt = MultiTensorApply(NAME)
-        self.caps = Capabilities(fused_factor=True, deferred_exp_avg=DEFER_EXP_AVG)
+        self.caps = Capabilities(
+            fused_factor=True, deferred_exp_avg=DEFER_EXP_AVG, one_pass_lagged=True
+        )
 
     def count_pass(self, grads, exp_avgs, beta1, maximize, *, defer_exp_avg=False):  # noqa: ANN001, ANN201
         return count_pass(grads, exp_avgs, beta1, maximize, defer_exp_avg=defer_exp_avg, mt=self.mt)
 
     def update_pass(self, params, grads, exp_avgs, exp_avg_sqs, alphas, h, **kw):  # noqa: ANN001, ANN003, ANN201
         return update_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h, mt=self.mt, **kw)
+
+    def one_pass(self, params, grads, exp_avgs, exp_avg_sqs, alphas, h):  # noqa: ANN001, ANN201
+        return one_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h, mt=self.mt)
 
 
 # --------------------------------------------------------------------------- AOT declaration
@@ -222,6 +280,13 @@ def _update_aot(row: dict) -> tuple[Variant, int, int]:
     return v, ("alphas", "clamp", "paper").index(row["factor"]), 7
 
 
+def _one_pass_aot(row: dict) -> tuple[Variant, int, int]:
+    v = one_pass_variant(
+        row["maximize"], row["decay"] != "none", row["decay"] == "cautious", row["lerp_hi"]
+    )
+    return v, 0, 7
+
+
 AOT = {
     "count": dict(
         operands=("s", "g"),
@@ -238,5 +303,12 @@ AOT = {
             factor=("alphas", "clamp", "paper"),
         ),
         variant=_update_aot,
+    ),
+    # the factor_lag=1 step in one launch: the update's launch configuration, given alphas
+    "onepass": dict(
+        operands=("p", "g", "s", "s"),
+        axes=dict(maximize=_FLAG, decay=("none", "plain", "cautious"), lerp_hi=_FLAG),
+        variant=_one_pass_aot,
+        config="update",
     ),
 }

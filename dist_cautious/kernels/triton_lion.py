@@ -5,7 +5,9 @@ The algorithm is :mod:`.lion`'s (its module doc). Operands in table order:
 * count ``(m, g)``, read-only (8 B per fp32 parameter): ``u = sign(lerp(m, g, 1 - beta1))``,
   counts ``u * g > 0``;
 * update ``(p, g, m)`` (20 B): recomputes ``u`` with the same code (the mask applied is the
-  mask counted), decays and steps ``p``, writes ``m <- lerp(m, g, 1 - beta2)``.
+  mask counted), decays and steps ``p``, writes ``m <- lerp(m, g, 1 - beta2)``;
+* one pass (``factor_lag=1``, ``TritonLion.one_pass``): the update with the previous step's
+  factors that also counts this step's mask (20 B instead of 28).
 
 Float64 and non-contiguous tensors go to :func:`.lion.foreach_count_pass` /
 :func:`.lion.foreach_update_pass` (same math), warned once per backend instance.
@@ -17,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import lion as _lion
-from .common import LionHyper
+from .common import Capabilities, LionHyper
 from .triton_mt import StatesBackend, Variant, lerp
 
 __all__ = ["TritonLion"]
@@ -59,7 +61,7 @@ def update_math(x0, x1, x2, x3, alpha, s0, s1, s2, s3, s4, s5, s6, F: tl.constex
     step = alpha * s2
     p = p - step * tl.where(u * g > 0, u, 0.0)
     m = lerp(m, g, s1, F & 16)
-    return p, g, m, x3, u > 0
+    return p, g, m, x3, u * g > 0  # the mask (counted by the one-pass launch)
 
 
 def count_variant(maximize: bool, lerp_hi1: bool) -> Variant:
@@ -80,10 +82,20 @@ def update_variant(
     return Variant(update_math, flags, loads=0b111, stores=0b101, count=False, nops=3)
 
 
+def one_pass_variant(
+    maximize: bool, decay: bool, cwd: bool, lerp_hi1: bool, lerp_hi2: bool
+) -> Variant:
+    """The lagged step in one launch: the update (p, m written: 20 B per fp32 parameter
+    instead of 8 + 20) that also counts its mask ``u * g > 0``."""
+    v = update_variant(maximize, decay, cwd, lerp_hi1, lerp_hi2)
+    return Variant(v.math, v.flags, v.loads, v.stores, True, 3, lagged=True)
+
+
 class TritonLion(StatesBackend):
     """The C-Lion Triton backend (:mod:`.lion`'s signature); its table cache is its own."""
 
     NAME = NAME
+    caps = Capabilities(takes_scratch=True, fused_factor=True, one_pass_lagged=True)
 
     def operands(self, pass_, params, grads, states):  # noqa: ANN001, ANN201
         (exp_avgs,) = states
@@ -93,9 +105,8 @@ class TritonLion(StatesBackend):
         w1, w2 = 1.0 - h.beta1, 1.0 - h.beta2
         if pass_ == "count":
             return count_variant(h.maximize, not (w1 < 0.5)), (w1,)
-        v = update_variant(
-            h.maximize, h.weight_decay != 0, h.cautious_wd, not (w1 < 0.5), not (w2 < 0.5)
-        )
+        make = one_pass_variant if pass_ == "onepass" else update_variant
+        v = make(h.maximize, h.weight_decay != 0, h.cautious_wd, not (w1 < 0.5), not (w2 < 0.5))
         return v, (w1, w2, h.lr, 1.0 - h.lr * h.weight_decay)
 
     def foreach_count(self, params, grads, states, h):  # noqa: ANN001, ANN201
@@ -133,5 +144,24 @@ AOT = {
             ("alphas", "clamp", "paper").index(row["factor"]),
             4,
         ),
+    ),
+    # the factor_lag=1 step in one launch: the update's launch configuration, given alphas
+    "onepass": dict(
+        operands=("p", "g", "s"),
+        axes=dict(
+            maximize=_FLAG, decay=("none", "plain", "cautious"), lerp_hi1=_FLAG, lerp_hi2=_FLAG
+        ),
+        variant=lambda row: (
+            one_pass_variant(
+                row["maximize"],
+                row["decay"] != "none",
+                row["decay"] == "cautious",
+                row["lerp_hi1"],
+                row["lerp_hi2"],
+            ),
+            0,
+            4,
+        ),
+        config="update",
     ),
 }

@@ -18,7 +18,12 @@ tensor of the call, whatever their number and sizes:
   chunk's total into an int64 ``counts[tensor]`` with one atomic: exact, order-independent.
 * An *update* launch can compute the cautious factor itself (``FACTOR`` 1 = "clamp",
   2 = "paper") from the int64 counts and numels, in float64 exactly as
-  :func:`~dist_cautious.kernels.common.cautious_factor`; ``FACTOR`` 0 reads ``alphas[t]``.
+  :func:`~dist_cautious.kernels.common.cautious_factor`; ``FACTOR`` 0 reads ``alphas[t]``;
+  a count launch has ``FACTOR`` -1 (no factor).
+* A *one-pass* launch (``Variant.lagged``, for ``factor_lag=1``) is both: it runs the
+  update math with given factors ``alphas[t]`` (the previous step's) and counts the mask the
+  math returns into ``counts[t]`` for the next step: p, g and the states are read once
+  (C-AdamW fp32: 28 B per parameter instead of the two passes' 36).
 
 Up to four operands (``X0..X3``, in table order), seven float scalars (``s0..s6``, the math's
 hyperparameters: plain kernel arguments, so that a device-tensor form for ``capturable``
@@ -202,7 +207,7 @@ def mt_kernel(
     if NOPS > 3:
         o3 = tl.load(base + 3 * n + t) + c * CHUNK
     rem = tl.load(base + NOPS * n + t) - c * CHUNK
-    if COUNT:
+    if FACTOR < 0:  # a count pass: the math takes no factor
         alpha = 1.0
     else:
         alpha = _factor(alphas, counts, numels, fparams, t, FACTOR)
@@ -293,6 +298,7 @@ class Variant:
     nops: int
     pre: Any = None  # first stage; None: no_pre
     early: int = 0  # operands final after ``pre``: stored before ``math`` runs
+    lagged: bool = False  # with ``count``: an update math applying given ``alphas`` (one pass)
 
 
 _VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}  # elements per 16 bytes
@@ -314,7 +320,7 @@ def constexprs(
         STORES=v.stores,
         EARLY=v.early,
         COUNT=v.count,
-        FACTOR=0 if v.count else factor,
+        FACTOR=(0 if v.lagged else -1) if v.count else factor,
         V0=vec[0],
         V1=vec[1],
         V2=vec[2],
@@ -609,14 +615,15 @@ class MultiTensorApply:
         factor: tuple | None = None,
     ) -> Tensor | None:
         """One launch of :func:`mt_kernel` over a :meth:`prepare`\\ d table: returns the int64
-        counts for a count variant, None for an update (``alphas`` or ``factor``)."""
+        counts for a count variant (a one-pass ``lagged`` one too: it takes ``alphas``), None
+        for an update (``alphas`` or ``factor``)."""
         table, nc, bases = prepared
         device = bases[0].device
         counts = torch.zeros(n, dtype=torch.int64, device=device) if v.count else None
         if nc == 0:
             return counts
         fmode = 0
-        if v.count:
+        if v.count and not v.lagged:
             aux = (counts, counts, counts, counts)
         elif factor is None:
             if (
@@ -626,8 +633,10 @@ class MultiTensorApply:
             ):
                 alphas = alphas.to(device=device, dtype=torch.float32).contiguous()
             if alphas.numel() != n:
-                raise ValueError(f"update_pass: {alphas.numel()} alphas for {n} tensors")
-            aux = (alphas, alphas, alphas, alphas)
+                raise ValueError(f"{pass_} pass: {alphas.numel()} alphas for {n} tensors")
+            aux = (counts if v.count else alphas, alphas, alphas, alphas)
+        elif v.count:
+            raise ValueError("one_pass: give alphas (the lagged factors), not factor=")
         else:
             cts, numels, formula, clamp = factor
             for name, x in (("counts", cts), ("numels", numels)):
@@ -668,7 +677,8 @@ class StatesBackend:
 
     A subclass names its optimizer (``NAME``), its foreach fallbacks, the table operands of
     each pass (``operands(pass_, params, grads, states)``) and its launch choices
-    (``choose(pass_, h) -> (Variant, scalars)``)."""
+    (``choose(pass_, h) -> (Variant, scalars)``; ``pass_="onepass"`` too where its ``caps``
+    declare ``one_pass_lagged``: :meth:`one_pass`)."""
 
     NAME = ""
     caps = Capabilities(takes_scratch=True, fused_factor=True)
@@ -735,15 +745,43 @@ class StatesBackend:
         v, scalars = self.choose("update", h)
         self.mt.launch("update", hit, v, scalars, len(params), alphas=alphas, factor=factor)
 
+    def one_pass(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: tuple[list[Tensor], ...],
+        alphas: Tensor,
+        h: Any,
+        scratch: dict | None = None,
+    ) -> Tensor:
+        """A ``factor_lag=1`` step in one launch, where the subclass declares
+        ``caps.one_pass_lagged`` (its ``choose("onepass", h)``): the update with the given
+        per-tensor ``alphas`` (the previous step's factors) and the int64 counts of this step's
+        mask, returned; equal to :meth:`count_pass` then :meth:`update_pass` with ``alphas``.
+        Where the kernel does not apply (float64, non-contiguous), foreach's two passes."""
+        if scratch is not None:
+            scratch.clear()
+        if not params:
+            return torch.zeros(0, dtype=torch.int64)
+        hit = self.mt.prepare("update", self.operands("update", params, grads, states), grads)
+        if hit is None:
+            counts = self.foreach_count(params, grads, states, h)
+            self.foreach_update(params, grads, states, alphas, h)
+            return counts
+        v, scalars = self.choose("onepass", h)
+        return self.mt.launch("update", hit, v, scalars, len(params), alphas=alphas)
+
 
 # --------------------------------------------------------------------------- AOT space
 
 
 def aot_space() -> list[dict]:
     """Every launch the dispatchers can make, for benchmarks/aot_kernels.py: per optimizer and
-    pass, the axes of its choices (flags and operand dtypes) and a function from one choice
-    to the exact kernel signature and constexprs the launch would use (through the
-    optimizer's own ``variant`` function and :func:`constexprs`)."""
+    pass (``count``, ``update``; ``onepass`` where the optimizer has a one-pass lagged step,
+    launched with the update's configuration), the axes of its choices (flags and operand
+    dtypes) and a function from one choice to the exact kernel signature and constexprs the
+    launch would use (through the optimizer's own ``variant`` function and
+    :func:`constexprs`)."""
     from . import triton_adamw, triton_lion, triton_sgd
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -764,13 +802,15 @@ def aot_space() -> list[dict]:
                     if not (v.loads | v.stores) >> k & 1:
                         row[r] = "fp32"
                 dts = tuple(dt[row[r]] for r in roles)
-                cfg = cfgs[cfg_name][pass_]
+                cfg = cfgs[cfg_name][decl.get("config", pass_)]
                 const = constexprs(v, dts, fmode, cfg, False)
                 for k in ("PRE", "MATH"):  # by name: the compile runs in another process
                     f = getattr(const[k], "fn", const[k])  # the Python function of the jit
                     const[k] = f"jit:{f.__module__}.{f.__name__}"
                 ptr = [tname[d] for d in dts] + [tname[dts[0]]] * (4 - len(dts))
-                if v.count:
+                if v.lagged:  # counts out, alphas in
+                    aux = ["i64", "fp32", "fp32", "fp32"]
+                elif v.count:
                     aux = ["i64"] * 4
                 elif fmode == 0:
                     aux = ["fp32"] * 4
@@ -795,7 +835,7 @@ def aot_space() -> list[dict]:
                     "constexprs": const,
                     "num_warps": cfg["num_warps"],
                     "bytes": nbytes,
-                    "update": pass_ == "update",
+                    "update": not v.count or v.lagged,  # writes p: no spill allowed
                 }
 
             roles = decl["operands"]
