@@ -19,9 +19,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from hf_recipe import AttachCAdamW, CAdamWTrainer  # noqa: E402
+from models import HFNet as Net  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
@@ -29,23 +29,10 @@ if str(ROOT) not in sys.path:
 
 from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious import deepspeed as dc_ds  # noqa: E402
+from launch import engines  # noqa: E402
 from tests.oracle import rel_err  # noqa: E402
 
 MAX_STEPS = 4
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1 = nn.Linear(13, 17)
-        self.l2 = nn.Linear(17, 5)
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # training micro-batches
-
-    def forward(self, x, labels=None):
-        if self.training:
-            self.seen.append((x.detach().clone(), labels.detach().clone()))
-        out = self.l2(torch.tanh(self.l1(x)))
-        return {"loss": F.mse_loss(out, labels), "logits": out}
 
 
 class Data(torch.utils.data.Dataset):
@@ -58,42 +45,6 @@ class Data(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"x": self.x[i], "labels": self.y[i]}
-
-
-# --- the recipe (docs/deepspeed.md) ------------------------------------------------------
-
-
-class CAdamWTrainer(Trainer):
-    """Under DeepSpeed the Trainer drops ``optimizers=(...)`` and calls create_optimizer."""
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            m = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(m))
-            params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-            self.optimizer = CAdamW(
-                [
-                    {
-                        "params": [p for n, p in params if n in decay],
-                        "weight_decay": self.args.weight_decay,
-                    },
-                    {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
-                ],
-                lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-            )
-        return self.optimizer
-
-
-class AttachCAdamW(TrainerCallback):
-    """Registers the ZeRO layouts once DeepSpeed has wrapped the optimizer."""
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        dc_ds.attach(optimizer)
-
-
-# -----------------------------------------------------------------------------------------
 
 
 def reference(init: dict, decay: set[str], micro: list[list[tuple]], gas: int) -> dict:
@@ -152,11 +103,9 @@ def main() -> None:
     )
     decay = set(trainer.get_decay_parameter_names(model))
     trainer.train()
-    import deepspeed
-
     engine = trainer.model_wrapped
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # ZeRO-3
-        got = {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
+    ds = engines.Setup("deepspeed", engine.module, engine, None, zero_stage=stage, ds_engine=engine)
+    got = engines.full_params(ds)  # ZeRO-3: gathered
     micro: list = [None] * dist.get_world_size()
     dist.all_gather_object(micro, [(x.tolist(), y.tolist()) for x, y in model.seen])
     micro = [[(torch.tensor(x), torch.tensor(y)) for x, y in r] for r in micro]

@@ -39,7 +39,6 @@ What is measured, against references computed here that share no code with the a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -61,10 +60,12 @@ if str(ROOT) not in sys.path:
 
 import deepspeed  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
+from models import MoENet, straddle_net  # noqa: E402
 from row_oracle import GroupedOracle  # noqa: E402
 
 from dist_cautious import deepspeed as dc_ds  # noqa: E402
 from dist_cautious.base import CautiousOptimizer  # noqa: E402
+from launch import engines  # noqa: E402
 from tests.optimizers import ROWS, Row  # noqa: E402
 from tests.oracle import rel_err  # noqa: E402
 
@@ -80,45 +81,6 @@ DTYPES = {
     "bf16acc32": torch.bfloat16,
     "fp16": torch.float16,
 }
-
-
-class Net(nn.Module):
-    """518 parameters in 8 tensors; under ZeRO several tensors straddle partition cuts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1 = nn.Linear(13, 17)
-        self.l2 = nn.Linear(17, 11)
-        self.ln = nn.LayerNorm(11)
-        self.l3 = nn.Linear(11, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l3(self.ln(self.l2(torch.tanh(self.l1(x)))))
-
-
-def make_net() -> Net:
-    torch.manual_seed(0)
-    net = Net()
-    with torch.no_grad():
-        net.ln.weight.copy_(1 + 0.1 * torch.randn(11))
-        net.ln.bias.copy_(0.1 * torch.randn(11))
-    return net
-
-
-class MoENet(nn.Module):
-    """Dense layers around a DeepSpeed MoE layer (2 experts, expert parallel size 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from deepspeed.moe.layer import MoE
-
-        self.l1 = nn.Linear(13, 16)
-        self.moe = MoE(16, nn.Linear(16, 16), num_experts=2, ep_size=2, k=1, min_capacity=0)
-        self.l3 = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _, _ = self.moe(torch.tanh(self.l1(x)))
-        return self.l3(h)
 
 
 def moe_param_groups(net: nn.Module) -> list[dict]:
@@ -152,7 +114,7 @@ def hyper(row: Row) -> dict:
 
 def make_opt(groups: list[dict], c: dict) -> CautiousOptimizer:
     row = ROWS[c["row"]]
-    if c.get("lag"):
+    if c["lag"]:
         return row.cls(groups, scale=c["scale"], factor_lag=1, **hyper(row))
     if c["scale"] == "mixed":  # decay group (first) global, the other groups shard
         groups = [dict(g, scale="shard") if i else g for i, g in enumerate(groups)]
@@ -281,25 +243,21 @@ def single_process_run(
 
 
 def fsdp2_run(net0: nn.Module, world: int, gas: int, row: Row) -> dict[str, torch.Tensor]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+    """The row's optimizer under FSDP2 (a unit per Linear), each rank on its ZeRO rows."""
     rank = dist.get_rank()
-    net = copy.deepcopy(net0)
-    mesh = init_device_mesh("cpu", (world,))
-    for m in (net.l1, net.l2, net.l3):
-        fully_shard(m, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    opt = row.cls(param_groups(net), **hyper(row))
+    fsdp = engines.build(
+        "fsdp2",
+        copy.deepcopy(net0),
+        lambda net: row.cls(param_groups(net), **hyper(row)),
+        units=lambda net: (net.l1, net.l2, net.l3),
+    )
     for t in range(STEPS):
         X, Y = batch(t, world * gas * MB)
         idx = torch.cat(
             [torch.arange(world * gas * MB)[rows_of(rank, world, k)] for k in range(gas)]
         )
-        opt.zero_grad(set_to_none=True)
-        F.mse_loss(net(X[idx]), Y[idx]).backward()
-        opt.step()
-    return {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
+        fsdp.step(F.mse_loss(fsdp.wrapped(X[idx]), Y[idx]))
+    return engines.full_params(fsdp)
 
 
 # ----------------------------------------------------------------- step audit
@@ -462,23 +420,12 @@ class Audit:
 # ----------------------------------------------------------------- scenario
 
 
+FLAGS = ("rr", "align", "offp", "offo", "fsdp", "forgot", "moe", "ckpt", "lag")  # off by default
+
+
 def parse(spec: str) -> dict:
-    c = dict(
-        stage=0,
-        scale="global",
-        dtype="fp32",
-        gas=1,
-        rr=False,
-        sub=None,
-        offp=False,
-        offo=False,
-        fsdp=False,
-        forgot=False,
-        moe=False,
-        ckpt=False,
-        align=False,
-        row="cadamw",
-    )
+    c = dict(stage=0, scale="global", dtype="fp32", gas=1, sub=None, row="cadamw")
+    c.update(dict.fromkeys(FLAGS, False))
     for tok in spec.split("."):
         if tok in ROWS:
             c["row"] = tok
@@ -492,7 +439,7 @@ def parse(spec: str) -> dict:
             c["gas"] = int(tok[3:])
         elif tok.startswith("sub"):
             c["sub"] = int(tok[3:])
-        elif tok in ("rr", "align", "offp", "offo", "fsdp", "forgot", "moe", "ckpt", "lag"):
+        elif tok in FLAGS:
             c[tok] = True
         else:
             raise ValueError(f"unknown token {tok!r} in {spec!r}")
@@ -523,7 +470,7 @@ def ds_config(c: dict, world: int) -> dict:
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if c["dtype"] == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 128.0}
-    return dc_ds.config(cfg)
+    return cfg
 
 
 def specs_for(
@@ -609,16 +556,6 @@ def specs_for(
     return specs, checks
 
 
-def full_params(engine, net: nn.Module, stage: int) -> dict[str, torch.Tensor]:
-    ctx = (
-        deepspeed.zero.GatheredParameters(list(net.parameters()))
-        if stage == 3
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        return {n: p.detach().float().clone() for n, p in net.named_parameters()}
-
-
 def compare(a: dict, b: dict, start: dict | None = None) -> dict:
     """Relative L2 errors of parameters ``a`` vs ``b``: over all tensors, the worst tensor,
     and (with ``start``) of the total update ``a - start`` vs ``b - start``."""
@@ -671,41 +608,50 @@ def train(engine, c: dict, t0: int, t1: int, audit: Audit | None = None) -> bool
     return ok
 
 
+def groups_of(net: nn.Module, c: dict) -> list[dict]:
+    return moe_param_groups(net) if c["moe"] else param_groups(net)
+
+
+def zero(net: nn.Module, c: dict, world: int) -> engines.Setup:
+    """``net`` under ZeRO stage ``c["stage"]`` (the adapter's ``initialize``) with the
+    scenario's optimizer on ``groups_of(net, c)``."""
+    return engines.build(
+        "deepspeed",
+        net,
+        lambda m: make_opt(groups_of(m, c), c),
+        zero_stage=c["stage"],
+        ds_config=ds_config(c, world),
+    )
+
+
 def run(spec: str, world: int) -> dict:
     c = parse(spec)
-    rank = dist.get_rank()
-    dtype = DTYPES[c["dtype"]]
     if c["moe"]:
         torch.manual_seed(0)
         net0 = net = MoENet()
-        groups = moe_param_groups(net)
     else:
-        net0 = make_net()
+        net0 = straddle_net()
         net = copy.deepcopy(net0)
-        groups = param_groups(net)
     name_of = {id(p): n for n, p in net.named_parameters()}
-    orig = [dict(g, names=[name_of[id(p)] for p in g["params"]]) for g in groups]
-    opt = make_opt(groups, c)
-    cfg = ds_config(c, world)
+    orig = [dict(g, names=[name_of[id(p)] for p in g["params"]]) for g in groups_of(net, c)]
     res: dict = {"spec": spec}
-    if c["forgot"]:
+    if c["forgot"]:  # plain deepspeed.initialize (the adapter's config, not its initialize)
+        opt = make_opt(groups_of(net, c), c)
         res["where"] = "initialize"
         try:
+            cfg = dc_ds.config(ds_config(c, world))
             engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
             res["wrapper"] = type(engine.optimizer).__name__
             res["where"] = "step"
-            X, Y = batch(0, world * c["gas"] * MB)
-            for k in range(c["gas"]):
-                sl = rows_of(rank, world, k)
-                engine.backward(F.mse_loss(engine(X[sl].to(dtype)), Y[sl].to(dtype)))
-                engine.step()
+            train(engine, c, 0, 1)
             res["error"] = None
             engine.destroy()
         except RuntimeError as e:
             res["error"] = str(e)
         return res
 
-    engine, wrapped, _, _ = dc_ds.initialize(model=net, optimizer=opt, config=cfg)
+    ds = zero(net, c, world)
+    engine, opt = ds.ds_engine, ds.opt
     assert dc_ds.attach(engine) is opt  # idempotent
     specs, checks = specs_for(engine, opt, net, c, orig)
     res.update(checks)
@@ -719,16 +665,12 @@ def run(spec: str, world: int) -> dict:
         engine.save_checkpoint(str(ckdir), tag="half")
         boundary_ok &= train(engine, c, half, STEPS, audit)
         # a fresh engine resumes from the checkpoint and must land on the same parameters
-        net2 = copy.deepcopy(net0)
-        opt2 = make_opt(param_groups(net2), c)
-        engine2, *_ = dc_ds.initialize(model=net2, optimizer=opt2, config=cfg)
-        engine2.load_checkpoint(str(ckdir), tag="half")
-        train(engine2, c, half, STEPS)
-        res["ckpt_resume"] = compare(
-            full_params(engine2, net2, c["stage"]), full_params(engine, net, c["stage"])
-        )
-        res["ckpt_state_steps"] = sorted({int(st["step"]) for st in opt2.state.values()})
-        engine2.destroy()
+        ds2 = zero(copy.deepcopy(net0), c, world)
+        ds2.ds_engine.load_checkpoint(str(ckdir), tag="half")
+        train(ds2.ds_engine, c, half, STEPS)
+        res["ckpt_resume"] = compare(engines.full_params(ds2), engines.full_params(ds))
+        res["ckpt_state_steps"] = sorted({int(st["step"]) for st in ds2.opt.state.values()})
+        ds2.close()
     res["boundary_ok"] = boundary_ok
     res["step_calls"] = audit.calls
     res["flats"] = len(specs)
@@ -740,14 +682,14 @@ def run(spec: str, world: int) -> dict:
     res["other_mode_min_diff"] = audit.other_min_diff if audit.other_min_diff < math.inf else None
     res["other_mode_max_diff"] = audit.other_max_diff
     res["padding_ok"] = audit.padding_ok
-    got = full_params(engine, net, c["stage"])
+    got = engines.full_params(ds)
     gas = c["gas"]
     if c["moe"]:
         pass  # routing makes a single-process reference a different model; the audit checks
     else:
         p0 = {n: p.detach().clone() for n, p in net0.named_parameters()}
         whole = {n: [(0, p.numel())] for n, p in net0.named_parameters()}
-        if c.get("lag"):  # factor_lag=1 references; factor_lag=0's oracle must be far away
+        if c["lag"]:  # factor_lag=1 references; factor_lag=0's oracle must be far away
             lag = {"factor_lag": 1}
             res["vs_single_process"] = compare(
                 got, single_process_run(net0, world, gas, row, **lag), p0
@@ -770,7 +712,7 @@ def run(spec: str, world: int) -> dict:
         if c["fsdp"]:
             res["vs_fsdp2"] = compare(got, fsdp2_run(net0, world, gas, row), p0)
     res["kept_fraction"] = opt.kept_fraction
-    engine.destroy()
+    ds.close()
     # max over ranks of every error; rank-local facts are AND-ed
     allres = [None] * world
     dist.all_gather_object(allres, res)
