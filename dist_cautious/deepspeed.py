@@ -57,7 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .base import CautiousOptimizer
-from .flat import FlatLayout, Fragment, _packed_offsets, _reduction, _window
+from .flat import FlatLayout, Fragment, group_reduction, packed_offsets, window_spans
 from .layout import DEFAULT_LAYOUT
 from .optim import CAdamW  # noqa: F401  (re-exported for ``dsc.CAdamW`` users)
 
@@ -125,7 +125,7 @@ def _stage12_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, 
         if offs_all:
             offsets = [int(o) for o in offs_all[i]]
         else:  # DeepSpeed < 0.18: no padding between tensors
-            offsets = _packed_offsets(numels)
+            offsets = packed_offsets(numels)
         if flat.numel() != psize:
             raise RuntimeError(
                 f"ZeRO-1/2 group {i}: fp32 partition has {flat.numel()} elements, "
@@ -135,13 +135,13 @@ def _stage12_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, 
         frags = [
             Fragment(index[id(p)], n, lp, hp, ln)
             for p, n, (lp, hp, ln) in zip(
-                order, numels, _window(numels, offsets, rank * psize, psize)
+                order, numels, window_spans(numels, offsets, rank * psize, psize)
             )
         ]
         where = f"ZeRO-1/2 param group {i}"
         layout = ZeroFlatLayout(
             frags,
-            _reduction(pg),
+            group_reduction(pg),
             psize,
             where,
             group_params,
@@ -163,7 +163,7 @@ def _bf16_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, Zer
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         psize = opt.bf16_groups_flat[i].numel() // world
         numels = [int(p.numel()) for p in group_params]
-        offsets = _packed_offsets(numels)
+        offsets = packed_offsets(numels)
         if flat.numel() != psize:
             raise RuntimeError(
                 f"BF16_Optimizer group {i}: fp32 partition has {flat.numel()} elements, "
@@ -172,13 +172,13 @@ def _bf16_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, Zer
         frags = [
             Fragment(k, n, lp, hp, ln)
             for k, (n, (lp, hp, ln)) in enumerate(
-                zip(numels, _window(numels, offsets, rank * psize, psize))
+                zip(numels, window_spans(numels, offsets, rank * psize, psize))
             )
         ]
         where = f"BF16_Optimizer param group {i}"
         layout = ZeroFlatLayout(
             frags,
-            _reduction(pg),
+            group_reduction(pg),
             psize,
             where,
             group_params,
@@ -222,7 +222,7 @@ def _stage3_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, Z
         where = f"ZeRO-3 sub-group {s} (param group {gid})"
         layout = ZeroFlatLayout(
             frags,
-            _reduction(pg),
+            group_reduction(pg),
             off,
             where,
             params,

@@ -23,7 +23,14 @@ from torch import Tensor
 
 from .layout import Piece, Reduction, SlotTable
 
-__all__ = ["FlatLayout", "Fragment", "window_fragments"]
+__all__ = [
+    "FlatLayout",
+    "Fragment",
+    "group_reduction",
+    "packed_offsets",
+    "window_fragments",
+    "window_spans",
+]
 
 
 @dataclass(frozen=True)
@@ -151,19 +158,19 @@ class FlatLayout:
         return out
 
 
-def _reduction(group: Any) -> Reduction | None:
+def group_reduction(group: Any) -> Reduction | None:
     """The reduction over ``group`` (None: the default group), or None for one rank."""
     if group is None:
         group = dist.group.WORLD
     return Reduction((group,)) if dist.get_world_size(group) > 1 else None
 
 
-def _packed_offsets(numels: Sequence[int]) -> list[int]:
+def packed_offsets(numels: Sequence[int]) -> list[int]:
     """Start of each tensor in a flat buffer that packs them back to back, no padding."""
     return [0, *accumulate(numels)][:-1]
 
 
-def _window(
+def window_spans(
     numels: Sequence[int], offsets: Sequence[int], start: int, size: int
 ) -> list[tuple[int, int, int]]:
     """(lp_start, hp_start, length) of tensors at ``offsets`` in a flat buffer, inside the
@@ -185,5 +192,7 @@ def window_fragments(
     window ``[start, start + size)`` of a flat buffer holding the tensors at ``offsets``."""
     return [
         Fragment(k, int(n), lp, hp, ln)
-        for k, (n, (lp, hp, ln)) in enumerate(zip(numels, _window(numels, offsets, start, size)))
+        for k, (n, (lp, hp, ln)) in enumerate(
+            zip(numels, window_spans(numels, offsets, start, size))
+        )
     ]

@@ -42,7 +42,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .flat import FlatLayout, Fragment, _packed_offsets, window_fragments
+from .flat import FlatLayout, Fragment, packed_offsets, window_fragments
 from .layout import ParamLayout, Reduction, is_dtensor
 from .resolve import FSDP1, register_resolver
 
@@ -278,7 +278,7 @@ def _read(h: Any, where: str) -> tuple[list[Fragment], Reduction | None, int, bo
         except (AttributeError, TypeError) as e:
             raise _fail(where, f"_shard_param_infos[{k}]={info!r} is not understood ({e})") from e
     # ... and the same window recomputed from the back-to-back flattening
-    offsets = _packed_offsets(nwp)
+    offsets = packed_offsets(nwp)
     expect = window_fragments(numels, [offsets[i] for i in real], start, size)
     if got != expect:
         bad = next(k for k, (a, b) in enumerate(zip(got, expect)) if a != b)
