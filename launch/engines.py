@@ -23,7 +23,8 @@ Public surface:
   on its device or moved there) under the engine and build its optimizer with
   ``make_optimizer(module)``, called with the module whose ``parameters()`` /
   ``named_parameters()`` the optimizer must step (after ``fully_shard`` / FSDP1 wrapping;
-  before DDP / DeepSpeed wrapping, whose parameters are the model's own).
+  before DDP / DeepSpeed wrapping, whose parameters are the model's own), or None to build
+  the model only (scenarios that make their own optimizers).
 * :class:`Setup`: ``engine``, ``zero_stage``, ``model`` (the parameter-holding module, with
   the unwrapped model's parameter names), ``wrapped`` (what the forward is called on),
   ``opt``, ``mesh``, ``shard_group`` (the group tensors are split over; None when nothing
@@ -129,13 +130,15 @@ def fp64_allreduce_hook(state, bucket):  # no annotations: DDP inspects them
 def _units(model: nn.Module, units: Any) -> list[nn.Module]:
     if units is None:
         return []
-    return list(units(model) if callable(units) else units)
+    if callable(units) and not isinstance(units, nn.Module):  # a ModuleList is callable too
+        units = units(model)
+    return list(units)
 
 
 def build(
     engine: str,
     model: nn.Module,
-    make_optimizer: Callable[[nn.Module], Any],
+    make_optimizer: Callable[[nn.Module], Any] | None,
     *,
     zero_stage: int | None = None,
     device: torch.device | str | None = None,
@@ -151,7 +154,8 @@ def build(
     z3_leaf_modules: Iterable[type[nn.Module]] = (),
 ) -> Setup:
     """``model`` under ``engine`` (see :data:`ENGINES`; ``zero0`` .. ``zero3`` too) with the
-    optimizer ``make_optimizer(module)``. The process group must be initialised.
+    optimizer ``make_optimizer(module)`` (None: no optimizer, ``Setup.opt`` is None; not for
+    DeepSpeed, which needs its client optimizer). The process group must be initialised.
 
     * ``device``: where the model goes (default: where it is).
     * fsdp2 / hsdp: ``units`` (submodules, or a function of the model returning them) are
@@ -170,6 +174,9 @@ def build(
       get no hooks of their own, ``deepspeed.utils.set_z3_leaf_modules``).
     """
     engine, zero_stage = parse_engine(engine, zero_stage)
+    if make_optimizer is None and engine == "deepspeed":
+        raise ValueError("deepspeed: build needs make_optimizer (DeepSpeed wraps the optimizer)")
+    make = make_optimizer if make_optimizer is not None else (lambda m: None)
     if device is not None:
         model = model.to(device)
     dev = torch.device(device) if device is not None else _device_of(model)
@@ -178,7 +185,7 @@ def build(
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        opt = make_optimizer(model)
+        opt = make(model)
         wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if reduce_dtype == torch.float64:
             wrapped.register_comm_hook(None, fp64_allreduce_hook)
@@ -200,7 +207,7 @@ def build(
             fully_shard(unit, mesh=mesh, **kw)
         fully_shard(model, mesh=mesh, **kw)
         group = mesh.get_group(mesh.ndim - 1) if mesh.ndim > 1 else mesh.get_group()
-        return Setup(engine, model, model, make_optimizer(model), mesh=mesh, shard_group=group)
+        return Setup(engine, model, model, make(model), mesh=mesh, shard_group=group)
     if engine == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
@@ -225,9 +232,7 @@ def build(
             model, sharding_strategy=strategy, use_orig_params=use_orig_params, device_id=dev, **kw
         )
         group = wrapped.process_group if strategy != ShardingStrategy.NO_SHARD else None
-        return Setup(
-            engine, wrapped, wrapped, make_optimizer(wrapped), mesh=mesh, shard_group=group
-        )
+        return Setup(engine, wrapped, wrapped, make(wrapped), mesh=mesh, shard_group=group)
     # deepspeed
     if dev.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: don't pick a GPU
@@ -245,7 +250,11 @@ def build(
 
         set_z3_leaf_modules(model, leaves)
     client = make_optimizer(model)
-    conf: dict[str, Any] = {"steps_per_print": 10**9, "wall_clock_breakdown": False}
+    conf: dict[str, Any] = {
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": zero_stage},
+    }
     batch_keys = (
         "train_batch_size",
         "train_micro_batch_size_per_gpu",
@@ -253,12 +262,11 @@ def build(
     )
     if not any(k in (ds_config or {}) for k in batch_keys):
         conf.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-    conf = dc_ds.config(conf, **(ds_config or {}))
-    conf.setdefault("zero_optimization", {}).setdefault("stage", zero_stage)
-    if conf["zero_optimization"]["stage"] != zero_stage:
+    conf = dc_ds.config(conf, **(ds_config or {}))  # ds_config's keys win, dicts merged
+    if conf["zero_optimization"].get("stage") != zero_stage:
         raise ValueError(
-            f"ds_config's zero_optimization.stage {conf['zero_optimization']['stage']} differs "
-            f"from zero_stage={zero_stage}: give the stage once"
+            f"ds_config's zero_optimization.stage {conf['zero_optimization'].get('stage')} "
+            f"differs from zero_stage={zero_stage}: give the stage once"
         )
     init = dc_ds.initialize if isinstance(client, CautiousOptimizer) else deepspeed.initialize
     ds_engine, *_ = init(model=model, optimizer=client, config=conf)

@@ -1,4 +1,5 @@
-"""launch/bench.py end to end: self-launch, engines, equality with DDP, two "nodes".
+"""launch/bench.py (with run.py, report.py, engines.py) end to end: self-launch, engines,
+equality with DDP, two "nodes".
 
 Multi-process runs use gloo on CPU. ``python launch/bench.py --nproc N`` is run as a
 subprocess with a timeout (it starts its own workers through torch's elastic launcher,
@@ -461,7 +462,8 @@ def test_bad_flags_are_argparse_errors_before_launch(
 def test_cuda_without_gpus_names_a_fix_that_works(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun (check_args cannot see the ranks per node) the worker's message must
     not suggest --nproc 0, which bench.py refuses."""
-    import bench as b
+    import bench
+    import run  # the worker set-up (Ctx) lives in launch/run.py
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -472,9 +474,9 @@ def test_cuda_without_gpus_names_a_fix_that_works(monkeypatch: pytest.MonkeyPatc
         "LOCAL_WORLD_SIZE": "2",
     }.items():
         monkeypatch.setenv(k, v)
-    args = b.build_parser().parse_args(["--device", "cuda"])
+    args = bench.build_parser().parse_args(["--device", "cuda"])
     with pytest.raises(SystemExit, match="use --device cpu: no GPU is visible") as e:
-        b.Ctx(args)
+        run.Ctx(args)
     assert "--nproc 0" not in str(e.value)
 
 
@@ -492,7 +494,8 @@ def test_check_against_ddp_exits_0_repeatedly() -> None:
 def test_footnotes_and_title_say_what_was_run() -> None:
     """No launch: the lines under the table (CUDA keeps the global/shard ratio; DDP, with
     nothing sharded, gets none) and the title after --stop-after."""
-    import bench as b
+    import bench
+    import report as b  # the table's lines live in launch/report.py
 
     common = dict(opt_comm_ms=2.0, opt_comm_min_ms=1.0, collectives_per_step=1.0)
     row = dict(common, opt_step_ms=3.0, opt_compute_ms=1.0, bytes_per_step=360, sharded_tensors=21)
@@ -511,7 +514,7 @@ def test_footnotes_and_title_say_what_was_run() -> None:
     for lines in (gpu, cpu):
         ddp = [x for x in lines if x.startswith("ddp:")]
         assert len(ddp) == 1 and "no tensor is sharded" in ddp[0], ddp
-    p = b.build_parser()
+    p = bench.build_parser()
     assert b.steps_label(p.parse_args(["--steps", "60", "--stop-after", "30"])) == (
         "stopped after 30 of 60 steps"
     )
