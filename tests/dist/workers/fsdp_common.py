@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from launch import engines  # noqa: E402  the engine set-up bench.py uses too
 from tests.optimizers import selected  # noqa: E402
 from tests.oracle import rel_err  # noqa: E402
 
@@ -51,13 +52,9 @@ def finish(results: dict, out: str | None) -> None:
     dist.destroy_process_group()
 
 
-def full(t: Tensor) -> Tensor:
-    """The whole tensor (an all-gather for DTensors: call it outside counted regions)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
-
-
-def local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+# The whole tensor (an all-gather for DTensors: call it outside counted regions); this rank's part.
+full = engines.full_tensor
+local = engines.local_tensor
 
 
 def gather_max(x: float) -> float:
@@ -208,6 +205,22 @@ class Net(nn.Module):
         h = x @ self.w35  # (B, 3) -> (B, 5)
         h = torch.tanh(self.fc1(h)) * self.w164
         return self.fc2(h)
+
+
+def shard_net(net: Net, mesh=None, **fsdp_kwargs) -> Net:
+    """``net`` under FSDP2 through launch/engines.py: ``fully_shard`` on fc1, fc2, then the
+    root, on ``mesh`` (default: 1-D over the world; a 2-D mesh: HSDP); ``fsdp_kwargs`` go
+    to every ``fully_shard`` call."""
+    engine = "hsdp" if mesh is not None and mesh.ndim == 2 else "fsdp2"
+    units = lambda m: [m.fc1, m.fc2]  # noqa: E731
+    return engines.build(engine, net, None, mesh=mesh, units=units, fsdp_kwargs=fsdp_kwargs).model
+
+
+def fresh_net() -> tuple[Net, list[Tensor]]:
+    """The seeded ``Net`` and copies of its initial parameters."""
+    torch.manual_seed(0)
+    net = Net()
+    return net, [p.detach().clone() for p in net.parameters()]
 
 
 def net_batch(rank: int, step: int, batch: int = 6) -> tuple[Tensor, Tensor]:

@@ -25,8 +25,8 @@ from fsdp_common import (
     ROW,
     CollectiveCounter,
     FullReference,
-    Net,
     compare,
+    fresh_net,
     full,
     gather_all,
     gather_max,
@@ -35,30 +35,18 @@ from fsdp_common import (
     seeded_grads,
     setup,
     shard_like,
+    shard_net,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from dist_cautious import CAdamW
 from dist_cautious.baselines import AllGatherCAdamW
 from dist_cautious.layout import shard_reduction
+from launch import engines
 from tests.oracle import Float64CAdamW, rel_err
 
 STEPS = 10
-
-
-def shard_net(net: nn.Module, mesh) -> nn.Module:
-    fully_shard(net.fc1, mesh=mesh)
-    fully_shard(net.fc2, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
-
-
-def fresh_net() -> tuple[nn.Module, list[torch.Tensor]]:
-    torch.manual_seed(0)
-    net = Net()
-    return net, [p.detach().clone() for p in net.parameters()]
 
 
 def counts_summary(counter: CollectiveCounter, steps: int) -> dict:
@@ -89,7 +77,7 @@ def same_sequence_per_group(calls: list[tuple[str, int, int]]) -> bool:
     return True
 
 
-def run_backward(mesh, data_rank: int, net, init, steps: int = STEPS, **kw) -> dict:
+def run_backward(data_rank: int, net, init, steps: int = STEPS, **kw) -> dict:
     """Real forward/backward through an FSDP2 (or HSDP / TP) model, scale='global'; ``kw``:
     more options for the optimizer and its references (factor_lag)."""
     params = list(net.parameters())
@@ -124,10 +112,8 @@ def run_backward(mesh, data_rank: int, net, init, steps: int = STEPS, **kw) -> d
 
 def sc_backward(rank: int, world: int, ckpt: str) -> dict:
     """FSDP2 1-D, real backward, different data per rank."""
-    mesh = init_device_mesh("cpu", (world,))
     net, init = fresh_net()
-    shard_net(net, mesh)
-    out = run_backward(mesh, rank, net, init)
+    out = run_backward(rank, shard_net(net), init)
     out["local_shapes"] = gather_all([tuple(local(p).shape) for p in net.parameters()])
     return out
 
@@ -136,15 +122,11 @@ def sc_cpu_offload(rank: int, world: int, ckpt: str) -> dict:
     """FSDP2 with ``CPUOffloadPolicy``: sharded parameters, their gradients and the optimizer
     state live on the CPU and the step runs there (here the compute device is the CPU too,
     so this checks the offload code path and the layouts, not host/device copies)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
     net, init = fresh_net()
     policy = CPUOffloadPolicy(pin_memory=False)  # pinning needs an accelerator
-    fully_shard(net.fc1, mesh=mesh, offload_policy=policy)
-    fully_shard(net.fc2, mesh=mesh, offload_policy=policy)
-    fully_shard(net, mesh=mesh, offload_policy=policy)
-    out = run_backward(mesh, rank, net, init)
+    out = run_backward(rank, shard_net(net, offload_policy=policy), init)
     params = list(net.parameters())
     out["offload_policy"] = all(  # FSDP2's own record of the policy, per parameter group
         isinstance(fully_shard.state(m)._fsdp_param_group.offload_policy, CPUOffloadPolicy)
@@ -164,11 +146,10 @@ def split_signal_grads(shapes, step: int) -> list[torch.Tensor]:
 
 def sc_handset(rank: int, world: int, ckpt: str) -> dict:
     """Hand-set global grads, three optimizers side by side: global, shard, all-gather."""
-    mesh = init_device_mesh("cpu", (world,))
     base, init = fresh_net()
     shapes = [p.shape for p in init]
     modes = ("global", "shard", "allgather") if ROW.name == "cadamw" else ("global", "shard")
-    nets = {m: shard_net(copy.deepcopy(base), mesh) for m in modes}
+    nets = {m: shard_net(copy.deepcopy(base)) for m in modes}
     params = {m: list(n.parameters()) for m, n in nets.items()}
     opts = {
         "global": ROW.cls(params["global"], scale="global", **HYPER),
@@ -221,9 +202,8 @@ def sc_handset(rank: int, world: int, ckpt: str) -> dict:
 
 def sc_frozen(rank: int, world: int, ckpt: str) -> dict:
     """Rank 1 has no gradient for fc1.weight (every step); w164's shard is empty on ranks >= 1."""
-    mesh = init_device_mesh("cpu", (world,))
     net, init = fresh_net()
-    shard_net(net, mesh)
+    shard_net(net)
     params = list(net.parameters())
     shapes = [p.shape for p in init]
     fi = 2  # fc1.weight (64, 5)
@@ -254,7 +234,7 @@ def sc_frozen(rank: int, world: int, ckpt: str) -> dict:
     # A gradient missing on rank 0 at one step only (the plan changes twice): completes,
     # and every group still sees the same all-reduce sequence on all its members.
     net2, _ = fresh_net()
-    shard_net(net2, mesh)
+    shard_net(net2)
     params2 = list(net2.parameters())
     opt2 = CAdamW(params2, **HYPER)
     counter2 = CollectiveCounter()
@@ -271,12 +251,10 @@ def sc_frozen(rank: int, world: int, ckpt: str) -> dict:
 
 def sc_ddp(rank: int, world: int, ckpt: str) -> dict:
     """DDP: plain tensors, already whole: no collective in the optimizer step."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     net, init = fresh_net()
-    model = DDP(net)
+    ddp = engines.build("ddp", net, lambda m: CAdamW(list(m.parameters()), **HYPER))
+    model, opt = ddp.wrapped, ddp.opt
     params = list(net.parameters())
-    opt = CAdamW(params, **HYPER)
     ref = FullReference(init, **HYPER)
     counter = CollectiveCounter()
     for s in range(STEPS):
@@ -295,9 +273,8 @@ DCP_STEPS = 5  # steps before the checkpoint (world A) and after it (world B)
 
 
 def _dcp_setup(world: int):
-    mesh = init_device_mesh("cpu", (world,))
     net, init = fresh_net()
-    shard_net(net, mesh)
+    shard_net(net)
     params = list(net.parameters())
     return net, init, params, CAdamW(params, **HYPER)
 
@@ -358,8 +335,7 @@ def sc_hsdp(rank: int, world: int, ckpt: str) -> dict:
     """HSDP on a 2x2 mesh: (Replicate, Shard(0)); only the shard dim is summed."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     net, init = fresh_net()
-    shard_net(net, mesh)
-    out = run_backward(mesh, rank, net, init)
+    out = run_backward(rank, shard_net(net, mesh), init)
     red = shard_reduction(next(net.parameters()))
     out["reduction_is_shard_group"] = red is not None and [g.group_name for g in red.groups] == [
         mesh.get_group("shard").group_name
@@ -392,9 +368,9 @@ def sc_tp(rank: int, world: int, ckpt: str, **kw) -> dict:
     net = TPNet()
     init = [p.detach().clone() for p in net.parameters()]
     parallelize_module(net, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
-    fully_shard(net, mesh=mesh["dp"])
+    engines.build("fsdp2", net, None, mesh=mesh["dp"])
     dp_rank = mesh.get_local_rank("dp")  # TP ranks of one dp group see the same batch
-    out = run_backward(mesh, dp_rank, net, init, **kw)
+    out = run_backward(dp_rank, net, init, **kw)
     out["expected_groups"] = sorted(
         {mesh.get_group("dp").group_name, mesh.get_group("tp").group_name}
     )
@@ -488,10 +464,9 @@ def sc_mixed_scale(rank: int, world: int, ckpt: str) -> dict:
     """One param group with scale="global", one with scale="shard" (per-group options): the
     global group equals the float64 oracle on whole tensors, the shard group the per-piece
     oracle, with one all-reduce per step carrying only the global group's slots."""
-    mesh = init_device_mesh("cpu", (world,))
     base, init = fresh_net()
     shapes = [p.shape for p in init]
-    net = shard_net(copy.deepcopy(base), mesh)
+    net = shard_net(copy.deepcopy(base))
     params = list(net.parameters())  # w35, w164, fc1.weight, fc2.weight, fc2.bias
     g_idx, s_idx = [0, 1, 2], [3, 4]
     opt = CAdamW(
@@ -530,12 +505,11 @@ def sc_guard(rank: int, world: int, ckpt: str) -> dict:
     from the one-time agreement check, before anything is stepped (no hang, no wrong step)."""
     import time
 
-    mesh = init_device_mesh("cpu", (world,))
     out: dict = {}
 
     def attempt(name: str, groups_of) -> None:
         base, init = fresh_net()
-        net = shard_net(copy.deepcopy(base), mesh)
+        net = shard_net(copy.deepcopy(base))
         params = list(net.parameters())
         for p, g in zip(params, seeded_grads([q.shape for q in init], 0)):
             p.grad = shard_like(g, p)
@@ -593,10 +567,9 @@ def sc_lag(rank: int, world: int, ckpt: str) -> dict:
         set_optimizer_state_dict,
     )
 
-    mesh = init_device_mesh("cpu", (world,))
     base, init = fresh_net()
     shapes = [p.shape for p in init]
-    nets = [shard_net(copy.deepcopy(base), mesh) for _ in range(2)]
+    nets = [shard_net(copy.deepcopy(base)) for _ in range(2)]
     params = [list(n.parameters()) for n in nets]
     opts = [ROW.cls(ps, factor_lag=1, **HYPER) for ps in params]
     ref = FullReference(init, factor_lag=1, **HYPER)
