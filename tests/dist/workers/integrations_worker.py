@@ -62,48 +62,32 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from models import D_IN, D_OUT, Block, TinyNet  # noqa: E402
+
 from dist_cautious import CAdamW  # noqa: E402
 from dist_cautious.integrations import decay_groups, hf_optimizer_cls_and_kwargs  # noqa: E402
+from launch import engines  # noqa: E402
 from tests.oracle import rel_err  # noqa: E402
 
 STEPS = 10
 BATCH = 4  # per rank
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
 WD = 0.1
-D_IN, D, D_OUT = 5, 7, 3  # 7 rows: uneven shards (4/3) on 2 ranks; gain (1, 7): one empty
 
 
 # --- the model ---------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.fc = nn.Linear(D, D)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + torch.tanh(self.fc(self.norm(h)))
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(D_IN, D)
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.gain = nn.Parameter(1.0 + 0.1 * torch.randn(1, D))
-        self.out = nn.Linear(D, D_OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.out(h * self.gain)
-
-
 def init_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return {k: v.detach().clone() for k, v in TinyNet().state_dict().items()}
+
+
+def fresh_net() -> TinyNet:
+    """A TinyNet with the initial weights (``init_state``)."""
+    net = TinyNet()
+    net.load_state_dict(init_state())
+    return net
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,15 +218,21 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {clean(k): v.detach().clone().float() for k, v in sd.items()}
 
 
-def inner(opt) -> CAdamW:
-    """The CAdamW under Accelerate's / Lightning's wrappers."""
+def unwrap(opt) -> tuple[CAdamW, list[str]]:
+    """The CAdamW under Accelerate's / Lightning's / DeepSpeed's wrappers, and the wrappers'
+    class names, outermost first."""
     chain = []
     while not isinstance(opt, CAdamW):
         chain.append(type(opt).__name__)
         opt = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
         if opt is None:
             raise RuntimeError(f"no CAdamW under {chain}")
-    return opt
+    return opt, chain
+
+
+def inner(opt) -> CAdamW:
+    """The CAdamW under Accelerate's / Lightning's / DeepSpeed's wrappers."""
+    return unwrap(opt)[0]
 
 
 def originals(model: nn.Module) -> list[weakref.ref]:
@@ -257,7 +247,7 @@ def resources(refs: list[weakref.ref], model: nn.Module) -> dict:
     gc.collect()
     storages: dict[int, int] = {}
     for p in model.parameters():
-        t = p.to_local() if hasattr(p, "to_local") else p
+        t = engines.local_tensor(p)
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     alive = 0
     for r in refs:
@@ -296,11 +286,7 @@ def report(
     kinds = sorted({type(p).__name__ for g in c.param_groups for p in g["params"]})
     steps = sorted({int(s["step"]) for s in c.state.values() if "step" in s})
     kept = c.kept_fraction
-    local = sum(
-        (p.to_local() if hasattr(p, "to_local") else p).numel()
-        for g in c.param_groups
-        for p in g["params"]
-    )
+    local = sum(engines.local_tensor(p).numel() for g in c.param_groups for p in g["params"])
     fractions = [None] * dist.get_world_size()
     dist.all_gather_object(fractions, local / sum(v.numel() for v in got.values()))
     res: dict = {"kinds": kinds, "state_steps": steps, "n_steps": len(batches)}
@@ -321,6 +307,18 @@ def report(
                 rel_err(got[n] - init[n], plain[n] - init[n]) for n in names
             )
     return res
+
+
+def train(net, opt, steps, mine: list[tuple], backward=torch.Tensor.backward) -> None:
+    """Optimizer steps ``steps`` on this rank's batches (appended to ``mine``); ``backward``:
+    e.g. ``accelerator.backward``."""
+    rank = dist.get_rank()
+    for step in steps:
+        x, y = batch(step, rank)
+        mine.append((x, y))
+        backward(F.mse_loss(net(x), y))
+        opt.step()
+        opt.zero_grad()
 
 
 def gather_batches(mine: list[tuple]) -> list[list[tuple]]:
@@ -415,7 +413,6 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False, mp: st
 
     reset_accelerate()
     cpu_fsdp_state()
-    rank = dist.get_rank()
     extra = {} if version == 2 else dict(use_orig_params=not flat, sync_module_states=False)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=version,
@@ -429,8 +426,7 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False, mp: st
     refused = len(CPU_FSDP_FORCED) > n_forced
     if version == 1:
         fsdp1_cpu_device_id()
-    net = TinyNet()
-    net.load_state_dict(init_state())
+    net = fresh_net()
     refs = originals(net)
     decay_names = None
     if flat:  # FlatParameters: prepare the model first, then the optimizer on its params
@@ -443,14 +439,8 @@ def sc_accel(version: int = 2, scale: str = "global", flat: bool = False, mp: st
     seen = (str(accelerator.distributed_type), accelerator.state.fsdp_plugin.fsdp_version)
     policy = accelerator.state.fsdp_plugin.mixed_precision_policy
     res_mem = resources(refs, net)
-    mine = []
-    for step in range(STEPS):
-        x, y = batch(step, rank)
-        mine.append((x, y))
-        loss = F.mse_loss(net(x), y)
-        accelerator.backward(loss)
-        opt.step()
-        opt.zero_grad()
+    mine: list[tuple] = []
+    train(net, opt, range(STEPS), mine, accelerator.backward)
     res = report(net, opt, gather_batches(mine), decay_names, mp=MP_CASTS[mp])
     res.update(res_mem)
     res["mp_policy"] = None if policy is None else str(policy.param_dtype)
@@ -467,7 +457,6 @@ def sc_accel_resume(state_dict_type: str) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    rank = dist.get_rank()
     ckpt = Path(os.environ["DC_OUT_DIR"]) / f"accel_ckpt_{state_dict_type}"
     cpu_fsdp_state()
     refs: list = []
@@ -481,30 +470,20 @@ def sc_accel_resume(state_dict_type: str) -> dict:
             state_dict_type=state_dict_type,
         )
         accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
-        net = TinyNet()
-        net.load_state_dict(init_state())
+        net = fresh_net()
         refs.append(originals(net))
         opt = CAdamW(groups(list(net.named_parameters())), **HYPER)
         net, opt = accelerator.prepare(net, opt)
         return accelerator, net, opt
 
-    mine = []
-
-    def train(accelerator, net, opt, steps):
-        for step in steps:
-            x, y = batch(step, rank)
-            mine.append((x, y))
-            accelerator.backward(F.mse_loss(net(x), y))
-            opt.step()
-            opt.zero_grad()
-
+    mine: list[tuple] = []
     accelerator, net, opt = prepared()
-    train(accelerator, net, opt, range(STEPS // 2))
+    train(net, opt, range(STEPS // 2), mine, accelerator.backward)
     accelerator.save_state(str(ckpt))
     accelerator, net, opt = prepared()  # fresh: initial weights, empty state
     accelerator.load_state(str(ckpt))
     res_mem = resources(refs[-1], net)  # after the resumed set-up (the first run's are gone)
-    train(accelerator, net, opt, range(STEPS // 2, STEPS))
+    train(net, opt, range(STEPS // 2, STEPS), mine, accelerator.backward)
     res = report(net, opt, gather_batches(mine))
     res.update(res_mem)
     reset_accelerate()
@@ -528,6 +507,7 @@ def sc_trainer(
     enough that it clips; ``ac``: ``fsdp_config["activation_checkpointing"]``; ``bf16``:
     ``bf16=True``; ``resume``: a run that saves at step 5, then a fresh Trainer and model
     ``train(resume_from_checkpoint=...)`` to step 10."""
+    from hf_recipe import CAdamWTrainer
     from transformers import (
         PretrainedConfig,
         PreTrainedModel,
@@ -589,26 +569,6 @@ def sc_trainer(
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.seen = resources(self.refs, model)
 
-    class CAdamWTrainer(Trainer):
-        """The recipe: build CAdamW in create_optimizer (under FSDP2 on the unsharded model,
-        before Accelerate shards it and swaps DTensors in; under FSDP1 on the wrapped model)."""
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                m = self.model if model is None else model
-                decay = set(self.get_decay_parameter_names(m))
-                named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-                self.optimizer = CAdamW(
-                    [
-                        {"params": [p for n, p in named if n in decay], "weight_decay": WD},
-                        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-                    ],
-                    lr=self.args.learning_rate,
-                    betas=(self.args.adam_beta1, self.args.adam_beta2),
-                    eps=self.args.adam_epsilon,
-                )
-            return self.optimizer
-
     def new_model():
         m = TinyModel(TinyConfig())
         m.net.load_state_dict(init_state())
@@ -661,7 +621,7 @@ def sc_trainer(
             reset_accelerate()
             return {"rejected": str(e)}
         raise RuntimeError("the Trainer accepted optimizers=(...) under FSDP")
-    if how == "override":  # docs/integrations.md: create_optimizer builds CAdamW
+    if how == "override":  # docs/integrations.md: create_optimizer builds CAdamW (hf_recipe)
         cls = CAdamWTrainer
     else:  # the Trainer builds it (its decay / no-decay groups, its lr, betas, eps)
         # (the Trainer passes only the param groups: lr, betas and eps go in the kwargs)
@@ -728,24 +688,74 @@ def sc_trainer(
 # --- Lightning ----------------------------------------------------------------------------
 
 
+class RankBatches(torch.utils.data.Dataset):
+    """This rank's batches in order, ``BATCH`` rows each (no distributed sampler)."""
+
+    def __len__(self) -> int:
+        return STEPS * BATCH
+
+    def __getitem__(self, i):
+        x, y = batch(i // BATCH, dist.get_rank())
+        return x[i % BATCH], y[i % BATCH]
+
+
+def lightning_module() -> type:
+    """A LightningModule class: ``TinyNet`` with the initial weights, the batches it trained
+    on in ``seen``, CAdamW on the decay / no-decay ``groups`` from configure_optimizers."""
+    import lightning as L
+
+    class TinyModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = fresh_net()
+            self.seen: list[tuple] = []
+
+        def training_step(self, b, i):
+            x, y = b
+            self.seen.append((x.detach().clone(), y.detach().clone()))
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return CAdamW(groups(list(self.net.named_parameters())), **HYPER)
+
+    return TinyModule
+
+
+def lightning_fit(module, strategy, max_steps: int = STEPS, ckpt_path: str | None = None, **kw):
+    """``L.Trainer(...).fit`` on CPU, every rank on its ``RankBatches``; returns the trainer."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=dist.get_world_size(),
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        **kw,
+    )
+    loader = torch.utils.data.DataLoader(RankBatches(), batch_size=BATCH, shuffle=False)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
 def sc_lightning(
     strategy_name: str, precision: str = "32-true", resume: bool = False, named_groups=False
 ) -> dict:
     """``precision="bf16-mixed"``: Lightning's autocast (fp32 parameters and gradients);
     ``resume``: 5 steps, ``trainer.save_checkpoint`` through the strategy (DCP for
     ModelParallelStrategy), then a fresh module and Trainer ``fit(ckpt_path=...)`` to 10."""
-    import lightning as L
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    rank = dist.get_rank()
     ckpt = Path(os.environ["DC_OUT_DIR"]) / f"lightning_{strategy_name}_{precision}.ckpt"
 
-    class Module(L.LightningModule):
+    class Module(lightning_module()):
         def __init__(self) -> None:
             super().__init__()
-            self.net = TinyNet()
-            self.net.load_state_dict(init_state())
-            self.seen: list[tuple] = []
             self.refs = originals(self.net)
             self.mem: dict = {}
 
@@ -761,23 +771,10 @@ def sc_lightning(
                     fully_shard(b, mesh=mesh)
                 fully_shard(self.net, mesh=mesh)
 
-        def training_step(self, b, i):
-            x, y = b
-            self.seen.append((x.detach().clone(), y.detach().clone()))
-            return F.mse_loss(self.net(x), y)
-
         def configure_optimizers(self):
             if named_groups:  # the helper: named groups, no decay for tensors of <= 1 dim
                 return CAdamW(decay_groups(self.net, WD), **HYPER)
-            return CAdamW(groups(list(self.net.named_parameters())), **HYPER)
-
-    class Data(torch.utils.data.Dataset):  # this rank's batches, in order
-        def __len__(self) -> int:
-            return STEPS * BATCH
-
-        def __getitem__(self, i):
-            x, y = batch(i // BATCH, rank)
-            return x[i % BATCH], y[i % BATCH]
+            return super().configure_optimizers()
 
     class CPUFSDPStrategy(FSDPStrategy):
         """Lightning refuses ``type(strategy) is FSDPStrategy`` with accelerator="cpu";
@@ -797,22 +794,7 @@ def sc_lightning(
 
     def fit(max_steps: int, ckpt_path: str | None = None):
         module = Module()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=dist.get_world_size(),
-            strategy=strategy(),
-            precision=precision,
-            max_steps=max_steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-        )
-        loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
-        return module, trainer
+        return module, lightning_fit(module, strategy(), max_steps, ckpt_path, precision=precision)
 
     seen: list[tuple] = []
     if resume:
@@ -843,38 +825,13 @@ def sc_lightning_deepspeed(stage: int) -> dict:
     engine exists by then, nothing has been stepped); the config from
     ``dist_cautious.deepspeed.config`` (no clipping, client optimizer allowed)."""
     import deepspeed
-    import lightning as L
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from dist_cautious import deepspeed as dc_ds
 
-    rank = dist.get_rank()
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = TinyNet()
-            self.net.load_state_dict(init_state())
-            self.seen: list[tuple] = []
-
+    class Module(lightning_module()):
         def on_train_start(self) -> None:
             dc_ds.attach(self.trainer.strategy.deepspeed_engine)
-
-        def training_step(self, b, i):
-            x, y = b
-            self.seen.append((x.detach().clone(), y.detach().clone()))
-            return F.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            return CAdamW(groups(list(self.net.named_parameters())), **HYPER)
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return STEPS * BATCH
-
-        def __getitem__(self, i):
-            x, y = batch(i // BATCH, rank)
-            return x[i % BATCH], y[i % BATCH]
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         """Lightning refuses DeepSpeedStrategy unless the accelerator is CUDA (DeepSpeed
@@ -910,28 +867,11 @@ def sc_lightning_deepspeed(stage: int) -> dict:
         {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": BATCH}
     )
     module = Module()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=dist.get_world_size(),
-        strategy=CPUDeepSpeedStrategy(config=cfg, process_group_backend="gloo"),
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
-    loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
-    trainer.fit(module, loader)
+    trainer = lightning_fit(module, CPUDeepSpeedStrategy(config=cfg, process_group_backend="gloo"))
     engine = trainer.strategy.deepspeed_engine
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: whole tensors
-        got = {clean(n): p.detach().clone().float() for n, p in engine.module.named_parameters()}
-    chain, o = [], trainer.optimizers[0]
-    while not isinstance(o, CAdamW):
-        chain.append(type(o).__name__)
-        o = o.optimizer
+    o, chain = unwrap(trainer.optimizers[0])
+    ds = engines.Setup("deepspeed", engine.module, engine, o, zero_stage=stage, ds_engine=engine)
+    got = {clean(n): t for n, t in engines.full_params(ds).items()}  # ZeRO-3: gathered
     res = report(got, trainer.optimizers[0], gather_batches(module.seen))
     res["chain"] = chain
     res["layouts"] = len(o.registered_layouts())
@@ -950,17 +890,9 @@ def cadamw_container():
 
 
 def sc_titan() -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torchtitan.components.optimizer import ParamGroupConfig
 
-    rank = dist.get_rank()
-    net = TinyNet()
-    net.load_state_dict(init_state())
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for b in net.blocks:
-        fully_shard(b, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+    net = fresh_net()
     kw = dict(HYPER)
     config = cadamw_container().Config(
         param_groups=[  # first match wins: the no-decay split of ``groups``
@@ -974,14 +906,12 @@ def sc_titan() -> dict:
             ),
         ]
     )
-    opts = config.build(model_parts=[net])
-    mine = []
-    for step in range(STEPS):
-        x, y = batch(step, rank)
-        mine.append((x, y))
-        F.mse_loss(net(x), y).backward()
-        opts.step()
-        opts.zero_grad()
+    # torchtitan builds the optimizers after fully_shard (a unit per Block, then the root)
+    opts = engines.build(
+        "fsdp2", net, lambda m: config.build(model_parts=[m]), units=lambda m: m.blocks
+    ).opt
+    mine: list[tuple] = []
+    train(net, opts, range(STEPS), mine)
     res = report(net, opts.optimizers[0], gather_batches(mine))
     sd = opts.state_dict()  # torchtitan's flat, FQN-keyed optimizer state (for DCP)
     res["n_optimizers"] = len(opts.optimizers)
