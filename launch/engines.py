@@ -5,6 +5,8 @@ Import it as ``engines`` from ``launch/`` (``bench.py`` puts its own folder on `
 or as ``launch.engines`` from the repository root (the test workers put the root on
 ``sys.path``; ``launch`` is a namespace package). It imports nothing from ``launch/``, only
 torch, ``dist_cautious`` and, for DeepSpeed, ``deepspeed``, so both ways load the same code.
+It lives in ``launch/`` rather than in the package (an engine harness is not optimizer API)
+or in ``tests/`` (bench.py, a user-facing script, must not import the test suite).
 
 Engines (``ENGINES``; :func:`parse_engine` also takes ``zero0`` .. ``zero3``):
 
@@ -30,15 +32,17 @@ Public surface:
   ``opt``, ``mesh``, ``shard_group`` (the group tensors are split over; None when nothing
   is split), ``ds_engine``; :meth:`Setup.step` (backward + optimizer step + zero_grad, as
   the engine wants it), :meth:`Setup.close`.
-* :func:`full_params` ``(setup) -> {name: tensor}``: every parameter whole on every rank
-  (DTensor ``full_tensor``, FSDP1's full state dict, ZeRO-3's ``GatheredParameters``, DDP /
-  ZeRO 0-2 as they are). Collective: every rank must call it.
+* :func:`full_params` ``(setup, dtype=float32, device="cpu", rank0_only=False) ->
+  {name: tensor}``: every parameter whole, cloned (DTensor ``full_tensor``, FSDP1's full
+  state dict, ZeRO-3's ``GatheredParameters``, DDP / ZeRO 0-2 as they are). Collective:
+  every rank must call it.
 * :func:`count_sharded` ``(setup) -> int``: parameter tensors whose mask count is summed
   over ranks (DTensors with a ``Shard`` placement; every original tensor of a sharded FSDP1
   flat parameter; every tensor under ZeRO 1-3; none under DDP and ZeRO-0).
 * :func:`state_bytes` ``(setup_or_optimizer) -> int``: bytes of optimizer state (tensors
   of more than one element; local shards of DTensors) held on this rank.
-* :func:`full_tensor`, :func:`local_tensor`: one tensor whole / this rank's part.
+* :func:`full_tensor`, :func:`local_tensor`: one tensor whole / this rank's part;
+  :func:`parse_engine`, :func:`clean_name` (FSDP1 prefixes), :func:`fp64_allreduce_hook`.
 """
 
 from __future__ import annotations
