@@ -370,6 +370,14 @@ class CautiousOptimizer(Optimizer):
         """Pass 2 on bucket ``b`` with per-piece factors ``alphas`` (or ``kw["factor"]``)."""
         raise NotImplementedError
 
+    def _one_pass(
+        self, b: Bucket, grads: list[Tensor], group: dict[str, Any], alphas: Tensor
+    ) -> Tensor:
+        """Both passes on bucket ``b`` in one backend call (``b.backend.one_pass``) with
+        given per-piece factors ``alphas``: int64 counts per piece. Needed by a subclass
+        with a backend whose ``caps.one_pass_lagged`` is set."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ tables
 
     def _init_tables(self) -> None:
@@ -806,6 +814,14 @@ class CautiousOptimizer(Optimizer):
     ) -> None:
         """Pass 2 on bucket ``b``: the subclass's ``_update``."""
         self._update(b, grads, group, alphas, kw)
+
+    def one_pass(
+        self, b: Bucket, grads: list[Tensor], group: dict[str, Any], alphas: Tensor
+    ) -> Tensor:
+        """A ``factor_lag=1`` step on bucket ``b`` in one pass, with the previous step's
+        per-piece factors ``alphas``: the subclass's ``_one_pass``; returns this step's
+        counts. Called only where the bucket's backend declares ``one_pass_lagged``."""
+        return self._one_pass(b, grads, group, alphas)
 
     def check_agreement(self, table: SlotTable) -> None:
         """The ranks' one-time check that they count the same tensors (:mod:`.reduce`),

@@ -140,6 +140,9 @@ class LagState:
             self.views.append((st, view))
         use_prev = [lag_piece[pi] and has_prev[ei] for pi, ei in enumerate(piece_entry)]
         self.fresh = any(lp and not up for lp, up in zip(lag_piece, use_prev))
+        # every piece of the plan lags: once none is fresh, a step's factors are all known
+        # before it (the one-pass step, plan.execute)
+        self.all_lagged = all(lag_piece)
         self.lag_piece = torch.tensor(lag_piece, dtype=torch.bool, device=home)
         self.use_prev = torch.tensor(use_prev, dtype=torch.bool, device=home)
         self.piece_unit = torch.tensor(piece_unit, dtype=torch.int64, device=home)
@@ -162,6 +165,10 @@ class LagState:
     def intact(self) -> bool:
         """The state still holds this plan's views (a cached plan checks it every step)."""
         return all(st.get(COUNT_KEY) is v for st, v in self.views)
+
+    def previous(self) -> Tensor:
+        """Per piece, its previous counts (meaningful where ``use_prev``)."""
+        return self.buf[self.piece_unit]
 
     def counts(self, current: Tensor) -> Tensor:
         """Per piece: the previous counts where the factor lags, ``current`` elsewhere."""

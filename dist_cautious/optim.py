@@ -206,6 +206,13 @@ class CAdamW(CautiousOptimizer):
         h = adamw_hyper(group, b.step)
         b.backend.update_pass(b.params, grads, b.states[0], b.states[1], alphas, h, **kw)
 
+    def _one_pass(
+        self, b: Bucket, grads: list[Tensor], group: dict[str, Any], alphas: Tensor
+    ) -> Tensor:
+        h = adamw_hyper(group, b.step)
+        m, v = b.states
+        return b.backend.one_pass(b.params, grads, m, v, alphas, h, **b.scratch_kw)
+
 
 def adamw_hyper(group: dict[str, Any], step: int) -> UpdateHyper:
     """The scalars of C-AdamW's update pass for ``group`` at ``step`` (also used by
@@ -321,6 +328,12 @@ class CLion(CautiousOptimizer):
         kw: dict[str, Any],
     ) -> None:
         b.backend.update_pass(b.params, grads, b.states, alphas, self._hyper(group), **kw)
+
+    def _one_pass(
+        self, b: Bucket, grads: list[Tensor], group: dict[str, Any], alphas: Tensor
+    ) -> Tensor:
+        h = self._hyper(group)
+        return b.backend.one_pass(b.params, grads, b.states, alphas, h, **b.scratch_kw)
 
 
 # --------------------------------------------------------------------------- SGD

@@ -10,11 +10,14 @@ A step of :class:`~dist_cautious.base.CautiousOptimizer` is gather -> plan -> ex
   parameter: read ``.grad`` and compare identities);
 * :func:`agree`: the ranks' one-time check that they count the same tensors;
 * :func:`execute`: count pass, reduce (:mod:`.reduce`, which also decides whether the update
-  kernels compute the factor themselves), factors, update pass.
+  kernels compute the factor themselves), factors, update pass; a ``factor_lag=1`` step
+  whose factors are all the previous step's is one pass on backends that can
+  (``Capabilities.one_pass_lagged``): factors, then update and count in one go, reduce.
 
 The optimizer is reached only through :class:`Stepper`, its public surface. This module
 knows nothing about any particular optimizer's math: states are tuples in the optimizer's
-``state_keys`` order, and the two passes are the optimizer's ``count`` / ``update``.
+``state_keys`` order, and the passes are the optimizer's ``count`` / ``update`` (and
+``one_pass``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class Stepper(Protocol):
         alphas: Tensor | None,
         kw: dict[str, Any],
     ) -> None: ...
+
+    def one_pass(
+        self, b: Bucket, grads: list[Tensor], group: dict[str, Any], alphas: Tensor
+    ) -> Tensor: ...
 
 
 def backend_name(group: dict[str, Any]) -> str:
@@ -476,6 +483,14 @@ def execute(
     that will give them."""
     home = plan.home
     groups = opt.param_groups
+    lag = plan.lag
+    if (
+        lag is not None
+        and lag.all_lagged
+        and not lag.fresh
+        and all(b.backend.caps.one_pass_lagged for b in plan.buckets)
+    ):
+        return _execute_one_pass(plan, grads, opt, lag)
     # Pass 1: local counts (and whatever state the optimizer updates there), one backend
     # call per bucket; each call may hand keyword arguments to its pass 2.
     counts_parts = []
@@ -493,7 +508,6 @@ def execute(
 
     # The step's one count reduction (no-op for whole tensors and scale="shard" groups);
     # reduce.py decides whether the update kernels compute the factor (``red.fused``).
-    lag = plan.lag
     in_kernel = lag is None and all(
         b.backend.caps.fused_factor and b.device == home for b in plan.buckets
     )
@@ -534,19 +548,53 @@ def _lagged_factors(
     lagged pieces, this step's for the others. The all-reduce ``red`` of this step's counts
     is left in flight (returned as pending, waited for at the next step) when no factor of
     this step needs it."""
-    pending = None
     if lag.deferrable and not lag.fresh and plan.table.sizes:
         # every sharded tensor's factor lags: this step needs no reduced count
         numels = lag.numels
         used = ReducedCounts(lag.counts(local_counts), numels, numels[:0], numels[:0])
-        alphas = factors(used, groups, plan.buckets, plan.slices)
-        lag.store_local(local_counts)
-        pending = Pending(red, lag)
+        r = None
     else:
         r = red.wait()
         used = ReducedCounts(lag.counts(r.counts), r.numels, r.numels, r.numels)
-        alphas = factors(used, groups, plan.buckets, plan.slices)
-        lag.store_local(local_counts)
+    alphas = factors(used, groups, plan.buckets, plan.slices)
+    return alphas, _keep_counts(lag, local_counts, red, r)
+
+
+def _keep_counts(lag: LagState, local_counts: Tensor, red: Any, r: Any) -> Pending | None:
+    """This step's counts become the lagged pieces' previous counts: local ones at once;
+    reduced ones at once when the reduction was waited for (``r``), else when the returned
+    :class:`~.lag.Pending` is (at the next step)."""
+    lag.store_local(local_counts)
+    if r is not None:
         lag.store_reduced(r)
     lag.stepped()
-    return alphas, pending
+    return None if r is not None else Pending(red, lag)
+
+
+def _execute_one_pass(
+    plan: Plan, grads: list[list[Tensor]], opt: Stepper, lag: LagState
+) -> tuple[ReducedCounts | None, Pending | None]:
+    """A ``factor_lag=1`` step whose factors are all known before it (every piece lags and
+    has previous counts) on backends that declare ``one_pass_lagged``: one pass per bucket
+    applies the update with the previous counts' factors and counts this step's mask. The
+    counts then go to the same reduction as in :func:`execute` (left in flight when a
+    tensor is sharded). Same numbers as count pass + update pass (tests/unit/test_one_pass.py)."""
+    home, groups = plan.home, opt.param_groups
+    numels = lag.numels
+    used = ReducedCounts(lag.previous(), numels, numels[:0], numels[:0])
+    alphas = factors(used, groups, plan.buckets, plan.slices)
+    single = len(plan.buckets) == 1
+    parts = []
+    for b, gs, sl in zip(plan.buckets, grads, plan.slices):
+        a = alphas[b.factor_dtype]
+        a = a if single else a[sl]
+        c = opt.one_pass(b, gs, groups[b.gi], a if a.device == b.device else a.to(b.device))
+        parts.append(c if c.device == home else c.to(home))
+    if len(parts) == 1:
+        local_counts = parts[0]
+    else:
+        local_counts = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=home)
+    red = start_reduce(plan.pieces, plan.piece_group, local_counts, plan.table, len(groups))
+    r = None if lag.deferrable and plan.table.sizes else red.wait()
+    pending = _keep_counts(lag, local_counts, red, r)
+    return (None, pending) if pending is not None else (r, None)
