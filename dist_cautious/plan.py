@@ -235,7 +235,7 @@ class Plan:
         """Move every step counter of a cached plan by ``by`` (one op)."""
         assert self.step_buf is not None
         self.step_buf.add_(by)
-        self.step_version = self.step_buf._version
+        self.step_version = self.step_buf._version  # torch's, as in freeze
         for b in self.buckets:
             b.step += by
 
