@@ -544,7 +544,6 @@ class CautiousOptimizer(Optimizer):
             )
         return found[1]
 
-    _layout_for = layout_for  # the old private name, until its callers use layout_for
 
     def check_group(self, group: dict[str, Any], gi: int, where: str | None = None) -> None:
         """Raise for a bad value in param group ``gi`` (hyperparameters and options)."""
