@@ -544,7 +544,6 @@ class CautiousOptimizer(Optimizer):
             )
         return found[1]
 
-
     def check_group(self, group: dict[str, Any], gi: int, where: str | None = None) -> None:
         """Raise for a bad value in param group ``gi`` (hyperparameters and options)."""
         where = where or f"param group {gi}"
