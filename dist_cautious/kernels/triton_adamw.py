@@ -228,12 +228,12 @@ def one_pass(
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     mt = mt or MultiTensorApply(NAME)
-    hit = mt.prepare("update", [params, grads, exp_avgs, exp_avg_sqs], grads)
+    hit = mt.prepare("onepass", [params, grads, exp_avgs, exp_avg_sqs], grads)
     if hit is None:
         return _foreach.one_pass(params, grads, exp_avgs, exp_avg_sqs, alphas, h)
     w = 1.0 - h.beta1
     v = one_pass_variant(h.maximize, h.weight_decay != 0, h.cautious_wd, not (w < 0.5))
-    return mt.launch("update", hit, v, _scalars(h), len(params), alphas=alphas)
+    return mt.launch("onepass", hit, v, _scalars(h), len(params), alphas=alphas)
 
 
 class TritonAdamW:
@@ -304,11 +304,10 @@ AOT = {
         ),
         variant=_update_aot,
     ),
-    # the factor_lag=1 step in one launch: the update's launch configuration, given alphas
+    # the factor_lag=1 step in one launch, given alphas
     "onepass": dict(
         operands=("p", "g", "s", "s"),
         axes=dict(maximize=_FLAG, decay=("none", "plain", "cautious"), lerp_hi=_FLAG),
         variant=_one_pass_aot,
-        config="update",
     ),
 }

@@ -145,7 +145,7 @@ AOT = {
             4,
         ),
     ),
-    # the factor_lag=1 step in one launch: the update's launch configuration, given alphas
+    # the factor_lag=1 step in one launch, given alphas
     "onepass": dict(
         operands=("p", "g", "s"),
         axes=dict(
@@ -162,6 +162,5 @@ AOT = {
             0,
             4,
         ),
-        config="update",
     ),
 }

@@ -336,9 +336,12 @@ def constexprs(
 # --------------------------------------------------------------------------- configuration
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
-PASSES = ("count", "update")
+PASSES = ("count", "update", "onepass")
 # Chosen for AdamW on an H100 (benchmarks/kernel.py --sweep, see docs/kernels.md). Lion and
 # SGD start from the same values (untuned: no GPU has been lent since they were written).
+# The one-pass launch (factor_lag=1) keeps the update's chunk (8192 elements) in tiles half
+# as wide: with 2048-element tiles ptxas capped C-AdamW's one pass at 128 registers and
+# spilled on sm_90 (benchmarks/results/aot_kernels_2026-12-03_onepass.md); untimed.
 _DEFAULT = {
     "count": {"block": 4096, "tiles": 1, "num_warps": 8, "load_ev": "evict_first", "store_cm": ""},
     "update": {
@@ -348,12 +351,20 @@ _DEFAULT = {
         "load_ev": "evict_first",
         "store_cm": ".cs",
     },
+    "onepass": {
+        "block": 1024,
+        "tiles": 8,
+        "num_warps": 8,
+        "load_ev": "evict_first",
+        "store_cm": ".cs",
+    },
 }
 _CONFIG = {(o, p): dict(_DEFAULT[p]) for o in OPTIMIZERS for p in PASSES}
 
 
 def config(optimizer: str = "adamw") -> dict[str, dict]:
-    """The current launch configuration of ``optimizer``'s passes (``count``, ``update``)."""
+    """The current launch configuration of ``optimizer``'s passes (``count``, ``update``,
+    ``onepass``)."""
     return {p: dict(_CONFIG[(optimizer, p)]) for p in PASSES}
 
 
@@ -368,8 +379,8 @@ def configure(
     store_cm: str | None = None,
     reset: bool = False,
 ) -> None:
-    """Change the launch configuration of one pass (``which="count"|"update"``) or both, of
-    one optimizer (``"adamw"``, ``"lion"``, ``"sgd"``) or all.
+    """Change the launch configuration of one pass (``which="count"|"update"|"onepass"``) or
+    all, of one optimizer (``"adamw"``, ``"lion"``, ``"sgd"``) or all.
 
     ``block`` (power of two, >= 16): elements per tile; ``tiles``: tiles per program (a chunk
     is ``block * tiles`` elements); ``num_warps``: warps per program; ``load_ev``: eviction
@@ -379,7 +390,7 @@ def configure(
     ``benchmarks/kernel.py --sweep`` times alternatives.
     """
     if which is not None and which not in PASSES:
-        raise ValueError(f"which={which!r}: use 'count', 'update' or None (both)")
+        raise ValueError(f"which={which!r}: use one of {PASSES} or None (all)")
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: use one of {OPTIMIZERS} or None (all)")
     for o in (optimizer,) if optimizer else OPTIMIZERS:
@@ -763,13 +774,13 @@ class StatesBackend:
             scratch.clear()
         if not params:
             return torch.zeros(0, dtype=torch.int64)
-        hit = self.mt.prepare("update", self.operands("update", params, grads, states), grads)
+        hit = self.mt.prepare("onepass", self.operands("update", params, grads, states), grads)
         if hit is None:
             counts = self.foreach_count(params, grads, states, h)
             self.foreach_update(params, grads, states, alphas, h)
             return counts
         v, scalars = self.choose("onepass", h)
-        return self.mt.launch("update", hit, v, scalars, len(params), alphas=alphas)
+        return self.mt.launch("onepass", hit, v, scalars, len(params), alphas=alphas)
 
 
 # --------------------------------------------------------------------------- AOT space
@@ -777,8 +788,8 @@ class StatesBackend:
 
 def aot_space() -> list[dict]:
     """Every launch the dispatchers can make, for benchmarks/aot_kernels.py: per optimizer and
-    pass (``count``, ``update``; ``onepass`` where the optimizer has a one-pass lagged step,
-    launched with the update's configuration), the axes of its choices (flags and operand
+    pass (``count``, ``update``; ``onepass`` where the optimizer has a one-pass lagged step),
+    the axes of its choices (flags and operand
     dtypes) and a function from one choice to the exact kernel signature and constexprs the
     launch would use (through the optimizer's own ``variant`` function and
     :func:`constexprs`)."""
@@ -802,7 +813,7 @@ def aot_space() -> list[dict]:
                     if not (v.loads | v.stores) >> k & 1:
                         row[r] = "fp32"
                 dts = tuple(dt[row[r]] for r in roles)
-                cfg = cfgs[cfg_name][decl.get("config", pass_)]
+                cfg = cfgs[cfg_name][pass_]
                 const = constexprs(v, dts, fmode, cfg, False)
                 for k in ("PRE", "MATH"):  # by name: the compile runs in another process
                     f = getattr(const[k], "fn", const[k])  # the Python function of the jit
