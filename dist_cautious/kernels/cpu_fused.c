@@ -55,17 +55,32 @@ static chunk_t *make_chunks(int64_t n, const int64_t *lens, int64_t *n_chunks) {
     return cs;
 }
 
+/* The chunks of a counting call and one partial count per chunk (NULL when out of memory). */
+static chunk_t *counted_chunks(int64_t n, const int64_t *lens, int64_t *nc, int64_t **part) {
+    chunk_t *cs = make_chunks(n, lens, nc);
+    *part = (int64_t *)malloc(sizeof(int64_t) * (size_t)(*nc > 0 ? *nc : 1));
+    if (!cs || !*part) {
+        free(cs);
+        free(*part);
+        return NULL;
+    }
+    return cs;
+}
+
+/* counts[t]: the sum of its chunks' partial counts (exact int64); frees both arrays. */
+static void sum_counts(int64_t n, chunk_t *cs, int64_t nc, int64_t *part, int64_t *counts) {
+    for (int64_t t = 0; t < n; t++) counts[t] = 0;
+    for (int64_t c = 0; c < nc; c++) counts[cs[c].tensor] += part[c];
+    free(cs);
+    free(part);
+}
+
 /* returns 0, or -1 when out of memory */
 int dc_count(int64_t n, float *const *g, float *const *m, const int64_t *lens, float w,
              int lerp_small, int maximize, int threads, int64_t *counts) {
-    int64_t nc;
-    chunk_t *cs = make_chunks(n, lens, &nc);
-    int64_t *part = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nc > 0 ? nc : 1));
-    if (!cs || !part) {
-        free(cs);
-        free(part);
-        return -1;
-    }
+    int64_t nc, *part;
+    chunk_t *cs = counted_chunks(n, lens, &nc, &part);
+    if (!cs) return -1;
     const float sign = maximize ? -1.0f : 1.0f;
     const float wm1 = w - 1.0f;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -93,10 +108,7 @@ int dc_count(int64_t n, float *const *g, float *const *m, const int64_t *lens, f
         }
         part[c] = cnt;
     }
-    for (int64_t t = 0; t < n; t++) counts[t] = 0;
-    for (int64_t c = 0; c < nc; c++) counts[cs[c].tensor] += part[c];
-    free(cs);
-    free(part);
+    sum_counts(n, cs, nc, part, counts);
     return 0;
 }
 
@@ -179,14 +191,9 @@ int dc_onepass(int64_t n, float *const *p, float *const *g, float *const *m, flo
                const int64_t *lens, const float *scal, float w, int lerp_small, float beta2,
                float b2c, float decay, int cautious_wd, float bc2_sqrt, float eps, int maximize,
                int threads, int64_t *counts) {
-    int64_t nc;
-    chunk_t *cs = make_chunks(n, lens, &nc);
-    int64_t *part = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nc > 0 ? nc : 1));
-    if (!cs || !part) {
-        free(cs);
-        free(part);
-        return -1;
-    }
+    int64_t nc, *part;
+    chunk_t *cs = counted_chunks(n, lens, &nc, &part);
+    if (!cs) return -1;
     const float sign = maximize ? -1.0f : 1.0f;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < nc; c++) {
@@ -211,9 +218,6 @@ int dc_onepass(int64_t n, float *const *p, float *const *g, float *const *m, flo
                                 eps, 0, 0);
         part[c] = cnt;
     }
-    for (int64_t t = 0; t < n; t++) counts[t] = 0;
-    for (int64_t c = 0; c < nc; c++) counts[cs[c].tensor] += part[c];
-    free(cs);
-    free(part);
+    sum_counts(n, cs, nc, part, counts);
     return 0;
 }
