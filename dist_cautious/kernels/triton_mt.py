@@ -340,8 +340,9 @@ PASSES = ("count", "update", "onepass")
 # Chosen for AdamW on an H100 (benchmarks/kernel.py --sweep, see docs/kernels.md). Lion and
 # SGD start from the same values (untuned: no GPU has been lent since they were written).
 # The one-pass launch (factor_lag=1) keeps the update's chunk (8192 elements) in tiles half
-# as wide: with 2048-element tiles ptxas capped C-AdamW's one pass at 128 registers and
-# spilled on sm_90 (benchmarks/results/aot_kernels_2026-12-03_onepass.md); untimed.
+# as wide: with the update's 2048-element tiles ptxas capped C-AdamW's one pass at 128
+# registers and 2 of its 18 CI variants spilled on sm_90 (4 and 12 B); with 1024 it needs
+# 64-80 and none spills (benchmarks/results/aot_kernels_2026-12-03_onepass.md). Untimed.
 _DEFAULT = {
     "count": {"block": 4096, "tiles": 1, "num_warps": 8, "load_ev": "evict_first", "store_cm": ""},
     "update": {
