@@ -69,7 +69,9 @@ def hbm_cell(r: dict) -> str:
     if hb is None:
         return "-"
     two, one = hb
-    return f"{two} ({one}**)" if r.get("factor_lag") else str(two)
+    if not r.get("factor_lag"):
+        return str(two)
+    return f"{one}** ({two})" if r.get("one_pass") else f"{two} ({one}**)"
 
 
 def steps_label(args: argparse.Namespace) -> str:
@@ -144,8 +146,9 @@ def footnotes(results: list[dict], cuda: bool = True) -> list[str]:
             lines.append(
                 "* HBM B/param: computed from the element sizes, not measured: the two-pass step "
                 "these kernels run (pass 1 reads g, m; pass 2 reads p, g, m, v, writes p, m, v); "
-                "** factor_lag=1 allows a one-pass step (counting inside the update), which no "
-                "kernel here implements yet: it runs the same two passes"
+                "** factor_lag=1: the one-pass step (counting inside the update, reads p, g, m, v, "
+                "writes p, m, v), first where the backend runs it from each parameter's second "
+                "step on (triton, cpu, foreach), in brackets where it does not (reference)"
             )
     return lines
 

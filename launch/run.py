@@ -166,8 +166,9 @@ def hbm_bytes_per_param(opt: Any) -> tuple[int, int] | None:
     """Computed, not measured: bytes per parameter one optimizer step moves through memory
     (CAdamW: state and parameters as this run holds them), for the two-pass step these
     kernels run (pass 1 reads g, m; pass 2 reads p, g, m, v and writes p, m, v: 36 B in
-    fp32), and for a one-pass step (reads p, g, m, v, writes p, m, v: 28 B), which
-    factor_lag=1 allows but no kernel here implements yet. None for other optimizers."""
+    fp32), and for the one-pass step (reads p, g, m, v, writes p, m, v: 28 B) that
+    factor_lag=1 runs where the backend can (:func:`one_pass_step`). None for other
+    optimizers."""
     from dist_cautious import CAdamW
 
     if not isinstance(opt, CAdamW):
@@ -180,6 +181,20 @@ def hbm_bytes_per_param(opt: Any) -> tuple[int, int] | None:
     ss = dt.itemsize if dt is not None else (4 if sp < 4 else sp)
     sg = sp
     return (sg + ss) + (sp + sg + 2 * ss) + (sp + 2 * ss), (sp + sg + 2 * ss) + (sp + 2 * ss)
+
+
+def one_pass_step(opt: Any) -> bool:
+    """Whether this optimizer's lagged steps (factor_lag=1, from each parameter's second step
+    on) run one pass: every group's kernel backend declares ``one_pass_lagged``."""
+    from dist_cautious import CAdamW
+
+    if not isinstance(opt, CAdamW):
+        return False
+    for g in opt.param_groups:
+        for p in g["params"][:1]:
+            if not opt.backend_for(g, p.device).caps.one_pass_lagged:
+                return False
+    return True
 
 
 class Run:
@@ -604,6 +619,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
     params = run.full_params()
     sharded = run.sharded_tensors()
     hbm = hbm_bytes_per_param(run.opt)
+    one_pass = mode == LAG_MODE and one_pass_step(run.opt)
     run.close()
     dist.barrier()
 
@@ -620,6 +636,7 @@ def run_mode(ctx: Ctx, engine: str, mode: str, cfg: Any, lang: Any) -> tuple[dic
         "mode": mode,
         "factor_lag": 1 if mode == LAG_MODE else 0,
         "hbm_bytes_per_param": hbm,
+        "one_pass": one_pass,
         "world": ctx.world,
         "steps": a.steps,
         "resumed_from_step": start,

@@ -216,6 +216,8 @@ def test_bench_fsdp2_self_launch_matches_ddp(tmp_path: Path) -> None:
     assert g["factor_lag"] == 0 and lag["factor_lag"] == 1
     assert lag["collectives_per_step"] == 1 and lag["bytes_per_step"] == g["bytes_per_step"]
     assert g["hbm_bytes_per_param"] == lag["hbm_bytes_per_param"] == [36, 28]
+    assert lag["one_pass"] and not g["one_pass"]  # the lagged step runs one pass (28 B)
+    assert "28** (36)" in proc.stdout
     assert "factor_lag=1 exposes" in proc.stdout
     # global: exactly one count all-reduce per step, 16 bytes per sharded tensor.
     assert g["sharded_tensors"] == TINY_TENSORS
