@@ -81,6 +81,8 @@ def test_every_kernel_and_axis_value_is_compiled(aot: dict) -> None:
     assert set(spaces) == {
         f"{o}.{p}" for o in ("adamw", "lion", "sgd") for p in ("count", "update")
     } | {"adamw.onepass", "lion.onepass"}  # the factor_lag=1 step in one launch
+    # the one-pass kernels write p: held to the update kernels' no-spill rule
+    assert all(r["update"] for r in aot["results"] if ".onepass[" in r["key"])
     compiled = {(r["key"], r["arch"]) for r in aot["results"] if "regs" in r}
     for key in {r["key"] for r in aot["results"]}:
         assert (key, 80) in compiled and (key, 90) in compiled, key
