@@ -870,6 +870,18 @@ class CautiousOptimizer(Optimizer):
         return {"kept": self._stats.kept_per_group, "elements": self._stats.elements_per_group}
 
     @property
+    def settled_mask_stats(self) -> dict[str, Tensor] | None:
+        """As :attr:`mask_stats`, but never waits for a collective: with ``factor_lag=1``,
+        while the last step's all-reduce is still in flight, the statistics of the step
+        before it (complete); otherwise the last step's. For a training loop that logs
+        every step without putting the hidden all-reduce back on the critical path."""
+        if not getattr(self, "_pending", None):
+            return self.mask_stats
+        if self._stats is None:
+            return None
+        return {"kept": self._stats.kept_per_group, "elements": self._stats.elements_per_group}
+
+    @property
     def kept_fraction(self) -> float | None:
         """Fraction of elements the mask kept in the last step, over all groups.
 

@@ -677,13 +677,7 @@ def step_mask_stats(opt: Any) -> Any:
     step before are taken: the kept fraction is one step behind."""
     import torch
 
-    if getattr(opt, "_pending", None):
-        st = opt._stats  # the previous step's, complete
-        if st is None:
-            return None
-        ms = {"kept": st.kept_per_group, "elements": st.elements_per_group}
-    else:
-        ms = getattr(opt, "mask_stats", None)
+    ms = getattr(opt, "settled_mask_stats", None)  # (a torch optimizer has none)
     if ms is None:
         return None
     return torch.stack([ms["kept"].sum(), ms["elements"].sum()]).to(torch.float64)

@@ -216,6 +216,7 @@ def test_factor_lag_fsdp2_uneven_and_empty_shards_equal_single_process(w2):
     assert r["exact_vs_lag_delta"] > 100 * TOL_DELTA, r
     _assert_counts(r, 1, [2])
     assert r["in_flight"] == [False] + [True] * 9, r
+    assert r["settled_is_previous_step"] == [True] * 10, r
     assert r["counts_replicated"] and r["counts_are_single_process"], r
     assert r["round_trip_max_abs"] == 0.0, r
 

@@ -575,7 +575,7 @@ def sc_lag(rank: int, world: int, ckpt: str) -> dict:
     ref = FullReference(init, factor_lag=1, **HYPER)
     exact = ROW.oracle(init, **HYPER)  # factor_lag=0: the lag must make a difference
     counter = CollectiveCounter()
-    in_flight = []
+    in_flight, settled, ref_stats = [], [], []
     for s in range(STEPS):
         gs = split_signal_grads(shapes, s)
         if s == STEPS // 2:  # the second run: through a state dict into a fresh optimizer
@@ -589,13 +589,25 @@ def sc_lag(rank: int, world: int, ckpt: str) -> dict:
                 with counter.count():
                     opts[0].step()
                 in_flight.append(bool(opts[0]._pending))
+                st = opts[0].settled_mask_stats  # must not wait for the one in flight
+                settled.append(
+                    (int(st["kept"].sum()), int(st["elements"].sum()), bool(opts[0]._pending))
+                )
             else:
                 opts[1].step()
         ref.step(gs)
+        rs = ref.opt.mask_stats
+        ref_stats.append((int(rs["kept"].sum()), int(rs["elements"].sum())))
         exact.step(gs)
     out = {k: gather_max(v) for k, v in compare(params[0], ref, init, opts[0]).items()}
     out.update(counts_summary(counter, STEPS))
     out["in_flight"] = in_flight
+    # settled_mask_stats: the previous step's (whole-tensor) statistics while this step's
+    # all-reduce is in flight, left in flight; the step's own when nothing is pending
+    out["settled_is_previous_step"] = [
+        (k, e) == ref_stats[s - 1 if flying else s] and still == flying
+        for s, ((k, e, still), flying) in enumerate(zip(settled, in_flight))
+    ]
     opts[0].state_dict()  # waits for the last step's all-reduce: its counts are state
     counts = [int(opts[0].state[p]["cautious_count"]) for p in params[0]]
     out["counts_replicated"] = all(c == counts for c in gather_all(counts))
