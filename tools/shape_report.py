@@ -24,6 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "dist_cautious"
 AREAS = ("dist_cautious", "launch", "tests", "benchmarks")
+# Underscore names that are torch's conventions, not the project's privates: dynamo runs a
+# method named ``_init_group`` of an optimizer eagerly instead of tracing it
+# (torch/_dynamo/variables/optimizer.py), so the name is part of torch's contract.
+TORCH_CONVENTIONS = frozenset({"_init_group"})
 
 
 def files(rev: str | None) -> dict[str, str]:
@@ -115,7 +119,7 @@ def report(rev: str | None) -> dict:
         for name, line, how in uses(t):
             if name in own and how == "attribute":
                 continue  # its own private name (another instance of its own class, say)
-            if name in defined:
+            if name in defined and name not in TORCH_CONVENTIONS:
                 crossing.append(dict(module=f, line=line, name=name, how=how,
                                      defined_in=sorted(defined[name])))  # fmt: skip
             elif how == "attribute":
