@@ -118,6 +118,17 @@ class TritonLion(StatesBackend):
 
 # --------------------------------------------------------------------------- AOT declaration
 _FLAG = (False, True)
+
+
+def _flags(row: dict) -> tuple[bool, ...]:
+    """The update's (and the one pass's) variant arguments from an AOT row."""
+    decay = row["decay"]
+    return row["maximize"], decay != "none", decay == "cautious", row["lerp_hi1"], row["lerp_hi2"]
+
+
+_UPDATE_AXES = dict(
+    maximize=_FLAG, decay=("none", "plain", "cautious"), lerp_hi1=_FLAG, lerp_hi2=_FLAG
+)
 AOT = {
     "count": dict(
         operands=("s", "g"),
@@ -126,21 +137,9 @@ AOT = {
     ),
     "update": dict(
         operands=("p", "g", "s"),
-        axes=dict(
-            maximize=_FLAG,
-            decay=("none", "plain", "cautious"),
-            lerp_hi1=_FLAG,
-            lerp_hi2=_FLAG,
-            factor=("alphas", "clamp", "paper"),
-        ),
+        axes=dict(_UPDATE_AXES, factor=("alphas", "clamp", "paper")),
         variant=lambda row: (
-            update_variant(
-                row["maximize"],
-                row["decay"] != "none",
-                row["decay"] == "cautious",
-                row["lerp_hi1"],
-                row["lerp_hi2"],
-            ),
+            update_variant(*_flags(row)),
             ("alphas", "clamp", "paper").index(row["factor"]),
             4,
         ),
@@ -148,19 +147,7 @@ AOT = {
     # the factor_lag=1 step in one launch, given alphas
     "onepass": dict(
         operands=("p", "g", "s"),
-        axes=dict(
-            maximize=_FLAG, decay=("none", "plain", "cautious"), lerp_hi1=_FLAG, lerp_hi2=_FLAG
-        ),
-        variant=lambda row: (
-            one_pass_variant(
-                row["maximize"],
-                row["decay"] != "none",
-                row["decay"] == "cautious",
-                row["lerp_hi1"],
-                row["lerp_hi2"],
-            ),
-            0,
-            4,
-        ),
+        axes=_UPDATE_AXES,
+        variant=lambda row: (one_pass_variant(*_flags(row)), 0, 4),
     ),
 }

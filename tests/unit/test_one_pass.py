@@ -26,6 +26,7 @@ import torch
 from dist_cautious import CAdamW
 from dist_cautious.kernels import UpdateHyper, cpu_fused, foreach, get_backend
 from tests.oracle import Float64CAdamW, rel_err
+from tests.unit.test_factor_lag import grads_at, params_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("one_pass_cases.py")
@@ -102,19 +103,15 @@ def test_backends_declare_the_capability():
 
 # --------------------------------------------------------------------------- optimizer
 
-OPT_SHAPES = [(7, 5), (1,), (0,), (33,), (4, 3, 2)]
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
 
 def _grads_at(step, pdt):
-    g = torch.Generator().manual_seed(700 + step)
-    drift = (0.8 if (step // 3) % 2 == 0 else -0.8) * torch.rand((), generator=g).item()
-    return [(torch.randn(s, generator=g) + drift).to(pdt) for s in OPT_SHAPES]
+    return [g.to(pdt) for g in grads_at(step)]  # test_factor_lag's: kept fractions swing
 
 
 def _params(pdt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(pdt).requires_grad_() for s in OPT_SHAPES]
+    return [p.detach().to(pdt).requires_grad_() for p in params_of(seed)]
 
 
 def _run(opt, params, steps, pdt, start=0, oracle=None):
