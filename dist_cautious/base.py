@@ -40,8 +40,9 @@ from torch.optim import Optimizer
 
 from . import device_step
 from . import plan as planning
-from .lag import COUNT_KEY, Pending
-from .layout import ParamLayout, SlotTable, is_dtensor, zeros_state
+from . import state as opt_state
+from .lag import Pending
+from .layout import ParamLayout, SlotTable, is_dtensor
 from .options import (  # noqa: F401 (re-exported: optim.py, __init__.py, users)
     FORMULAS,
     HEALED_KEYS,
@@ -65,7 +66,7 @@ from .options import (  # noqa: F401 (re-exported: optim.py, __init__.py, users)
 )
 from .plan import Bucket, Plan, backend_name
 from .reduce import ReducedCounts, check_agreement
-from .resolve import FSDP1, resolve
+from .resolve import resolve
 
 
 class _Registered:
@@ -327,7 +328,7 @@ class CautiousOptimizer(Optimizer):
           before anything is loaded.
         """
         state_dict = self._run_load_pre_hooks(state_dict)  # they may translate a format
-        self._check_loadable(state_dict)
+        opt_state.check_loadable(self, state_dict)  # before anything is loaded
         self._finish_pending()
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -337,47 +338,14 @@ class CautiousOptimizer(Optimizer):
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks
-        current = [(p, g) for g in self.param_groups for p in g["params"]]
-        for pid, (p, group) in zip(saved_ids, current):
-            st = saved_state.get(pid)
-            if not st:
-                continue
-            if "step" not in self.state[p]:  # torch SGD / Lion state: a buffer exists, >= 1 step
-                self.state[p]["step"] = torch.tensor(1.0, dtype=torch.float32)
-            dt = self._state_dtype_for(p, group)
-            for key in self.state_keys:
-                v = st[key]
-                if self.state[p][key].dtype != dt or v.dtype != dt:
-                    self.state[p][key] = v.to(device=self.state[p][key].device, dtype=dt)
-                if is_dtensor(p) and not is_dtensor(self.state[p][key]):
-                    # a single-device (full) state: shard it like the parameter (FSDP2, TP),
-                    # each rank from its own copy (no collective)
-                    from torch.distributed.tensor import distribute_tensor
-
-                    self.state[p][key] = distribute_tensor(
-                        self.state[p][key], p.device_mesh, p.placements, src_data_rank=None
-                    )
-            c = st.get(COUNT_KEY)  # factor_lag=1 counts: exact int64 again
-            if torch.is_tensor(c) or isinstance(c, (tuple, list)):
-                self.state[p][COUNT_KEY] = torch.as_tensor(c).to(torch.int64, copy=True)
+        opt_state.restore_loaded(self, saved_state, saved_ids)
         self._plan = None
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``; with ``factor_lag=1`` the last step's
         count all-reduce is waited for first, so its counts are in the state."""
         self._finish_pending()
-        out = super().state_dict()
-        # FSDP1 flat parameters' counts (one per original tensor, lag.py) as a tuple of ints:
-        # FSDP1's optimizer state dicts would take a 1-D tensor for a flattened one
-        params = [q for g in self.param_groups for q in g["params"]]
-        for i, p in enumerate(params):
-            st = out["state"].get(i)
-            c = st.get(COUNT_KEY) if st else None
-            if torch.is_tensor(c) and c.dim() > 0:
-                found = resolve(p, self)
-                if found is not None and found[0] == FSDP1:
-                    out["state"][i] = {**st, COUNT_KEY: tuple(c.tolist())}
-        return out
+        return opt_state.flat_counts_as_tuples(self, super().state_dict())
 
     def _finish_pending(self, params: set[int] | None = None) -> None:
         """Wait for the count all-reduces left in flight (``factor_lag=1``) and store their
@@ -404,87 +372,10 @@ class CautiousOptimizer(Optimizer):
                 state_dict = out
         return state_dict
 
-    def _check_loadable(self, state_dict: Any) -> None:
-        name = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(
-                f"{name}.load_state_dict needs a dict with 'state' and 'param_groups' (what "
-                f"optimizer.state_dict() returns); got {type(state_dict).__name__}"
-                + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, dict) else "")
-            )
-        groups = state_dict["param_groups"]
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in groups for i in g.get("params", ())]
-        for gi, g in enumerate(groups):
-            where = f"loaded param group {gi}"
-            self.check_group({**self.defaults, **g}, gi, where=where)
-            if gi < len(self.param_groups):
-                check_fused(
-                    {**self.defaults, **g}, param_devices(self.param_groups[gi]["params"]), where
-                )
-        required = self.state_keys if self.step_optional else ("step", *self.state_keys)
-        for k, (pid, p) in enumerate(zip(saved_ids, params)):
-            st = state_dict["state"].get(pid)
-            if not st:
-                continue
-            what = f"loaded state of parameter {k} (id {pid!r}, shape {tuple(p.shape)})"
-            foreign = sorted(set(st) - {"step", COUNT_KEY, *self.state_keys})
-            if foreign:
-                raise ValueError(
-                    f"{what} has keys {foreign}, which {name} does not keep (its state is "
-                    f"{['step', *self.state_keys]}; a state dict of another optimizer?); load it "
-                    "into the optimizer that saved it"
-                )
-            missing = [key for key in required if st.get(key) is None]
-            if missing:
-                raise ValueError(
-                    f"{what} lacks {missing} (a truncated or foreign state dict); a {name} "
-                    f"state holds {['step', *self.state_keys]}"
-                )
-            for key in self.state_keys:
-                v = st[key]
-                if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"{what}: {key!r} has shape "
-                        f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}, not "
-                        "the parameter's; the state dict belongs to another model (or another "
-                        "sharding: use torch.distributed.checkpoint to reshard)"
-                    )
-        # A group key nobody can default (a hyperparameter) is refused here, not at the step.
-        healable = {"params", *OPTION_KEYS, *self.compat_keys, *self.healed_keys}
-        for gi, g in enumerate(groups):
-            lacking = [key for key in self.defaults if key not in g and key not in healable]
-            if lacking:
-                raise ValueError(
-                    f"loaded param group {gi} lacks {lacking} (a truncated or hand-edited "
-                    f"state dict, or another optimizer's): only {sorted(self.healed_keys)} and "
-                    "the cautious options are filled in (as torch fills them in for older "
-                    f"state dicts); add the value(s) to state_dict['param_groups'][{gi}]"
-                )
-
-    def _state_dtype_for(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
-        dt = group.get("state_dtype", self.defaults["state_dtype"])
-        if dt is not None:
-            return dt
-        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-
     def state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created (zeros, step 0) or brought to the group's state dtype."""
-        state = self.state[p]
-        dt = self._state_dtype_for(p, group)
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for key in self.state_keys:
-                state[key] = zeros_state(p, dt)
-        else:
-            for key in self.state_keys:
-                if state[key].dtype != dt:  # e.g. loaded from the torch counterpart
-                    state[key] = state[key].to(dt)
-            if "step" not in state:  # a torch SGD state: its buffer exists, so >= 1 step
-                state["step"] = torch.tensor(1.0, dtype=torch.float32)
-            elif not torch.is_tensor(state["step"]):
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-        return state
+        dt = opt_state.state_dtype(p, group, self.defaults["state_dtype"])
+        return opt_state.prepare(self.state[p], p, dt, self.state_keys)
 
     # ------------------------------------------------------------------ step
     #
