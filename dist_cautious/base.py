@@ -513,9 +513,7 @@ class CautiousOptimizer(Optimizer):
         """Device tensors of the last step, per param group: ``kept`` (elements the mask
         kept) and ``elements`` (elements stepped). Reading them does not synchronise."""
         self._finish_pending()
-        if self._stats is None:
-            return None
-        return {"kept": self._stats.kept_per_group, "elements": self._stats.elements_per_group}
+        return None if self._stats is None else self._stats.mask_stats()
 
     @property
     def settled_mask_stats(self) -> dict[str, Tensor] | None:
@@ -525,9 +523,7 @@ class CautiousOptimizer(Optimizer):
         every step without putting the hidden all-reduce back on the critical path."""
         if not getattr(self, "_pending", None):
             return self.mask_stats
-        if self._stats is None:
-            return None
-        return {"kept": self._stats.kept_per_group, "elements": self._stats.elements_per_group}
+        return None if self._stats is None else self._stats.mask_stats()
 
     @property
     def kept_fraction(self) -> float | None:
@@ -538,11 +534,7 @@ class CautiousOptimizer(Optimizer):
         Reading it synchronises with the device (it calls ``.item()``).
         """
         self._finish_pending()
-        if self._stats is None:
-            return None
-        e = int(self._stats.elements_per_group.sum().item())
-        k = int(self._stats.kept_per_group.sum().item())
-        return k / e if e else None
+        return None if self._stats is None else self._stats.kept_fraction()
 
     @property
     def kept_fraction_per_group(self) -> list[float | None]:
@@ -550,9 +542,7 @@ class CautiousOptimizer(Optimizer):
         self._finish_pending()
         if self._stats is None:
             return [None] * len(self.param_groups)
-        k = self._stats.kept_per_group.tolist()
-        e = self._stats.elements_per_group.tolist()
-        return [ki / ei if ei else None for ki, ei in zip(k, e)]
+        return self._stats.kept_fraction_per_group()
 
 
 # The constructor's options are the defaults of the param-group keys of the same names.

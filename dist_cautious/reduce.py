@@ -327,6 +327,25 @@ class ReducedCounts:
     # per reduction, the summed count of each slot (factor_lag=1 keeps them, see lag.py)
     slot_counts: dict = dataclasses.field(default_factory=dict)
 
+    # The kept-mask statistics (the optimizer's ``mask_stats`` & co read them from here).
+
+    def mask_stats(self) -> dict[str, Tensor]:
+        """Per param group, device tensors: ``kept`` and ``elements``; no synchronisation."""
+        return {"kept": self.kept_per_group, "elements": self.elements_per_group}
+
+    def kept_fraction(self) -> float | None:
+        """Kept / stepped elements over all groups (``None`` if nothing stepped); reads the
+        device (``.item()``)."""
+        e = int(self.elements_per_group.sum().item())
+        k = int(self.kept_per_group.sum().item())
+        return k / e if e else None
+
+    def kept_fraction_per_group(self) -> list[float | None]:
+        """As :meth:`kept_fraction`, per param group (``None`` where nothing stepped)."""
+        k = self.kept_per_group.tolist()
+        e = self.elements_per_group.tolist()
+        return [ki / ei if ei else None for ki, ei in zip(k, e)]
+
 
 class CountReduction:
     """A count reduction started by :func:`start_reduce`: its first round of all-reduces is
