@@ -59,7 +59,9 @@ from .options import (  # noqa: F401 (re-exported: optim.py, __init__.py, users)
     check_nonneg,
     check_options,
     check_param_names,
+    check_real,
     check_torch_flags,
+    check_unique_params,
     option_property,
     param_devices,
     real,
@@ -227,19 +229,7 @@ class CautiousOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         gi = len(self.param_groups)
-        params = param_group.get("params")
-        if isinstance(params, (list, tuple)):
-            seen: set[int] = set()
-            for p in params:
-                if isinstance(p, tuple) and len(p) == 2:  # (name, tensor): named_parameters()
-                    p = p[1]
-                if id(p) in seen:
-                    raise ValueError(
-                        f"param group {gi} lists the same parameter (shape "
-                        f"{tuple(p.shape)}) twice; it would be stepped twice per step with "
-                        "one state. Pass each parameter once."
-                    )
-                seen.add(id(p))
+        check_unique_params(param_group.get("params"), gi)
         if isinstance(param_group, dict):  # a misspelt key would be ignored: refuse it
             check_group_keys(param_group, self.defaults, f"param group {gi}")
         super().add_param_group(param_group)
@@ -252,12 +242,7 @@ class CautiousOptimizer(Optimizer):
             raise
         check_param_names(group, gi)
         for p in group["params"]:
-            if p.is_complex():
-                raise ValueError(
-                    f"complex parameter of shape {tuple(p.shape)} and dtype {p.dtype}: the "
-                    "cautious sign mask is defined for real tensors; pass "
-                    "torch.view_as_real(param) views or keep this parameter in a torch optimizer"
-                )
+            check_real(p)
             self._given[id(p)] = p
         self._plan = None
 
@@ -327,12 +312,12 @@ class CautiousOptimizer(Optimizer):
           misshapen state tensors raise a ``ValueError`` naming the parameter and the key,
           before anything is loaded.
         """
-        state_dict = self._run_load_pre_hooks(state_dict)  # they may translate a format
+        hooks = self._optimizer_load_state_dict_pre_hooks  # they may translate a format
+        state_dict = opt_state.run_load_pre_hooks(self, state_dict, hooks.values())
         opt_state.check_loadable(self, state_dict)  # before anything is loaded
         self._finish_pending()
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # they ran above
         try:
             super().load_state_dict(state_dict)
@@ -360,17 +345,6 @@ class CautiousOptimizer(Optimizer):
             if params is None or not params.isdisjoint(pd.lag.param_ids):
                 del pending[key]
                 self._stats = pd.finish()
-
-    def _run_load_pre_hooks(self, state_dict: Any) -> Any:
-        """torch's ``register_load_state_dict_pre_hook`` hooks, run before the state dict is
-        checked (as torch runs them first), on a shallow copy as torch does."""
-        if isinstance(state_dict, dict):
-            state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        return state_dict
 
     def state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created (zeros, step 0) or brought to the group's state dtype."""

@@ -1,5 +1,6 @@
 """The cautious options and torch's flags: their defaults and the checks every optimizer
-runs on them (constructor arguments, param groups, loaded param groups).
+runs on them (constructor arguments, param groups, loaded param groups); the checks of a
+param group's keys and tensors (misspelt keys, names, repeated or complex parameters).
 
 The options (``scale``, ``formula``, ``clamp``, ``backend``, ``state_dtype``,
 ``cautious_weight_decay``, ``factor_lag``) are param-group keys like ``lr``;
@@ -282,3 +283,31 @@ def option_property(key: str) -> property:
         set_option,
         doc=f"The default ``{key}``; assigning it sets it in every param group.",
     )
+
+
+def check_unique_params(params: Any, gi: int) -> None:
+    """A new param group ``gi`` (``params``: tensors or ``(name, tensor)`` pairs) lists
+    each tensor once."""
+    if not isinstance(params, (list, tuple)):
+        return
+    seen: set[int] = set()
+    for p in params:
+        if isinstance(p, tuple) and len(p) == 2:  # (name, tensor): named_parameters()
+            p = p[1]
+        if id(p) in seen:
+            raise ValueError(
+                f"param group {gi} lists the same parameter (shape "
+                f"{tuple(p.shape)}) twice; it would be stepped twice per step with "
+                "one state. Pass each parameter once."
+            )
+        seen.add(id(p))
+
+
+def check_real(p: Tensor) -> None:
+    """``p`` is a real tensor (the sign mask is not defined for complex ones)."""
+    if p.is_complex():
+        raise ValueError(
+            f"complex parameter of shape {tuple(p.shape)} and dtype {p.dtype}: the "
+            "cautious sign mask is defined for real tensors; pass "
+            "torch.view_as_real(param) views or keep this parameter in a torch optimizer"
+        )

@@ -49,6 +49,19 @@ def prepare(
     return state
 
 
+def run_load_pre_hooks(opt: Any, state_dict: Any, hooks: Iterable[Any]) -> Any:
+    """torch's ``register_load_state_dict_pre_hook`` ``hooks``, run before the state dict is
+    checked (as torch runs them first), on a shallow copy as torch does; returns the state
+    dict they leave."""
+    if isinstance(state_dict, dict):
+        state_dict = state_dict.copy()
+    for hook in hooks:
+        out = hook(opt, state_dict)
+        if out is not None:
+            state_dict = out
+    return state_dict
+
+
 def check_loadable(opt: Any, state_dict: Any) -> None:
     """Raise a ``ValueError`` (naming the group or the parameter and the key) unless
     ``state_dict`` can be loaded into ``opt``: its groups' values pass ``opt.check_group``
