@@ -211,18 +211,13 @@ class CautiousOptimizer(Optimizer):
         super().__setstate__(state)
         if unpickled:
             self._init_tables()
-            older = {**OPTION_DEFAULTS, **TORCH_FLAG_DEFAULTS, **self.compat_keys}
-            for key, value in older.items():
-                self.defaults.setdefault(key, value)  # saved by an older version
             if given is None:  # torch's own format: the groups' tensors were given
                 given = [p for g in self.param_groups for p in g["params"]]
             self._given = weakref.WeakValueDictionary((id(p), p) for p in given)
             if registered is not None:
                 for p, layout in registered.pairs:
                     self.register_layout(p, layout)
-        for group in self.param_groups:  # groups saved without our keys (torch, older)
-            for key in (*OPTION_KEYS, *self.compat_keys, *self.healed_keys):
-                group.setdefault(key, self.defaults[key])
+        opt_state.heal(self, defaults=unpickled)  # saved by torch or an older version
         self._plan = None
 
     # ------------------------------------------------------------------ set-up

@@ -17,7 +17,13 @@ from torch import Tensor
 
 from .lag import COUNT_KEY
 from .layout import is_dtensor, zeros_state
-from .options import OPTION_KEYS, check_fused, param_devices
+from .options import (
+    OPTION_DEFAULTS,
+    OPTION_KEYS,
+    TORCH_FLAG_DEFAULTS,
+    check_fused,
+    param_devices,
+)
 from .resolve import FSDP1, resolve
 
 
@@ -47,6 +53,25 @@ def prepare(
         elif not torch.is_tensor(state["step"]):
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
     return state
+
+
+def healable_keys(opt: Any) -> tuple[str, ...]:
+    """The group keys a saved group may lack (torch's own state dicts, older versions),
+    filled in with ``opt``'s defaults (:func:`heal`); a loaded group lacking any other key
+    is refused (:func:`check_loadable`)."""
+    return (*OPTION_KEYS, *opt.compat_keys, *opt.healed_keys)
+
+
+def heal(opt: Any, defaults: bool = False) -> None:
+    """Fill in what a restored ``opt`` lacks: each group's :func:`healable_keys` from the
+    defaults, and first (``defaults``: unpickled) the defaults an older version did not save."""
+    if defaults:
+        older = {**OPTION_DEFAULTS, **TORCH_FLAG_DEFAULTS, **opt.compat_keys}
+        for key, value in older.items():
+            opt.defaults.setdefault(key, value)
+    for group in opt.param_groups:
+        for key in healable_keys(opt):
+            group.setdefault(key, opt.defaults[key])
 
 
 def run_load_pre_hooks(opt: Any, state_dict: Any, hooks: Iterable[Any]) -> Any:
@@ -113,7 +138,7 @@ def check_loadable(opt: Any, state_dict: Any) -> None:
                     "sharding: use torch.distributed.checkpoint to reshard)"
                 )
     # A group key nobody can default (a hyperparameter) is refused here, not at the step.
-    healable = {"params", *OPTION_KEYS, *opt.compat_keys, *opt.healed_keys}
+    healable = {"params", *healable_keys(opt)}
     for gi, g in enumerate(groups):
         lacking = [key for key in opt.defaults if key not in g and key not in healable]
         if lacking:
