@@ -14,12 +14,13 @@ A step, in four stages (each in its own module):
 Stages 2-4 are ``plan.execute``; :meth:`CautiousOptimizer.step` is gather -> plan -> execute,
 and the plan reaches the optimizer only through its public surface (``plan.Stepper``).
 
-The base owns the options every cautious optimizer has (``scale``, ``formula``, ``clamp``,
-``backend``, ``state_dtype``, ``cautious_weight_decay``, ``factor_lag``: param-group keys
-like ``lr``),
-state creation from the subclass's ``state_keys``, copies and pickling, state-dict
-validation, the cached step plan, the statistics, and the distributed bookkeeping. A
-subclass (:mod:`.optim`: ``CAdamW``, ``CLion``, ``CSGD``) is its math: hyperparameters and
+The base is the engine: it holds the options every cautious optimizer has (``scale``,
+``formula``, ``clamp``, ``backend``, ``state_dtype``, ``cautious_weight_decay``,
+``factor_lag``: param-group keys like ``lr``; their defaults and checks are
+:mod:`.options`), the state (created, typed, validated at load and healed by
+:mod:`.state`), copies and pickling, the cached step plan, the statistics (read from the
+last :class:`~.reduce.ReducedCounts`), the adapters' layouts and the ``factor_lag=1``
+all-reduces in flight; each concern's work is a call into its module. A subclass (:mod:`.optim`: ``CAdamW``, ``CLion``, ``CSGD``) is its math: hyperparameters and
 their checks, ``state_keys``, and four hooks (``_check_hyper``, ``_resolve``, ``_count``,
 ``_update``) that call its kernels; the base calls them (``count`` / ``update`` are the
 public face of the last two).
