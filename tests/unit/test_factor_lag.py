@@ -117,6 +117,11 @@ def test_factor_lag_state_dict_round_trip_mid_run_is_bitwise():
     opt2 = CAdamW(resumed)  # factor_lag=0 by default: the checkpoint's value wins
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["factor_lag"] == 1
+    # the counts come back exact int64 (torch's load would cast them to the param's dtype)
+    assert all(opt2.state[p]["cautious_count"].dtype == torch.int64 for p in resumed)
+    assert [int(opt2.state[p]["cautious_count"]) for p in resumed] == [
+        int(c) for c in (sd["state"][i]["cautious_count"] for i in range(len(resumed)))
+    ]
     run(opt2, resumed, 5, start=5)
     assert all(torch.equal(a, b) for a, b in zip(params, resumed))
 
