@@ -98,18 +98,28 @@ def test_optimizer_matches_float64_oracle(wd, formula):
 
 
 @needs_kernel
-def test_nothing_masked_is_bitwise_torch_fused_cpu_adamw():
+@pytest.mark.parametrize("seed", range(4))
+def test_nothing_masked_is_bitwise_torch_fused_cpu_adamw(seed):
+    """Bitwise torch's fused CPU AdamW on its vector body; its last ``numel % width``
+    elements (torch computes them with scalar code, whose lerp rounds differently for some
+    inputs: measured, 1 ulp, a few seeds in ten) within 1 ulp. Seeded: the global RNG's
+    state depended on the tests run before, and so did the tail's rounding."""
     n = 100_003
+    tail = 16  # ATen's widest float vector (AVX-512); AVX2 has 8
+    gen = torch.Generator().manual_seed(seed)
     p = torch.zeros(n, requires_grad=True)
     q = torch.zeros(n, requires_grad=True)
     ca = CAdamW([p], lr=1e-3, weight_decay=0.1, backend="cpu")
     aw = torch.optim.AdamW([q], lr=1e-3, weight_decay=0.1, fused=True)
     for _ in range(3):
-        g = torch.rand(n) + 0.5  # same sign as the momentum everywhere: alpha = 1
+        g = torch.rand(n, generator=gen) + 0.5  # same sign as the momentum: alpha = 1
         p.grad, q.grad = g, g.clone()
         ca.step()
         aw.step()
-    assert torch.equal(p.detach(), q.detach())
+    body = n - n % tail
+    assert torch.equal(p.detach()[:body], q.detach()[:body])
+    a, b = p.detach()[body:], q.detach()[body:]
+    assert ((a - b).abs() <= torch.finfo(torch.float32).eps * b.abs()).all(), (a - b)
 
 
 @needs_kernel
