@@ -99,6 +99,9 @@ def test_backends_agree():
 
 
 def test_mask_acts_and_all_agree_equals_adamw():
+    # Seeded: with the RNG state left by earlier tests, 1 ulp of sqrt rounding (docs/kernels.md)
+    # at |p| > 1 exceeded the 1e-7 bound for some draws (the test was order-dependent).
+    torch.manual_seed(0)
     shapes = [(40, 3), (11,)]
     # Signs that flip against the momentum: C-AdamW must differ from AdamW.
     a, b = make_params(shapes=shapes), make_params(shapes=shapes)
