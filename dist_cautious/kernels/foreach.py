@@ -106,6 +106,69 @@ def scratch_for(m: Tensor, dt: torch.dtype, slot: int = 0) -> Tensor:
     return buf
 
 
+def on_host(t: Tensor) -> bool:
+    """CPU tensors take the host path (scratch buffers, host scalars)."""
+    return t.device.type == "cpu"
+
+
+def host_bufs(keys: list[Tensor], dt: torch.dtype, slot: int, host: bool) -> list[Tensor] | None:
+    """Scratch buffers of ``keys`` for ``slot`` on the host path, else None (allocate)."""
+    if not keys or not host:
+        return None
+    return [scratch_for(k, dt, slot) for k in keys]
+
+
+def negated(gs: list[Tensor], copied: bool, out: list[Tensor] | None) -> list[Tensor]:
+    """``-gs``: in place when ``gs`` is already a copy, into ``out`` when given (host scratch),
+    else freshly allocated."""
+    if copied:
+        torch._foreach_neg_(gs)
+        return gs
+    if out is not None:
+        for g, o in zip(gs, out):
+            torch.neg(g, out=o)
+        return out
+    return torch._foreach_neg(gs)
+
+
+def mask_counts(masks: list[Tensor]) -> Tensor:
+    """int64 number of ones per 0/1 mask (exact: see :func:`count_ones`)."""
+    return torch.stack([count_ones(x).to(torch.float64) for x in masks]).to(torch.int64)
+
+
+def take_handoff(scratch: dict | None, key: tuple, names: tuple[str, ...]) -> tuple | None:
+    """The tensors ``names`` the count pass left in ``scratch`` under ``key`` (None when the
+    key differs); ``scratch`` is cleared: nothing is kept alive past the update."""
+    hit = None
+    if scratch and scratch.get("key") == key:
+        hit = tuple(scratch[n] for n in names)
+    if scratch is not None:
+        scratch.clear()
+    return hit
+
+
+def masked_step(
+    ps: list[Tensor],
+    masks: list[Tensor],
+    dirs: list[Tensor],
+    alphas: Tensor,
+    lr: float,
+    dt: torch.dtype,
+    host: bool,
+) -> None:
+    """``p <- p - (lr * alpha) * mask * dir`` per tensor, ``lr * alpha`` rounded to ``dt`` as
+    the reference rounds it. Host: one ``addcmul`` with host scalars (same roundings); else
+    the step stays on the device (no host sync) and the mask's buffer becomes the step."""
+    steps = alphas.to(device=ps[0].device, dtype=dt) * lr
+    if host:
+        torch._foreach_addcmul_(ps, masks, dirs, [-s for s in steps.tolist()])
+    else:
+        upd = masks  # mask * dir * (lr * alpha): exact for Lion's -1/0/1 direction
+        torch._foreach_mul_(upd, dirs)
+        torch._foreach_mul_(upd, list(steps.unbind()))
+        torch._foreach_sub_(ps, upd)
+
+
 def _mask_products(
     exp_avgs: list[Tensor], gs: list[Tensor], dt: torch.dtype, keys: list[Tensor]
 ) -> list[Tensor]:

@@ -123,16 +123,11 @@ def reference_update_pass(
 # Slots of foreach.scratch_for used here: 20 gradients, 21 exp_avg, 22 u, 23 mask, 24 p.
 
 
-def _host(t: Tensor) -> bool:
-    """CPU tensors take the host path (scratch buffers, host scalars); the tests switch it
-    off to run the device path on CPU."""
-    return t.device.type == "cpu"
+_host = _fe.on_host  # the tests switch it off to run the device path on CPU
 
 
 def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
-    if not keys or not _host(keys[0]):
-        return None
-    return [_fe.scratch_for(k, dt, slot) for k in keys]
+    return _fe.host_bufs(keys, dt, slot, bool(keys) and _host(keys[0]))
 
 
 def _fe_grads(
@@ -140,15 +135,7 @@ def _fe_grads(
 ) -> list[Tensor]:
     gs, copied = _fe.as_compute(grads, dt, keys, slot=20)
     if maximize:
-        out = None if copied else _bufs(keys, dt, 20)
-        if copied:
-            torch._foreach_neg_(gs)
-        elif out is not None:
-            for g, o in zip(gs, out):
-                torch.neg(g, out=o)
-            gs = out
-        else:
-            gs = torch._foreach_neg(gs)
+        gs = _fe.negated(gs, copied, None if copied else _bufs(keys, dt, 20))
     return gs
 
 
@@ -181,11 +168,6 @@ def _fe_direction(gs: list[Tensor], ms: list[Tensor], h: LionHyper, keys: list[T
     return us, masks
 
 
-def _counts(masks: list[Tensor]) -> Tensor:
-    # 0/1 values: the sums are exact (foreach.count_ones picks float64 for large tensors)
-    return torch.stack([_fe.count_ones(x).to(torch.float64) for x in masks]).to(torch.int64)
-
-
 def foreach_count_pass(
     params: list[Tensor],
     grads: list[Tensor],
@@ -204,7 +186,7 @@ def foreach_count_pass(
     gs = _fe_grads(grads, dt, h.maximize, exp_avgs)
     ms, _ = _fe.as_compute(exp_avgs, dt, exp_avgs, slot=21)
     us, masks = _fe_direction(gs, ms, h, exp_avgs)
-    counts = _counts(masks)
+    counts = _fe.mask_counts(masks)
     if scratch is not None:
         scratch.update(key=_fingerprint(h, grads, exp_avgs), us=us, masks=masks)
     return counts
@@ -220,12 +202,7 @@ def foreach_update_pass(
 ) -> None:
     """As :func:`reference_update_pass` (bitwise), with ``torch._foreach_*`` ops."""
     (exp_avgs,) = states
-    hit = None
-    if scratch:
-        if scratch.get("key") == _fingerprint(h, grads, exp_avgs):
-            hit = scratch["us"], scratch["masks"]
-    if scratch is not None:
-        scratch.clear()  # hand-off only: nothing is kept alive past the update
+    hit = _fe.take_handoff(scratch, _fingerprint(h, grads, exp_avgs), ("us", "masks"))
     if not params:
         return
     dt = compute_dtype(exp_avgs[0])
@@ -239,14 +216,7 @@ def foreach_update_pass(
             torch._foreach_mul_(ps, _fe.decay_factors(us, ps, decay))
         else:
             torch._foreach_mul_(ps, decay)
-    steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
-    if _host(ps[0]):  # one pass: p + (-step) * mask * u (same roundings)
-        torch._foreach_addcmul_(ps, masks, us, [-s for s in steps.tolist()])
-    else:  # the step stays on the device (no host sync)
-        upd = masks  # the mask's buffer becomes the step: mask * u * (lr * alpha), exact
-        torch._foreach_mul_(upd, us)
-        torch._foreach_mul_(upd, list(steps.unbind()))
-        torch._foreach_sub_(ps, upd)
+    _fe.masked_step(ps, masks, us, alphas, h.lr, dt, _host(ps[0]))
     if p_copied:
         torch._foreach_copy_(params, ps)
     torch._foreach_lerp_(ms, gs, 1 - h.beta2)

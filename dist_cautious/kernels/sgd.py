@@ -142,16 +142,11 @@ def reference_update_pass(
 # 30 g_eff, 31 buf, 32 d, 33 mask, 34 p.
 
 
-def _host(t: Tensor) -> bool:
-    """CPU tensors take the host path (scratch buffers, host scalars); the tests switch it
-    off to run the device path on CPU."""
-    return t.device.type == "cpu"
+_host = _fe.on_host  # the tests switch it off to run the device path on CPU
 
 
 def _bufs(keys: list[Tensor], dt: torch.dtype, slot: int) -> list[Tensor] | None:
-    if not keys or not _host(keys[0]):
-        return None
-    return [_fe.scratch_for(k, dt, slot) for k in keys]
+    return _fe.host_bufs(keys, dt, slot, bool(keys) and _host(keys[0]))
 
 
 def _fe_grads(
@@ -159,15 +154,7 @@ def _fe_grads(
 ) -> list[Tensor]:
     gs, copied = _fe.as_compute(grads, dt, keys, slot=30)
     if h.maximize:
-        out = None if copied else _bufs(keys, dt, 30)
-        if copied:
-            torch._foreach_neg_(gs)
-        elif out is not None:
-            for g, o in zip(gs, out):
-                torch.neg(g, out=o)
-            gs = out
-        else:
-            gs = torch._foreach_neg(gs)
+        gs = _fe.negated(gs, copied, None if copied else _bufs(keys, dt, 30))
         copied = True
     if _l2(h):
         ps, _ = _fe.as_compute(params, dt, keys, slot=34)
@@ -244,7 +231,7 @@ def foreach_count_pass(
             torch._foreach_copy_(bufs, bs)
     bs, _ = _fe.as_compute(bufs, dt, bufs, slot=31)  # as stored
     ds, masks = _fe_direction(ges, bs, h, bufs)
-    counts = torch.stack([_fe.count_ones(x).to(torch.float64) for x in masks]).to(torch.int64)
+    counts = _fe.mask_counts(masks)
     if scratch is not None:
         scratch.update(key=_fingerprint(h, (params, grads, bufs)), ds=ds, masks=masks)
     return counts
@@ -260,12 +247,7 @@ def foreach_update_pass(
 ) -> None:
     """As :func:`reference_update_pass` (bitwise), with ``torch._foreach_*`` ops."""
     (bufs,) = states
-    hit = None
-    if scratch:
-        if scratch.get("key") == _fingerprint(h, (params, grads, bufs)):
-            hit = scratch["ds"], scratch["masks"]
-    if scratch is not None:
-        scratch.clear()  # hand-off only: nothing is kept alive past the update
+    hit = _fe.take_handoff(scratch, _fingerprint(h, (params, grads, bufs)), ("ds", "masks"))
     if not params:
         return
     dt = compute_dtype(bufs[0])
@@ -278,14 +260,7 @@ def foreach_update_pass(
     ps, p_copied = _fe.as_compute(params, dt, bufs, slot=34)
     if h.cautious_wd and h.weight_decay != 0:
         torch._foreach_mul_(ps, _fe.decay_factors(ds, ps, 1 - h.lr * h.weight_decay))
-    steps = alphas.to(device=ps[0].device, dtype=dt) * h.lr  # rounded as the reference
-    if _host(ps[0]):  # one pass: p + (-step) * mask * d (same roundings)
-        torch._foreach_addcmul_(ps, masks, ds, [-s for s in steps.tolist()])
-    else:  # the step stays on the device (no host sync)
-        upd = masks  # the mask's buffer becomes the step: mask * d * (lr * alpha)
-        torch._foreach_mul_(upd, ds)
-        torch._foreach_mul_(upd, list(steps.unbind()))
-        torch._foreach_sub_(ps, upd)
+    _fe.masked_step(ps, masks, ds, alphas, h.lr, dt, _host(ps[0]))
     if p_copied:
         torch._foreach_copy_(params, ps)
 
