@@ -102,6 +102,17 @@ def _write_back(dst: list[Tensor], src: list[Tensor], copied: bool) -> None:
         torch._foreach_copy_(dst, src)
 
 
+def _masked_step(
+    pc: list[Tensor], upd: list[Tensor], dirs: list[Tensor], alphas: Any, lr: Any, dt: torch.dtype
+) -> None:
+    """``p <- p - (lr * alpha) * mask * dir`` (Lion, SGD), ``lr * alpha`` rounded once to
+    ``dt``; ``upd`` holds the 0/1 masks and becomes the step."""
+    step = per_tensor(lambda a: a.to(dt) * lr, alphas)
+    torch._foreach_mul_(upd, dirs)  # mask * dir
+    torch._foreach_mul_(upd, step)
+    torch._foreach_sub_(pc, upd)
+
+
 # --------------------------------------------------------------------------- AdamW
 
 
@@ -200,10 +211,7 @@ def lion_update(
     lr = group["lr"]
     pc, p_copied = _compute(ps, dt)
     _decay(pc, us, lr, group["weight_decay"], bool(group["cautious_weight_decay"]))
-    step = per_tensor(lambda a: a.to(dt) * lr, alphas)  # lr * alpha rounded once
-    torch._foreach_mul_(upd, us)  # mask * u
-    torch._foreach_mul_(upd, step)
-    torch._foreach_sub_(pc, upd)
+    _masked_step(pc, upd, us, alphas, lr, dt)
     _write_back(ps, pc, p_copied)
     torch._foreach_lerp_(ms, gc, 1 - group["betas"][1])
     _write_back(exp_avgs, ms, kw["m_copied"])
@@ -257,10 +265,7 @@ def sgd_update(
     pc, p_copied = _compute(ps, dt)
     if group["cautious_weight_decay"]:
         _decay(pc, ds, lr, group["weight_decay"], True)
-    step = per_tensor(lambda a: a.to(dt) * lr, alphas)
-    torch._foreach_mul_(upd, ds)  # mask * d
-    torch._foreach_mul_(upd, step)
-    torch._foreach_sub_(pc, upd)
+    _masked_step(pc, upd, ds, alphas, lr, dt)
     _write_back(ps, pc, p_copied)
 
 
