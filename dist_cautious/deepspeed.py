@@ -106,6 +106,30 @@ def _names(order: list[Tensor], names: dict | None, where: str) -> list[str] | N
     return out
 
 
+def _flat_layout(
+    flat: Tensor,
+    frags: list[Fragment],
+    pg: Any,
+    size: int,
+    where: str,
+    params: list,
+    order: list,
+    names: dict | None,
+) -> tuple[Tensor, ZeroFlatLayout]:
+    """``flat`` with its layout: ``frags`` over ``size`` local elements reduced over ``pg``;
+    ``params`` indexed by the fragments, ``order`` their flat order (for the names)."""
+    layout = ZeroFlatLayout(
+        frags,
+        group_reduction(pg),
+        size,
+        where,
+        params,
+        names=_names(order, names, where),
+        **_DS_MESSAGES,
+    )
+    return flat, layout
+
+
 def _stage12_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, ZeroFlatLayout]]:
     """ZeRO 1/2 (``DeepSpeedZeroOptimizer``): group ``i`` is flattened in
     ``round_robin_bit16_groups[i]`` order (at ``round_robin_bit16_offsets[i]`` when
@@ -139,16 +163,7 @@ def _stage12_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, 
             )
         ]
         where = f"ZeRO-1/2 param group {i}"
-        layout = ZeroFlatLayout(
-            frags,
-            group_reduction(pg),
-            psize,
-            where,
-            group_params,
-            names=_names(order, names, where),
-            **_DS_MESSAGES,
-        )
-        out.append((flat, layout))
+        out.append(_flat_layout(flat, frags, pg, psize, where, group_params, order, names))
     return out
 
 
@@ -176,16 +191,7 @@ def _bf16_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, Zer
             )
         ]
         where = f"BF16_Optimizer param group {i}"
-        layout = ZeroFlatLayout(
-            frags,
-            group_reduction(pg),
-            psize,
-            where,
-            group_params,
-            names=_names(group_params, names, where),
-            **_DS_MESSAGES,
-        )
-        out.append((flat, layout))
+        out.append(_flat_layout(flat, frags, pg, psize, where, group_params, group_params, names))
     return out
 
 
@@ -220,16 +226,7 @@ def _stage3_layouts(opt: Any, names: dict | None = None) -> list[tuple[Tensor, Z
             opt.sub_group_to_group_id.get(s, "?") if hasattr(opt, "sub_group_to_group_id") else "?"
         )
         where = f"ZeRO-3 sub-group {s} (param group {gid})"
-        layout = ZeroFlatLayout(
-            frags,
-            group_reduction(pg),
-            off,
-            where,
-            params,
-            names=_names(params, names, where),
-            **_DS_MESSAGES,
-        )
-        out.append((flat, layout))
+        out.append(_flat_layout(flat, frags, pg, off, where, params, params, names))
     return out
 
 
