@@ -60,6 +60,13 @@ def cautious_factor(
     return torch.where(n > 0, alpha, torch.ones_like(alpha)).to(dtype)
 
 
+def masked_step(p: Tensor, pc: Tensor, mask: Tensor, d: Tensor, alpha: Tensor, lr: float) -> None:
+    """Reference C-Lion / C-SGD step of one tensor: ``p <- pc - (lr * alpha) * mask * d``,
+    ``pc`` the (decayed) parameter in the compute dtype, ``lr * alpha`` rounded once to it."""
+    step = alpha.to(pc.dtype) * lr
+    p.copy_(pc - step * torch.where(mask, d, 0))
+
+
 @dataclass(frozen=True)
 class LionHyper:
     """Scalars of one C-Lion call (one param group): see :mod:`.lion` for the math."""

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import foreach as _fe
-from .common import Capabilities, Functions, LionHyper, compute_dtype
+from .common import Capabilities, Functions, LionHyper, compute_dtype, masked_step
 
 STATE_KEYS = ("exp_avg",)
 
@@ -109,9 +109,7 @@ def reference_update_pass(
         if h.weight_decay != 0:
             decay = 1 - h.lr * h.weight_decay
             pc = torch.where(u * pc >= 0, pc * decay, pc) if h.cautious_wd else pc * decay
-        step = alphas[i].to(dt) * h.lr
-        pc = pc - step * torch.where(mask, u, 0)
-        p.copy_(pc)
+        masked_step(p, pc, mask, u, alphas[i], h.lr)
         m.copy_(mc.lerp(gc, 1 - h.beta2))
 
 

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import foreach as _fe
-from .common import Capabilities, Functions, SGDHyper, compute_dtype
+from .common import Capabilities, Functions, SGDHyper, compute_dtype, masked_step
 
 STATE_KEYS = ("momentum_buffer",)
 
@@ -128,9 +128,7 @@ def reference_update_pass(
         pc = p.to(dt)
         if h.cautious_wd and h.weight_decay != 0:
             pc = torch.where(d * pc >= 0, pc * (1 - h.lr * h.weight_decay), pc)
-        step = alphas[i].to(dt) * h.lr
-        pc = pc - step * torch.where(mask, d, 0)
-        p.copy_(pc)
+        masked_step(p, pc, mask, d, alphas[i], h.lr)
 
 
 # --------------------------------------------------------------------------- foreach
