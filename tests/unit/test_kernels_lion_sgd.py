@@ -9,10 +9,6 @@ triton_lion_sgd_cases.py); this file asserts on its numbers.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from dist_cautious.kernels import foreach as adam_foreach
 from dist_cautious.kernels import get_backend, lion, sgd
 from dist_cautious.kernels import reference as adam_reference
 from dist_cautious.kernels.common import LionHyper, SGDHyper, UpdateHyper, cautious_factor
+from tests.interpreter import run_cases
 from tests.oracle import Float64CAdamW, Float64CLion, Float64CSGD, rel_err
 
 
@@ -577,20 +574,12 @@ def test_cautious_wd_masks_decay_adamw(backend):
 
 # --------------------------------------------------------------------------- triton
 
-ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("triton_lion_sgd_cases.py")
 
 
 @pytest.fixture(scope="module")
 def tr() -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cases(CASES, timeout=240)
 
 
 TRITON_FP32 = [

@@ -14,10 +14,6 @@ tests/unit/one_pass_cases.py).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +21,10 @@ import torch
 
 from dist_cautious import CAdamW
 from dist_cautious.kernels import UpdateHyper, cpu_fused, foreach, get_backend
+from tests.interpreter import run_cases
 from tests.oracle import Float64CAdamW, rel_err
 from tests.unit.test_factor_lag import grads_at, params_of
 
-ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("one_pass_cases.py")
 SIZES = [0, 1, 7, 33]
 
@@ -236,14 +232,7 @@ def test_one_pass_only_when_every_factor_is_known_before_the_step(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tr() -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cases(CASES, timeout=600)
 
 
 @pytest.mark.parametrize("pdt", ["fp32", "bf16"])

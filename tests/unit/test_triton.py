@@ -12,17 +12,15 @@ table cache, the foreach fallbacks (float64, non-contiguous) and the default lau
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.interpreter import run_cases  # noqa: E402
+
 CASES = Path(__file__).with_name("triton_cases.py")
 
 FP32_TOL = 1e-6  # relative, one fp32 step of p/m/v against the reference order
@@ -32,13 +30,7 @@ LOW_TOL = 4e-3  # bf16/fp16 parameters: at most one rounding step apart
 
 @pytest.fixture(scope="module")
 def r() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cases(CASES, timeout=240)
 
 
 def _ok(c: dict, p_tol: float = FP32_TOL) -> None:
