@@ -15,10 +15,11 @@ On a GPU (fp32, LLaMA shapes of benchmarks/kernel.py and launch/model.py):
    0-d CUDA tensor ``lr``, 10 steps against the planned step (pass: <= 1e-5), compile time;
 3. **step-time table** against ``torch.optim.AdamW(fused=True)``, 60M and 1B shapes:
    *isolated* (back-to-back steps on fixed gradients, CUDA events, median) for AdamW fused,
-   CAdamW eager (Triton), CAdamW capturable eager, CAdamW CUDA-graph replay and CAdamW
+   CAdamW eager (Triton), CAdamW eager with ``factor_lag=1`` (the one-pass kernel),
+   CAdamW capturable eager, CAdamW CUDA-graph replay and CAdamW
    compiled with ``mode="reduce-overhead"``; *in training* (launch/model.py model,
    forward/backward between steps, the step bracketed by synchronisations, median) for
-   AdamW fused, CAdamW eager and CAdamW CUDA-graph replay (gradients kept in place:
+   AdamW fused, CAdamW eager (``factor_lag`` 0 and 1) and CAdamW CUDA-graph replay (gradients kept in place:
    ``zero_grad(set_to_none=False)``).
 
 A time budget (``--budget``, default 450 s) skips what is left once spent and says so.
@@ -197,6 +198,8 @@ def isolated(dev: torch.device, shape: str, reps: int, use_cuda: bool) -> dict:
         if use_cuda
         else torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True).step,
         "cadamw_eager": CAdamW(ps, **HYPER[CAdamW]).step,
+        # factor_lag=1: the one-pass kernel after the first step (28 B/param, not 36)
+        "cadamw_eager_lag1": CAdamW(ps, **HYPER[CAdamW], factor_lag=1).step,
         "cadamw_capturable_eager": capturable(CAdamW, ps).step,
     }
     if use_cuda:
@@ -217,7 +220,7 @@ def in_training(dev: torch.device, shape: str, steps: int, use_cuda: bool) -> di
     if shape == "tiny":
         batch, seq = 2, 32
     rows = {}
-    for name in ("adamw_fused", "cadamw_eager", "cadamw_cuda_graph"):
+    for name in ("adamw_fused", "cadamw_eager", "cadamw_eager_lag1", "cadamw_cuda_graph"):
         if name == "cadamw_cuda_graph" and not use_cuda:
             continue
         model = build_model(cfg, seed=0, device=dev)
@@ -225,7 +228,12 @@ def in_training(dev: torch.device, shape: str, steps: int, use_cuda: bool) -> di
         if name == "adamw_fused":
             opt = torch.optim.AdamW(groups, lr=1e-3, fused=use_cuda, foreach=not use_cuda)
         else:
-            opt = CAdamW(groups, lr=1e-3, capturable=name == "cadamw_cuda_graph")
+            opt = CAdamW(
+                groups,
+                lr=1e-3,
+                capturable=name == "cadamw_cuda_graph",
+                factor_lag=int(name.endswith("_lag1")),
+            )
         gen = torch.Generator(device=dev).manual_seed(0)
         step: Callable[[], object] = opt.step
         times = []

@@ -15,7 +15,13 @@ def test_gpu_check_dry_run_runs_on_cpu(tmp_path):
     assert set(res["isolated"]["tiny"]["median_ms"]) == {
         "adamw_fused",
         "cadamw_eager",
+        "cadamw_eager_lag1",
         "cadamw_capturable_eager",
+    }
+    assert set(res["in_training"]["tiny"]["median_ms"]) == {
+        "adamw_fused",
+        "cadamw_eager",
+        "cadamw_eager_lag1",
     }
     assert (tmp_path / f"gpu_check_cpu_dry_run_{res['date'][:10]}.md").exists()
 
