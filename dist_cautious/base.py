@@ -363,12 +363,6 @@ class CautiousOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        if device_step.wanted(self) and any(g.get("factor_lag") for g in self.param_groups):
-            raise NotImplementedError(
-                "factor_lag=1 has no capturable / torch.compile step (its all-reduce is left in "
-                "flight between steps); use factor_lag=0 with capturable=True or torch.compile, "
-                "or factor_lag=1 in eager mode with capturable=False"
-            )
         if device_step.wanted(self):  # capturable=True, or under torch.compile
             stats = device_step.step(self)
             if stats is not None:  # kept / stepped elements per group (see _stats_buffers)
@@ -451,10 +445,12 @@ class CautiousOptimizer(Optimizer):
         grads: list[Tensor],
         steps: list[Tensor],
         states: list[Tensor],
+        prevs: list[Tensor],
     ) -> tuple:
         """The device-scalar step's gather (``device_step.gather``). Named as torch's
         optimizers name it: dynamo runs it eagerly instead of tracing it."""
-        info, table, moved = device_step.gather(self, group, params, grads, steps, states)
+        self._finish_pending()  # factor_lag=1: an eager step's counts still in flight
+        info, table, moved = device_step.gather(self, group, params, grads, steps, states, prevs)
         if moved:  # a step counter left the cached plan's shared buffer
             self._plan = None
         if params:

@@ -26,6 +26,32 @@ changes from step to step kept in tensors:
    :func:`step` returns the kept / stepped elements per group, which the optimizer writes
    into its statistics buffers.
 
+``factor_lag=1`` (:mod:`.lag`): a parameter's update uses the factor of its previous step's
+counts, ``state[p]["cautious_count"]`` (0-d int64 on the parameter's local device, summed
+over every shard; the gather copies out a view of the planned step's buffer or a loaded
+count on another device, as it does step counters, so state dicts interchange with the
+planned step both ways). This step's counts (for a sharded tensor: summed by the same
+functional all-reduce as ``factor_lag=0``) are written into it after the update pass. Whether
+a parameter has previous counts is decided from the state's keys in the eagerly run gather
+(as torch decides on lazy state creation there), never from data: one with counts is
+"lagged", one without (fresh state, ``del opt.state[p]``, loaded without counts) is "fresh"
+and takes its exact factor, its counts becoming a new state entry. Consequences:
+
+* under ``torch.compile`` the first lagged step and the later ones are different graphs:
+  storing the first counts changes the state's keys, which dynamo guards on, so the second
+  call retraces once (2 graphs in all; a deleted state or a load without counts retraces
+  again);
+* under CUDA-graph capture run warm-up steps before capturing (as for torch's optimizers):
+  a step captured while a parameter is fresh replays its exact factor forever and its new
+  state entry would live in the graph's memory pool;
+* where every parameter of a param group is lagged, its factors come from the previous
+  counts only: the update pass does not depend on this step's counts (inductor may count
+  inside the update loop), nor on their all-reduce, which can overlap the update pass. No
+  handle is kept across steps: the all-reduce is waited for within the step (eagerly at the
+  store after the update pass; compiled where inductor schedules its wait), unlike the
+  planned step, which leaves it in flight until the next step. Pending all-reduces of
+  earlier planned steps are waited for in the gather.
+
 Supported layouts: plain tensors, DDP, DTensors (FSDP2, HSDP, TP). Adapter layouts (FSDP1
 flat parameters, DeepSpeed ZeRO partitions) raise: use the planned step there
 (``capturable=False``, no ``torch.compile`` of the optimizer step).
@@ -40,6 +66,7 @@ from torch import Tensor
 
 from .kernels import capturable as cap
 from .kernels import cautious_factor
+from .lag import COUNT_KEY
 from .layout import DEFAULT_LAYOUT, SlotTable, group_key, is_dtensor, shard_reduction
 from .reduce import device_index
 
@@ -68,6 +95,29 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+# a parameter's factor (info's third field): this step's counts (factor_lag=0); the
+# previous step's counts (factor_lag=1, ``cautious_count`` in its state); this step's counts,
+# kept for the next step (factor_lag=1, no counts yet: fresh state, reset, loaded without)
+NO_LAG, LAGGED, FRESH = 0, 1, 2
+
+
+def _previous(state: dict[str, Any], device: torch.device) -> tuple[Tensor | None, bool]:
+    """``state``'s previous counts as a 0-d int64 tensor of its own on ``device`` (the eager
+    planned step keeps views of its plan's buffer, a loaded state may hold them on the host
+    or as a 1-element tensor), or None where there are none (the key is removed if its value
+    is not one count); and whether the stored tensor was replaced."""
+    c = state.get(COUNT_KEY)
+    if c is None:
+        return None, False
+    if not torch.is_tensor(c) or c.numel() != 1:  # as the planned step: not one count
+        del state[COUNT_KEY]
+        return None, False
+    if c._base is None and c.device == device and c.dtype == torch.int64 and c.dim() == 0:
+        return c, False
+    c = state[COUNT_KEY] = c.detach().reshape(()).to(device, torch.int64, copy=True)
+    return c, True
+
+
 def gather(
     opt: Any,
     group: dict[str, Any],
@@ -75,19 +125,17 @@ def gather(
     grads: list[Tensor],
     steps: list[Tensor],
     states: list[Tensor],
+    prevs: list[Tensor],
 ) -> tuple[tuple, SlotTable, bool]:
     """Fill the lists for ``group`` (``states`` key-major: every parameter's first state
-    tensor, then every second one). Returns per parameter ``(N, process group names)``, the
-    slot table the optimizer checks the ranks' agreement on, and whether a step counter was
-    taken out of the cached plan's shared buffer (the plan is then stale)."""
+    tensor, then every second one; ``prevs``: the previous counts of the ``factor_lag=1``
+    parameters that have them, see :func:`_previous`). Returns per parameter ``(N, process
+    group names, lag kind)``, the slot table the optimizer checks the ranks' agreement on,
+    and whether a step counter or a count was taken out of the cached plan's shared buffer
+    (the plan is then stale)."""
     gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
     opt.check_group(group, gi)
-    if group.get("factor_lag", 0):
-        raise ValueError(
-            f"param group {gi}: factor_lag={group['factor_lag']!r} is not implemented by the "
-            "capturable / torch.compile step; use factor_lag=0 there, or capturable=False "
-            "without torch.compile"
-        )
+    lag = group.get("factor_lag", 0) == 1
     shard = group["scale"] == "shard"
     table = SlotTable()
     table.current_group = gi
@@ -131,12 +179,19 @@ def gather(
             # a view of the planned step's shared counter buffer, or on another device
             state["step"] = t.detach().to(local.device, copy=True)
             moved = True
+        kind = NO_LAG
+        if lag:
+            prev, copied = _previous(state, local.device)
+            moved = moved or copied
+            kind = FRESH if prev is None else LAGGED
+            if prev is not None:
+                prevs.append(prev)
         params.append(p)
         grads.append(g)
         steps.append(state["step"])
         for lst, key in zip(per_key, opt.state_keys):
             lst.append(state[key])
-        info.append((int(p.numel()) if red is not None else int(local.numel()), names))
+        info.append((int(p.numel()) if red is not None else int(local.numel()), names, kind))
     for lst in per_key:
         states.extend(lst)
     return tuple(info), table, moved
@@ -161,14 +216,16 @@ def step(opt: Any) -> tuple[Tensor, Tensor] | None:
         grads: list[Tensor] = []
         steps: list[Tensor] = []
         states: list[Tensor] = []
-        info = opt._init_group(group, params, grads, steps, states)  # torch's name: see (1)
-        work.append((group, params, grads, steps, states, info))
+        prevs: list[Tensor] = []
+        # torch's name, see (1)
+        info = opt._init_group(group, params, grads, steps, states, prevs)
+        work.append((group, params, grads, steps, states, prevs, info))
 
     # pass 1, per param group
     counts_parts = []
     passes = []
     device = None
-    for group, params, grads, steps, states, _info in work:
+    for group, params, grads, steps, states, _prevs, _info in work:
         if not params:
             passes.append(None)
             continue
@@ -186,12 +243,12 @@ def step(opt: Any) -> tuple[Tensor, Tensor] | None:
 
     flat_info = [x for _, params, *_, info in work if params for x in info]
     order: dict[str, list[int]] = {}
-    for i, (_, names) in enumerate(flat_info):
+    for i, (_, names, _kind) in enumerate(flat_info):
         for name in names:
             order.setdefault(name, []).append(i)
     if not order and isinstance(counts_parts[0], list):
         # compiled, nothing sharded: factors per tensor from 0-d counts (no stacking)
-        return _per_tensor_step(math, work, passes, counts_parts, flat_info, device)
+        return _per_tensor_step(opt, math, work, passes, counts_parts, flat_info, device)
     if isinstance(counts_parts[0], list):
         counts_parts = [torch.stack(c) for c in counts_parts]
     counts = torch.cat(counts_parts) if len(counts_parts) > 1 else counts_parts[0]
@@ -207,12 +264,12 @@ def step(opt: Any) -> tuple[Tensor, Tensor] | None:
                 ii = _index(idx, device)
                 summed = funcol.all_reduce(counts.index_select(0, ii), "sum", name)
                 counts = counts.index_copy(0, ii, summed)
-    numels = _index([n for n, _ in flat_info], device)
+    numels = _index([n for n, _, _ in flat_info], device)
 
     # factors and pass 2, per param group
     kept, elems = [], []
     off = 0
-    for (group, *_), pa in zip(work, passes):
+    for (group, params, *_, prevs, info), pa in zip(work, passes):
         if pa is None:
             kept.append(torch.zeros((), dtype=torch.int64, device=device))
             elems.append(torch.zeros((), dtype=torch.int64, device=device))
@@ -220,11 +277,38 @@ def step(opt: Any) -> tuple[Tensor, Tensor] | None:
         ps, gs, sts, steps, kw = pa
         c, nn = counts[off : off + len(ps)], numels[off : off + len(ps)]
         off += len(ps)
-        alphas = cautious_factor(c, nn, group["formula"], float(group["clamp"]), torch.float64)
+        kinds = [k for _, _, k in info]
+        if all(k == LAGGED for k in kinds):  # the factors need none of this step's counts
+            used = torch.stack(prevs)
+        elif any(k == LAGGED for k in kinds):
+            it = iter(prevs)
+            used = torch.stack([next(it) if k == LAGGED else c[i] for i, k in enumerate(kinds)])
+        else:
+            used = c
+        alphas = cautious_factor(used, nn, group["formula"], float(group["clamp"]), torch.float64)
         math.update(ps, gs, sts, steps, alphas, group, kw)
+        # after the update: this step's (summed) counts, kept for the next step
+        _keep(opt, params, kinds, prevs, c.unbind() if kinds[0] != NO_LAG else ())
         kept.append(c.sum())
         elems.append(nn.sum())
     return torch.stack(kept), torch.stack(elems)
+
+
+def _keep(
+    opt: Any, params: list[Tensor], kinds: list[int], prevs: list[Tensor], counts: Any
+) -> None:
+    """``factor_lag=1``: this step's counts (0-d tensors) become the previous counts, in place
+    where the state holds them, as a new state entry where it does not (under
+    ``torch.compile`` that entry changes the state's keys: the next call retraces)."""
+    if not kinds or kinds[0] == NO_LAG:
+        return
+    counts = list(counts)
+    lagged = [c for c, k in zip(counts, kinds) if k == LAGGED]
+    if lagged:
+        torch._foreach_copy_(prevs, lagged)
+    for p, c, k in zip(params, counts, kinds):
+        if k == FRESH:
+            opt.state[p][COUNT_KEY] = c.clone()
 
 
 def _alpha(c: Tensor, n: int, formula: str, clamp: float) -> Tensor:
@@ -238,6 +322,7 @@ def _alpha(c: Tensor, n: int, formula: str, clamp: float) -> Tensor:
 
 
 def _per_tensor_step(
+    opt: Any,
     math: Any,
     work: list,
     passes: list,
@@ -249,18 +334,22 @@ def _per_tensor_step(
     kept, elems = [], []
     parts = iter(counts_parts)
     off = 0
-    for (group, *_), pa in zip(work, passes):
+    for (group, params, *_, prevs, info), pa in zip(work, passes):
         if pa is None:
             kept.append(torch.zeros((), dtype=torch.int64, device=device))
             elems.append(0)
             continue
         ps, gs, sts, steps, kw = pa
         cs = next(parts)
-        ns = [n for n, _ in flat_info[off : off + len(ps)]]
+        ns = [n for n, _, _ in flat_info[off : off + len(ps)]]
+        kinds = [k for _, _, k in info]
         off += len(ps)
         f, clamp = group["formula"], float(group["clamp"])
-        alphas = [_alpha(c, n, f, clamp) for c, n in zip(cs, ns)]
+        it = iter(prevs)  # a lagged tensor's factor: its previous counts, not this step's
+        used = [next(it) if k == LAGGED else c for c, k in zip(cs, kinds)]
+        alphas = [_alpha(c, n, f, clamp) for c, n in zip(used, ns)]
         math.update(ps, gs, sts, steps, alphas, group, kw)
+        _keep(opt, params, kinds, prevs, cs)
         total = cs[0]
         for c in cs[1:]:
             total = total + c

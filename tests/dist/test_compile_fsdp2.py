@@ -1,7 +1,8 @@
 """The device-scalar step under FSDP2-layout DTensor shards (world 2, gloo): the eager
 capturable step and ``torch.compile(opt.step)`` equal the planned step, one process on whole
 tensors and the float64 oracle; dynamo makes one graph without a break (the count
-all-reduce is a functional collective). Worker: tests/dist/workers/compile_worker.py."""
+all-reduce is a functional collective); the same with ``factor_lag=1``. Worker:
+tests/dist/workers/compile_worker.py."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def test_fsdp2_capturable_and_compiled_steps_equal_eager_and_the_oracle(result):
     # counts summed over both shards: the kept fraction of whole tensors
     kept, whole = result["kept_fraction"]
     assert kept == pytest.approx(whole) and 0.2 < kept < 0.99
+
+
+def test_fsdp2_factor_lag_compiled_and_capturable_equal_the_planned_step(result):
+    """``factor_lag=1`` on the shards: the compiled step (2 graphs: the first step's exact
+    factors, then the lagged one; no break) and the capturable step equal the planned
+    ``factor_lag=1`` step and the lagged oracle; the counts kept as state are summed over
+    both shards (the oracle's whole-tensor counts)."""
+    assert result["lag_graph_breaks"] == 0
+    assert result["lag_graphs"] == 2
+    assert result["lag_compiled_vs_planned"] <= 1e-6
+    assert result["lag_capturable_vs_planned"] <= 1e-6
+    assert result["lag_compiled_vs_oracle"] <= 1e-6
+    assert result["lag_counts_match_oracle"]

@@ -344,3 +344,248 @@ def test_compiled_step_follows_an_in_place_lr_change_without_recompiling(name, c
     r = compiled_runs[name]
     assert r["lr0_unchanged"]
     assert r["graphs_after_lr_change"] == r["graphs"] == 1
+
+
+# ---------------------------------------------------------------- factor_lag=1
+#
+# A parameter's step uses the factor of its previous step's counts (tests/oracle.py
+# ``lagged``), its first step (no ``cautious_count`` in its state) its exact one. The
+# capturable step decides "previous counts or not" from the state's keys in ``_init_group``;
+# under torch.compile a change of that structure (the first step storing the counts, a
+# deleted state) is a retrace. Compared with the planned step per tensor, relatively: a
+# 1-element tensor whose previous mask was empty steps by lr / clamp (~20 here), where one
+# float32 ulp is 1.9e-6, and the planned CPU step rounds p - s * (mask * d) in one addcmul
+# with a host scalar, the device step in two ops.
+
+LAG_STEPS = 10
+
+
+def lag_opts(row, params, capturable=False, **extra):
+    return row.cls(params, factor_lag=1, capturable=capturable, **{**row.hyper, **extra})
+
+
+def counts_of(opt, params) -> list[int]:
+    return [int(opt.state[p]["cautious_count"]) for p in params]
+
+
+def rel_max(params, refs) -> float:
+    return max(rel_err(p, r) for p, r in zip(params, refs) if p.numel())
+
+
+def copies(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capturable_factor_lag_matches_planned_and_lagged_oracle_without_host_reads(name):
+    row = ROWS[name]
+    a, b = params_of(), params_of()
+    planned = lag_opts(row, a)
+    cap = lag_opts(row, b, capturable=True, lr=torch.tensor(row.hyper["lr"]))
+    oracle = row.oracle(b, factor_lag=1, **row.hyper)
+    exact = row.oracle(b, **row.hyper)
+    for s in range(LAG_STEPS):
+        set_grads(a, s)
+        set_grads(b, s)
+        planned.step()
+        step_without_host_reads(cap)  # the first (exact) step and the lagged ones
+        oracle.step(grads_at(s))
+        exact.step(grads_at(s))
+        assert counts_of(cap, b) == oracle.prev, s  # this step's counts, for the next
+    assert rel_max(b, a) < 1e-6, (name, rel_max(b, a))
+    assert rel_max(b, oracle.p) < 1e-6, (name, rel_max(b, oracle.p))
+    assert rel_max(b, exact.p) > 1e-5, (name, rel_max(b, exact.p))  # the lag is applied
+    c = cap.state[b[0]]["cautious_count"]
+    assert c.shape == () and c.dtype == torch.int64 and c._base is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_factor_lag_state_dict_interchanges_between_planned_and_capturable_steps(name):
+    """planned (3 steps) -> state_dict -> capturable (3) -> state_dict -> planned (3) equals
+    9 uninterrupted planned steps: the counts travel in the state dict both ways."""
+    row = ROWS[name]
+    ref_p = params_of()
+    ref = lag_opts(row, ref_p)
+    ps = params_of()
+    opt = lag_opts(row, ps)
+    for leg in range(3):
+        for s in range(3 * leg, 3 * leg + 3):
+            set_grads(ref_p, s)
+            set_grads(ps, s)
+            ref.step()
+            opt.step()
+        if leg == 1:  # the capturable step's counts: 0-d tensors of its own
+            assert all(opt.state[p]["cautious_count"]._base is None for p in ps)
+        sd = opt.state_dict()
+        assert all(st["cautious_count"].dtype == torch.int64 for st in sd["state"].values())
+        ps = copies(ps)
+        opt = lag_opts(row, ps)
+        opt.load_state_dict(sd)
+        for g in opt.param_groups:  # (after the load: the saved group's value wins)
+            g["capturable"] = leg == 0
+        assert rel_max(ps, ref_p) < 1e-6, (name, leg, rel_max(ps, ref_p))
+    assert counts_of(opt, ps) == counts_of(ref, ref_p)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capturable_factor_lag_deleted_state_takes_the_exact_factor(name):
+    """After ``del opt.state[p]`` the next step of ``p`` uses its exact factor (fresh
+    moments), as the planned step does; the others keep lagging."""
+    row = ROWS[name]
+    a, b = params_of(2), params_of(2)
+    planned, cap = lag_opts(row, a), lag_opts(row, b, capturable=True)
+    oracle = row.oracle(b, factor_lag=1, **row.hyper)
+    fresh = None
+    for s in range(8):
+        if s == 4:
+            del planned.state[a[0]], cap.state[b[0]]
+            fresh = row.oracle([b[0]], factor_lag=1, **row.hyper)  # its own from here
+        set_grads(a, s)
+        set_grads(b, s)
+        planned.step()
+        step_without_host_reads(cap)
+        gs = grads_at(s)
+        oracle.step(gs if fresh is None else [None, *gs[1:]])
+        if fresh is not None:
+            fresh.step(gs[:1])
+    assert rel_err(b[0], fresh.p[0]) < 1e-6
+    assert rel_max(b[1:], oracle.p[1:]) < 1e-6
+    assert rel_max(b, a) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def lagged_compiled_runs():
+    """Per row: ``torch.compile(opt.step, fullgraph=True)`` with ``factor_lag=1`` next to the
+    planned ``factor_lag=1`` step and the lagged oracle, with dynamo's counters. CAdamW starts
+    from a planned run's state dict (counts included) and has a state deleted mid-run; the
+    others start fresh."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for name in NAMES:
+        row = ROWS[name]
+        torch._dynamo.reset()
+        counters.clear()
+        a, b = params_of(), params_of()
+        planned = lag_opts(row, a)
+        oracle = row.oracle(b, factor_lag=1, **row.hyper)
+        opt = lag_opts(row, b, lr=torch.tensor(row.hyper["lr"]))
+        resume = name == "cadamw"
+        start, fresh = 0, None
+        if resume:  # three planned steps, then their state dict in the compiled optimizer
+            pre = lag_opts(row, b)
+            for s in range(3):
+                set_grads(a, s)
+                set_grads(b, s)
+                planned.step()
+                pre.step()
+                oracle.step(grads_at(s))
+            opt.load_state_dict(pre.state_dict())
+            start = 3
+        step = torch.compile(opt.step, fullgraph=True)
+        counts_ok = True
+        for s in range(start, LAG_STEPS):
+            if resume and s == 6:
+                del planned.state[a[0]], opt.state[b[0]]
+                fresh = row.oracle([b[0]], factor_lag=1, **row.hyper)
+            set_grads(a, s)
+            set_grads(b, s)
+            planned.step()
+            step()
+            gs = grads_at(s)
+            oracle.step(gs if fresh is None else [None, *gs[1:]])
+            if fresh is not None:
+                fresh.step(gs[:1])
+            counts_ok &= counts_of(opt, b)[1:] == oracle.prev[1:]
+        refs = list(oracle.p) if fresh is None else [fresh.p[0], *oracle.p[1:]]
+        planned_mid = [p.detach().clone() for p in a]
+        # and back: the compiled run's state dict continued by the planned step
+        back_p = copies(b)
+        back = lag_opts(row, back_p)
+        back.load_state_dict(opt.state_dict())
+        for s in range(LAG_STEPS, LAG_STEPS + 2):
+            set_grads(a, s)
+            set_grads(back_p, s)
+            planned.step()
+            back.step()
+        out[name] = dict(
+            planned_mid=planned_mid,
+            planned=a,
+            compiled=b,
+            refs=refs,
+            back=back_p,
+            counts_ok=counts_ok,
+            breaks=sum(counters["graph_break"].values()),
+            graphs=counters["stats"]["unique_graphs"],
+        )
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_factor_lag_equals_the_planned_step_and_the_lagged_oracle(
+    name, lagged_compiled_runs
+):
+    r = lagged_compiled_runs[name]
+    assert r["breaks"] == 0
+    # fresh: the first step's graph (exact factors, counts stored as new state) and the
+    # lagged one; resumed with counts: the lagged graph at once, then one for the step
+    # after the deletion and one for the new state order
+    assert r["graphs"] == (3 if name == "cadamw" else 2), r["graphs"]
+    assert rel_max(r["compiled"], r["refs"]) < 1e-6, (name, rel_max(r["compiled"], r["refs"]))
+    assert rel_max(r["compiled"], r["planned_mid"]) < 1e-6
+    assert r["counts_ok"]
+    assert rel_max(r["back"], r["planned"]) < 1e-6, (name, rel_max(r["back"], r["planned"]))
+
+
+def _from_counts(gm) -> tuple[list, list]:
+    """In a functional aten graph: this step's counts (the int64 sums of the masks) and the
+    tensors of more than one element computed from them."""
+    sums = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and "sum" in str(n.target)
+        and isinstance(n.meta.get("val"), Tensor)
+        and n.meta["val"].dtype == torch.int64
+    ]
+    seen, todo = set(), list(sums)
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    big = [n for n in seen if isinstance(n.meta.get("val"), Tensor) and n.meta["val"].numel() > 1]
+    return sums, big
+
+
+def test_compiled_lagged_update_does_not_depend_on_this_steps_counts():
+    """Once every tensor has previous counts, the compiled step's update reads none of this
+    step's counts (they are only stored for the next step): inductor may fuse the counting
+    into the update pass, and a sharded tensor's all-reduce is off the update's path. The
+    first step (exact factors) does depend on them: the check can tell."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = []
+
+    def capture(gm, inputs):
+        def fw(g, _):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(gm, inputs, fw_compiler=fw)
+
+    torch._dynamo.reset()
+    params = params_of()
+    opt = CAdamW(params, factor_lag=1)
+    step = torch.compile(opt.step, backend=capture, fullgraph=True)
+    for s in range(3):
+        set_grads(params, s)
+        step()
+    torch._dynamo.reset()
+    assert len(graphs) == 2
+    (sums0, big0), (sums1, big1) = _from_counts(graphs[0]), _from_counts(graphs[1])
+    assert len(sums0) == len(sums1) == len(SHAPES)  # both count every tensor
+    assert big0  # the first step: the factors of this step's counts scale the update
+    assert not big1, big1

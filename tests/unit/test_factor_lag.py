@@ -195,15 +195,6 @@ def test_factor_lag_per_group_and_switching_mid_run():
     assert max_err(params[2:], exact) < 1e-6
 
 
-def test_factor_lag_with_capturable_raises_instead_of_computing_another_rule():
-    params = params_of()
-    opt = CAdamW(params, factor_lag=1, capturable=True)
-    for p, g in zip(params, grads_at(0)):
-        p.grad = g
-    with pytest.raises(NotImplementedError, match="factor_lag=1 has no capturable"):
-        opt.step()
-
-
 TRITON_LAG = """
 import json, torch
 from dist_cautious import CAdamW

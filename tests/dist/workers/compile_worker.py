@@ -38,6 +38,7 @@ from tests.oracle import rel_err  # noqa: E402
 
 SHAPES = [(6, 4), (5, 3), (1,), (9,)]  # (5, 3): 3 + 2 rows; (1,): rank 1's shard is empty
 STEPS = 8
+LAG_STEPS = 6
 
 
 def grads_at(step: int) -> list[torch.Tensor]:
@@ -108,11 +109,56 @@ def main() -> None:
     results["steps"] = [float(comp.state[p]["step"]) for p in comp_p]
     results["is_dtensor_state"] = all(isinstance(comp.state[p]["exp_avg"], DTensor) for p in comp_p)
     results["kept_fraction"] = [comp.kept_fraction, reference.kept_fraction]
+    results.update(lagged(row, init, mesh, sharded))
     dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def lagged(row, init, mesh, sharded) -> dict:
+    """``factor_lag=1``: the compiled and the capturable step against the planned step (all
+    on the shards) and the lagged float64 oracle on whole tensors."""
+    from torch._dynamo.utils import counters
+
+    planned_p, cap_p, comp_p = sharded(), sharded(), sharded()
+    whole = [torch.nn.Parameter(t.clone()) for t in init]
+    oracle = row.oracle(whole, factor_lag=1, **row.hyper)
+    planned = row.cls(planned_p, factor_lag=1, **row.hyper)
+    cap = row.cls(cap_p, factor_lag=1, capturable=True, **row.hyper)
+    comp = row.cls(comp_p, factor_lag=1, **{**row.hyper, "lr": torch.tensor(row.hyper["lr"])})
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(comp.step)
+    counts_match = True
+    for s in range(LAG_STEPS):
+        gs = grads_at(s)
+        for ps in (planned_p, cap_p, comp_p):
+            for p, g in zip(ps, gs):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        oracle.step(gs)
+        planned.step()
+        cap.step()
+        compiled()
+        for o in (comp, cap):  # this step's counts, summed over both shards, kept as state
+            counts_match &= [
+                int(o.state[p]["cautious_count"]) for p in o.param_groups[0]["params"]
+            ] == oracle.prev
+
+    def diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:  # per tensor, relative
+        return max(rel_err(a.full_tensor(), b.full_tensor()) for a, b in zip(xs, ys))
+
+    return {
+        "lag_graphs": counters["stats"]["unique_graphs"],
+        "lag_graph_breaks": sum(counters["graph_break"].values()),
+        "lag_compiled_vs_planned": diff(comp_p, planned_p),
+        "lag_capturable_vs_planned": diff(cap_p, planned_p),
+        "lag_compiled_vs_oracle": max(
+            rel_err(p.full_tensor(), r) for p, r in zip(comp_p, oracle.p)
+        ),
+        "lag_counts_match_oracle": counts_match,
+    }
 
 
 if __name__ == "__main__":
