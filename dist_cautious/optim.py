@@ -110,8 +110,10 @@ class CAdamW(CautiousOptimizer):
             sign with the weight), arXiv 2510.12402. Default False (AdamW's decay).
         factor_lag: ``0`` (default): this step's exact factor. ``1``: the factor of the
             parameter's previous step (its first step uses the exact one); the count
-            all-reduce of a step is then waited for at the next step, off the critical path.
-            Needs ``scale="global"``. The previous counts are state (``cautious_count``).
+            all-reduce of a step is then waited for at the next step, off the critical path
+            (the capturable / compiled step waits for it within the step, after the update
+            pass, which does not need it). Needs ``scale="global"``. The previous counts are
+            state (``cautious_count``).
         foreach, fused, capturable, differentiable, amsgrad: torch.optim's keywords, kept as
             group keys like torch's. With ``backend="auto"``: ``foreach=True`` runs the
             ``foreach`` backend, ``foreach=False`` the single-tensor ``reference`` one,
