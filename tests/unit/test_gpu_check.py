@@ -11,6 +11,7 @@ from benchmarks import gpu_check
 def test_gpu_check_dry_run_runs_on_cpu(tmp_path):
     res = gpu_check.main(["--dry-run", "--reps", "1", "--train-steps", "4", "--out", str(tmp_path)])
     assert res["shapes"] == {"tiny": len(gpu_check.SHAPES["tiny"])}
+    assert set(res["parity_dry"]) == {"CAdamW", "CLion", "CSGD", "CAdamW factor_lag=1"}
     assert all(r["pass"] for r in res["parity_dry"].values()), res["parity_dry"]
     assert set(res["isolated"]["tiny"]["median_ms"]) == {
         "adamw_fused",
