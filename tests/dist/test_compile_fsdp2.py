@@ -55,3 +55,10 @@ def test_fsdp2_factor_lag_compiled_and_capturable_equal_the_planned_step(result)
     assert result["lag_capturable_vs_planned"] <= 1e-6
     assert result["lag_compiled_vs_oracle"] <= 1e-6
     assert result["lag_counts_match_oracle"]
+    # the functional graphs: both count and all-reduce; the first step's update depends on
+    # this step's (reduced) counts, the lagged one's on none of them: the collective is off
+    # the update's path
+    assert result["dep_graphs"] == 2
+    assert all(n > 0 for n in result["dep_sums"]) and all(result["dep_all_reduces"])
+    first, lagged = result["dep_float_tensors_from_counts"]
+    assert first > 0 and lagged == 0, result["dep_float_tensors_from_counts"]

@@ -538,9 +538,10 @@ def test_compiled_factor_lag_equals_the_planned_step_and_the_lagged_oracle(
     assert rel_max(r["back"], r["planned"]) < 1e-6, (name, rel_max(r["back"], r["planned"]))
 
 
-def _from_counts(gm) -> tuple[list, list]:
+def from_counts(gm) -> tuple[list, list]:
     """In a functional aten graph: this step's counts (the int64 sums of the masks) and the
-    tensors of more than one element computed from them."""
+    floating-point tensors of more than one element computed from them (factors, updates;
+    also used by tests/dist/workers/compile_worker.py)."""
     sums = [
         n
         for n in gm.graph.nodes
@@ -555,19 +556,21 @@ def _from_counts(gm) -> tuple[list, list]:
             if u not in seen:
                 seen.add(u)
                 todo.append(u)
-    big = [n for n in seen if isinstance(n.meta.get("val"), Tensor) and n.meta["val"].numel() > 1]
+    big = [
+        n
+        for n in seen
+        if isinstance(n.meta.get("val"), Tensor)
+        and n.meta["val"].is_floating_point()
+        and n.meta["val"].numel() > 1
+    ]
     return sums, big
 
 
-def test_compiled_lagged_update_does_not_depend_on_this_steps_counts():
-    """Once every tensor has previous counts, the compiled step's update reads none of this
-    step's counts (they are only stored for the next step): inductor may fuse the counting
-    into the update pass, and a sharded tensor's all-reduce is off the update's path. The
-    first step (exact factors) does depend on them: the check can tell."""
+def graph_capture(graphs: list):
+    """A ``torch.compile`` backend that appends each functional (aten) graph to ``graphs``
+    and runs it eagerly."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
-
-    graphs = []
 
     def capture(gm, inputs):
         def fw(g, _):
@@ -576,16 +579,26 @@ def test_compiled_lagged_update_does_not_depend_on_this_steps_counts():
 
         return aot_module_simplified(gm, inputs, fw_compiler=fw)
 
+    return capture
+
+
+def test_compiled_lagged_update_does_not_depend_on_this_steps_counts():
+    """Once every tensor has previous counts, the compiled step's update reads none of this
+    step's counts (they are only stored for the next step): inductor may count inside the
+    update pass, and a sharded tensor's all-reduce is off the update's path (the same check
+    on FSDP2 shards: tests/dist/test_compile_fsdp2.py). The first step (exact factors) does
+    depend on them: the check can tell."""
+    graphs: list = []
     torch._dynamo.reset()
     params = params_of()
     opt = CAdamW(params, factor_lag=1)
-    step = torch.compile(opt.step, backend=capture, fullgraph=True)
+    step = torch.compile(opt.step, backend=graph_capture(graphs), fullgraph=True)
     for s in range(3):
         set_grads(params, s)
         step()
     torch._dynamo.reset()
     assert len(graphs) == 2
-    (sums0, big0), (sums1, big1) = _from_counts(graphs[0]), _from_counts(graphs[1])
+    (sums0, big0), (sums1, big1) = from_counts(graphs[0]), from_counts(graphs[1])
     assert len(sums0) == len(sums1) == len(SHAPES)  # both count every tensor
     assert big0  # the first step: the factors of this step's counts scale the update
     assert not big1, big1

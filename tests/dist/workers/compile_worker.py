@@ -149,15 +149,44 @@ def lagged(row, init, mesh, sharded) -> dict:
     def diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:  # per tensor, relative
         return max(rel_err(a.full_tensor(), b.full_tensor()) for a, b in zip(xs, ys))
 
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
     return {
-        "lag_graphs": counters["stats"]["unique_graphs"],
-        "lag_graph_breaks": sum(counters["graph_break"].values()),
+        **update_independence(row, mesh, sharded),
+        "lag_graphs": graphs,
+        "lag_graph_breaks": breaks,
         "lag_compiled_vs_planned": diff(comp_p, planned_p),
         "lag_capturable_vs_planned": diff(cap_p, planned_p),
         "lag_compiled_vs_oracle": max(
             rel_err(p.full_tensor(), r) for p, r in zip(comp_p, oracle.p)
         ),
         "lag_counts_match_oracle": counts_match,
+    }
+
+
+def update_independence(row, mesh, sharded) -> dict:
+    """The functional graphs of 3 compiled ``factor_lag=1`` steps: from the second on, no
+    factor or update depends on this step's counts, hence not on their all-reduce."""
+    from tests.unit.test_compile import from_counts, graph_capture
+
+    graphs: list = []
+    torch._dynamo.reset()
+    ps = sharded()
+    opt = row.cls(ps, factor_lag=1, **row.hyper)
+    step = torch.compile(opt.step, backend=graph_capture(graphs))
+    for s in range(3):
+        for p, g in zip(ps, grads_at(s)):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        step()
+    torch._dynamo.reset()
+    deps = [from_counts(g) for g in graphs]
+    return {
+        "dep_graphs": len(graphs),
+        "dep_sums": [len(s) for s, _ in deps],
+        "dep_float_tensors_from_counts": [len(b) for _, b in deps],
+        "dep_all_reduces": [
+            sum("all_reduce" in str(n.target) for n in g.graph.nodes) for g in graphs
+        ],
     }
 
 
