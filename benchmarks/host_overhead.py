@@ -337,6 +337,31 @@ def report(args: argparse.Namespace, single_t: dict, dist_t: dict, load: tuple) 
         if any(x != "-" for x in vals):
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     data["ratios"] = ratios
+    # the least-disturbed round of each variant: on a loaded shared host a round's mean
+    # can be inflated several-fold by other processes, its minimum much less
+    mins = {n: {k: min(v) for k, v in single_t[n]["rounds_us"].items()} for n in single_t}
+    min_lines, min_ratios = [], {}
+    for a, b, label in RATIOS:
+        vals = []
+        for n in counts:
+            t = mins.get(n, {})
+            if a in t and b in t:
+                min_ratios.setdefault(label, {})[n] = t[a] / t[b]
+                vals.append(f"{t[a]:.0f} / {t[b]:.0f} ({t[a] / t[b]:.2f}x)")
+            else:
+                vals.append("-")
+        if any(x != "-" for x in vals):
+            min_lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    data["ratios_of_round_minima"] = min_ratios
+    if min_lines:
+        lines += [
+            "",
+            "Minimum over rounds (us per step; the least-disturbed round of each variant):",
+            "",
+            "| ratio of minima | " + " | ".join(f"{n} tensors" for n in counts) + " |",
+            "|---|" + "---|" * len(counts),
+            *min_lines,
+        ]
     if single_t:
         lines += [
             "",
