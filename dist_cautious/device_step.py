@@ -281,8 +281,7 @@ def step(opt: Any) -> tuple[Tensor, Tensor] | None:
         if all(k == LAGGED for k in kinds):  # the factors need none of this step's counts
             used = torch.stack(prevs)
         elif any(k == LAGGED for k in kinds):
-            it = iter(prevs)
-            used = torch.stack([next(it) if k == LAGGED else c[i] for i, k in enumerate(kinds)])
+            used = torch.stack(_factor_counts(c.unbind(), kinds, prevs))
         else:
             used = c
         alphas = cautious_factor(used, nn, group["formula"], float(group["clamp"]), torch.float64)
@@ -292,6 +291,13 @@ def step(opt: Any) -> tuple[Tensor, Tensor] | None:
         kept.append(c.sum())
         elems.append(nn.sum())
     return torch.stack(kept), torch.stack(elems)
+
+
+def _factor_counts(counts: Any, kinds: list[int], prevs: list[Tensor]) -> list[Tensor]:
+    """Per tensor, the counts its factor is computed from: a lagged tensor's previous counts
+    (``prevs``, in order), this step's (``counts``) for every other."""
+    it = iter(prevs)
+    return [next(it) if k == LAGGED else c for c, k in zip(counts, kinds)]
 
 
 def _keep(
@@ -345,8 +351,7 @@ def _per_tensor_step(
         kinds = [k for _, _, k in info]
         off += len(ps)
         f, clamp = group["formula"], float(group["clamp"])
-        it = iter(prevs)  # a lagged tensor's factor: its previous counts, not this step's
-        used = [next(it) if k == LAGGED else c for c, k in zip(cs, kinds)]
+        used = _factor_counts(cs, kinds, prevs)
         alphas = [_alpha(c, n, f, clamp) for c, n in zip(used, ns)]
         math.update(ps, gs, sts, steps, alphas, group, kw)
         _keep(opt, params, kinds, prevs, cs)
